@@ -1,0 +1,231 @@
+"""Text sources: what a ``--data`` value names, read as a deterministic stream of documents.
+
+``resolve_source(data)`` accepts:
+
+* ``None``: the default corpus (below);
+* a ``.jsonl`` file: one JSON object per line, its ``"text"`` field is a document;
+* a ``.parquet`` file: read through ``datasets``, each row's ``text`` column is a document;
+* any other file: read as UTF-8, the whole file is one document;
+* a folder: every file below it whose suffix is in ``TEXT_SUFFIXES`` (hidden entries and
+  ``__pycache__`` skipped), in sorted relative-path order, each read as above;
+* ``hf:NAME`` or ``hf:NAME:CONFIG``: the ``train`` split of a Hugging Face hub dataset (needs a
+  network), each row's ``text`` is a document. The prefix keeps a mistyped path from turning into a
+  network request.
+
+Every document carries a stable key: its relative path, ``path:LINE`` for a JSONL line (1-based),
+``path#ROW`` for a Parquet or hub row (0-based). The key alone decides the document's split (see
+``dataset.py``), so it must not depend on anything but the document's place in the source.
+Empty documents are skipped.
+
+Default corpus: the running interpreter's standard-library ``.py`` files
+(``sysconfig.get_paths()["stdlib"]`` without ``site-packages``/``dist-packages``/``__pycache__``),
+sorted by relative path, taken while their total size stays within ``DEFAULT_CORPUS_MAX_BYTES``.
+It is real text present on every machine with Python. The cap keeps preparation to seconds: the
+whole stdlib is ~31 MB (3.11), while the 8 MB prefix (691 files, ``__future__.py`` .. ``lib2to3/``)
+gives 2.63 M tokens with a 4096-piece BPE vocabulary, prepared in ~3.5 s on 2 cores (tokenizer 1.3 s,
+tokenization 1.7 s); one epoch is 9.5 k training windows of 256 tokens.
+The default corpus skips files that are not valid UTF-8 (a few encoding tests under ``test/``,
+beyond the cap in 3.11) instead of failing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_CORPUS_MAX_BYTES = 8_000_000
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
+TEXT_FIELD = "text"
+INDEX_FILE = "index.json"  # marks a preprocessed dataset folder (see dataset.py)
+HUB_PREFIX = "hf:"
+# Help text for a --data option (training tools can put "a preprocessed dataset folder, " in front).
+DATA_HELP = (
+    'a text file (one document), a .jsonl file (a "text" field per line), a .parquet file (a "text" column), '
+    "a folder of such files (read recursively in sorted order), or hf:NAME[:CONFIG] for a Hugging Face hub "
+    f"dataset; default: the first {DEFAULT_CORPUS_MAX_BYTES // 10**6} MB of this Python's standard-library sources"
+)
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data settings; its message is one line naming the bad value."""
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str
+    text: str
+
+
+class Source:
+    """A resolved ``--data`` value: a description, a cache identity and a document stream."""
+
+    description: str  # human readable, stored in the dataset index
+    name: str  # short label for cache folder names
+    num_documents: int | None = None  # known in advance only for some sources (progress bars)
+
+    def identity(self) -> str:
+        """A string that changes whenever the documents may have changed (cache key input)."""
+        raise NotImplementedError
+
+    def documents(self) -> Iterator[Document]:
+        raise NotImplementedError
+
+
+class FileSource(Source):
+    """Files under ``root`` (relative paths, already sorted), each read according to its suffix."""
+
+    def __init__(self, root: Path, files: list[str], description: str, name: str, skip_undecodable=False):
+        self.root, self.files, self.description, self.name = root, files, description, name
+        self.skip_undecodable = skip_undecodable
+        if not any(f.endswith((".jsonl", ".parquet")) for f in files):
+            self.num_documents = len(files)
+
+    def identity(self) -> str:
+        stats = []
+        for rel in self.files:
+            st = (self.root / rel).stat()
+            stats.append((rel, st.st_size, st.st_mtime_ns))
+        payload = json.dumps([str(self.root.resolve()), self.skip_undecodable, stats])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def documents(self) -> Iterator[Document]:
+        for rel in self.files:
+            path = self.root / rel
+            if rel.endswith(".jsonl"):
+                yield from _jsonl_documents(path, rel)
+            elif rel.endswith(".parquet"):
+                yield from _dataset_documents(_load_parquet(path), rel, str(path))
+            else:
+                try:
+                    text = path.read_bytes().decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if self.skip_undecodable:
+                        continue
+                    raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+                if text:
+                    yield Document(rel, text)
+
+
+class HubSource(Source):
+    """The ``train`` split of a Hugging Face hub dataset, loaded on first use."""
+
+    def __init__(self, name: str, config: str | None):
+        self.hub_name, self.config = name, config
+        self.description = f"hub dataset {name}" + (f" ({config})" if config else "")
+        self.name = (name + ("-" + config if config else "")).replace("/", "-")
+        self._dataset = None
+
+    def _load(self):
+        if self._dataset is None:
+            import datasets  # heavy import, only needed here
+
+            try:
+                self._dataset = datasets.load_dataset(self.hub_name, self.config, split="train")
+            except Exception as e:  # network, auth, missing dataset...: all the user's to fix
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise DataError(f"cannot load {self.description}: {first_line}") from None
+            self.num_documents = len(self._dataset)
+        return self._dataset
+
+    def identity(self) -> str:
+        # datasets' own content fingerprint: changes with the dataset revision.
+        return f"{self.hub_name}|{self.config}|{self._load()._fingerprint}"
+
+    def documents(self) -> Iterator[Document]:
+        yield from _dataset_documents(self._load(), self.hub_name, self.description)
+
+
+def resolve_source(data: str | os.PathLike | None) -> Source:
+    """Turn a ``--data`` value into a Source (see the module docstring for what is accepted)."""
+    if data is None:
+        return default_corpus()
+    spec = str(data)
+    if spec.startswith(HUB_PREFIX):
+        name, _, config = spec[len(HUB_PREFIX):].partition(":")
+        if not name:
+            raise DataError(f"hub dataset {spec!r} has no name; write hf:NAME or hf:NAME:CONFIG")
+        return HubSource(name, config or None)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {spec!r} does not exist (a hub dataset is written hf:NAME)")
+    if path.is_file():
+        return FileSource(path.parent, [path.name], f"file {path}", path.name)
+    if (path / INDEX_FILE).is_file():
+        raise DataError(f"{spec!r} is already a preprocessed dataset; pass it to training as it is")
+    files = sorted(
+        p.relative_to(path).as_posix()
+        for p in _walk(path)
+        if p.suffix in TEXT_SUFFIXES
+    )
+    if not files:
+        raise DataError(f"no documents found in folder {spec!r} (looked for {', '.join(TEXT_SUFFIXES)} files)")
+    return FileSource(path, files, f"folder {path} ({len(files)} files)", path.resolve().name or "root")
+
+
+def default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> Source:
+    """The first ``max_bytes`` of this interpreter's standard-library ``.py`` files, in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for rel in sorted(
+        p.relative_to(root).as_posix()
+        for p in _walk(root, skip=("site-packages", "dist-packages"))
+        if p.suffix == ".py"
+    ):
+        size = (root / rel).stat().st_size
+        if total + size > max_bytes:
+            break
+        files.append(rel)
+        total += size
+    version = "{}.{}".format(*sys.version_info[:2])
+    description = f"default corpus: first {len(files)} .py files ({total} bytes) of the Python {version} stdlib {root}"
+    return FileSource(root, files, description, f"python{version}-stdlib", skip_undecodable=True)
+
+
+def _walk(root: Path, skip=()) -> Iterator[Path]:
+    """Regular files below root, skipping hidden entries, ``__pycache__`` and the ``skip`` folder names."""
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "__pycache__" and d not in skip]
+        for name in names:
+            if not name.startswith("."):
+                yield Path(folder, name)
+
+
+def _jsonl_documents(path: Path, rel: str) -> Iterator[Document]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                text = record.get(TEXT_FIELD) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise DataError(f'{path}:{lineno}: expected an object with a string "{TEXT_FIELD}" field')
+                if text:
+                    yield Document(f"{rel}:{lineno}", text)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text ({e.reason})") from None
+
+
+def _load_parquet(path: Path):
+    import datasets  # heavy import, only needed here
+
+    return datasets.load_dataset("parquet", data_files=str(path), split="train")
+
+
+def _dataset_documents(dataset, key_prefix: str, what: str) -> Iterator[Document]:
+    if TEXT_FIELD not in dataset.column_names:
+        raise DataError(f"{what} has no {TEXT_FIELD!r} column (columns: {', '.join(dataset.column_names)})")
+    row = 0
+    for batch in dataset.select_columns([TEXT_FIELD]).iter(batch_size=1024):
+        for text in batch[TEXT_FIELD]:
+            if text:
+                yield Document(f"{key_prefix}#{row}", text)
+            row += 1
