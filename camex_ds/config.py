@@ -1,0 +1,225 @@
+"""One typed configuration for models and MoE layers, validated once at the edge.
+
+`MoEConfig` carries every MoE option (the MegaBlocks `Arguments` idea); `ModelConfig` wraps it for
+the GPT model. Both validate in `__post_init__`, so an object that exists is a valid one, and every
+error names the offending field, its value and what would be valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+MERGE_METHODS = ("euclid", "ties", "dare", "camex", "camex-ties", "camex-dare")
+METHODS = ("dense", "smoe") + MERGE_METHODS
+ROUTINGS = ("causal", "segment", "sequence")
+FIRST_SEGMENT = ("uniform", "self-detached")
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _fail(field_name: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"{field_name}={value!r} is invalid: expected {expected}")
+
+
+def check_choice(field_name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(field_name, value, "one of " + ", ".join(map(str, choices)))
+
+
+def check_int(field_name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field_name, value, f"an integer >= {minimum}")
+
+
+def check_number(field_name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        _fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
+
+
+def method_mask(method: str) -> str:
+    """The mask a merging method uses: 'none', 'ties' or 'dare'."""
+    return method.split("-")[-1] if method.endswith(("ties", "dare")) else "none"
+
+
+def method_is_curved(method: str) -> bool:
+    return method.startswith("camex")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Every option of a MoE layer. `top_k=None` means N for merging methods (full soft merging), 2 for smoe."""
+
+    method: str = "camex"
+    num_experts: int = 4
+    top_k: Optional[int] = None
+    every: int = 2
+    segment_len: int = 64
+    routing: str = "causal"
+    first_segment: str = "uniform"
+    curvature_rank: int = 1
+    alpha: float = 1.0
+    ep_size: int = 1
+    dynamic: bool = False
+    noisy_gating: bool = True
+    aux_loss_coef: float = 1e-2
+    dare_p: float = 0.1
+    capacity_factor: float = 1.0
+    prefix: str = "moe"
+
+    def __post_init__(self) -> None:
+        p = self.prefix + "."
+        check_choice(p + "method", self.method, METHODS[1:])
+        check_int(p + "num_experts", self.num_experts, 2 if self.dynamic else 1)
+        check_int(p + "every", self.every)
+        check_int(p + "segment_len", self.segment_len)
+        check_choice(p + "routing", self.routing, ROUTINGS)
+        check_choice(p + "first_segment", self.first_segment, FIRST_SEGMENT)
+        check_int(p + "curvature_rank", self.curvature_rank)
+        check_number(p + "alpha", self.alpha, 0.0, 1e6)
+        check_int(p + "ep_size", self.ep_size)
+        if not isinstance(self.dynamic, bool):
+            _fail(p + "dynamic", self.dynamic, "true or false")
+        if not isinstance(self.noisy_gating, bool):
+            _fail(p + "noisy_gating", self.noisy_gating, "true or false")
+        check_number(p + "aux_loss_coef", self.aux_loss_coef, 0.0, 1e3)
+        check_number(p + "dare_p", self.dare_p, 0.0, 1.0 - 1e-6)
+        check_number(p + "capacity_factor", self.capacity_factor, 0.0, 1e3, open_low=True)
+        if self.dynamic and self.method == "smoe":
+            _fail(p + "dynamic", self.dynamic, "false for method 'smoe' (dynamic merging needs a merging method)")
+        n = self.stored_experts
+        if n % self.ep_size:
+            valid = [k for k in range(1, n + 1) if n % k == 0]
+            what = f"{n} stored experts (num_experts - 1 in dynamic layers)" if self.dynamic else f"{n} experts"
+            _fail(p + "ep_size", self.ep_size, f"a divisor of {what}: one of {valid}")
+        if self.top_k is not None:
+            check_int(p + "top_k", self.top_k)
+            if self.top_k > self.routed_experts:
+                _fail(p + "top_k", self.top_k, f"at most the {self.routed_experts} routed experts")
+            if self.method == "smoe" and self.top_k not in (1, 2):
+                _fail(p + "top_k", self.top_k, "1 or 2 for method 'smoe' (DeepSpeed's gate)")
+
+    @property
+    def stored_experts(self) -> int:
+        """Experts a layer stores: dynamic layers keep N-1 (the base plays the N-th), §4."""
+        return self.num_experts - 1 if self.dynamic else self.num_experts
+
+    @property
+    def routed_experts(self) -> int:
+        return self.stored_experts
+
+    @property
+    def k(self) -> int:
+        if self.top_k is not None:
+            return self.top_k
+        return min(2, self.num_experts) if self.method == "smoe" else self.routed_experts
+
+    @property
+    def mask(self) -> str:
+        return method_mask(self.method)
+
+    @property
+    def curved(self) -> bool:
+        return method_is_curved(self.method)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("prefix")
+        return d
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT-style decoder; every `moe.every`-th FFN (1-based: layers every-1, 2*every-1, ...) is a MoE layer."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden_size: int = 512
+    seq_len: int = 256
+    activation: str = "gelu"
+    vocab_size: Optional[int] = None
+    moe: Optional[MoEConfig] = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "ffn_hidden_size", "seq_len"):
+            check_int(name, getattr(self, name))
+        if self.vocab_size is not None:
+            check_int("vocab_size", self.vocab_size, 2)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_number("init_std", self.init_std, 0.0, 10.0, open_low=True)
+        if self.d_model % self.n_heads:
+            _fail("n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        if self.moe is not None:
+            seg = self.seq_len if self.moe.routing == "sequence" else self.moe.segment_len
+            if self.seq_len % seg:
+                _fail("moe.segment_len", seg, f"a divisor of seq_len={self.seq_len} (L must be a multiple of T)")
+            if self.moe.every > self.n_layers:
+                _fail("moe.every", self.moe.every, f"at most n_layers={self.n_layers}, or no layer would be MoE")
+
+    @property
+    def moe_layers(self) -> list[int]:
+        if self.moe is None:
+            return []
+        return [i for i in range(self.n_layers) if (i + 1) % self.moe.every == 0]
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"model config must be a JSON object, got {type(raw).__name__}")
+        raw = dict(raw)
+        moe_raw = raw.pop("moe", None)
+        _check_keys("", raw, cls, exclude={"moe"})
+        moe = None
+        if moe_raw is not None:
+            if not isinstance(moe_raw, dict):
+                raise ConfigError(f"moe={moe_raw!r} is invalid: expected null or a JSON object")
+            if moe_raw.get("method") == "dense":
+                moe_raw = None
+            else:
+                _check_keys("moe.", moe_raw, MoEConfig, exclude={"prefix"})
+                moe = MoEConfig(**moe_raw)
+        return cls(**raw, moe=moe)
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "moe"}
+        d["moe"] = self.moe.to_dict() if self.moe else None
+        return d
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_moe(self, **changes) -> "ModelConfig":
+        if self.moe is None:
+            raise ConfigError("moe is null (a dense model): there are no MoE options to change")
+        return dataclasses.replace(self, moe=dataclasses.replace(self.moe, **changes))
+
+    @property
+    def method(self) -> str:
+        return "dense" if self.moe is None else self.moe.method
+
+
+def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:
+    known = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key!r}: valid keys are {', '.join(sorted(known))}")
+
+
+__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "METHODS", "MERGE_METHODS", "ROUTINGS", "ACTIVATIONS"]

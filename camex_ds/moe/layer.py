@@ -1,0 +1,240 @@
+"""`CAMExMoE`: the curvature-aware merge layer as a DeepSpeed MoE layer (spec §3, §4, §6, §7).
+
+Experts and their Kronecker curvature factors live in DeepSpeed's `Experts` container, so the engine's
+expert-parallel groups, expert-data-parallel gradient reduction and per-expert checkpoint files cover
+them. Tokens never move between ranks: the owners' curved task vectors are all-gathered instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.experts import Experts
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
+from torch import Tensor, nn
+
+from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
+from . import comm
+from . import functional as Fn
+from .router import SegmentRouter
+
+
+@dataclass
+class MergeChain:
+    """Carries a dynamic chain's per-segment merged weights `Ŵ^{l-1}_s` to the next layer (§4).
+
+    Make one per forward pass and hand it to every MoE layer in order; static layers ignore it.
+    """
+
+    weights: Optional[dict] = None
+
+
+def matrix_shapes(hidden_size: int, ffn_hidden_size: int, activation: str) -> dict:
+    """`name -> (out, in)` for the expert FFN's matrices (§1)."""
+    h, d = ffn_hidden_size, hidden_size
+    if activation == "gelu":
+        return {"w_in": (h, d), "w_out": (d, h)}
+    return {"w_gate": (h, d), "w_up": (h, d), "w_down": (d, h)}
+
+
+class KronFactors(nn.Module):
+    """One matrix's curvature factors `A [R,o1,o1], B [R,o2,o2], C [R,i1,i1], D [R,i2,i2]`, identity at start."""
+
+    def __init__(self, rank: int, out_features: int, in_features: int):
+        super().__init__()
+        for name, f in zip("abcd", Fn.identity_factors(rank, 1, out_features, in_features)):
+            setattr(self, name, nn.Parameter(f[:, 0].contiguous()))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.a, self.b, self.c, self.d
+
+
+class CurvedExpert(nn.Module):
+    """One expert's FFN matrices and, for `camex*` methods, their curvature factors."""
+
+    def __init__(self, shapes: dict, curvature_rank: int, curved: bool):
+        super().__init__()
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
+        self.curvature = nn.ModuleDict({n: KronFactors(curvature_rank, *s) for n, s in shapes.items()}) if curved \
+            else None
+
+
+class _ExpertParallelExperts(nn.Module):
+    """Holds `experts.deepspeed_experts.<local id>` (the path DeepSpeed's checkpointing expects) and the EP group."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.experts = experts
+        self.ep_group = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+
+def _assumed_ep_rank(ep_size: int) -> int:
+    """DeepSpeed's default expert-parallel groups are consecutive ranks, so the EP rank is `rank % ep`."""
+    if ep_size == 1:
+        return 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"ep_size={ep_size} needs torch.distributed initialised (launch with `deepspeed`); "
+                           "use ep_size=1 in a single process")
+    if dist.get_world_size() % ep_size:
+        raise ValueError(f"ep_size={ep_size} does not divide the world size {dist.get_world_size()}")
+    return dist.get_rank() % ep_size
+
+
+class CAMExMoE(MoE):
+    """Segment-routed soft merging of experts: `euclid`, `ties`, `dare` and their curvature-aware twins.
+
+    `forward(hidden_states [B,L,d], chain=None) -> (output, l_aux, exp_counts)`. Dynamic layers
+    (`dynamic=True`) read the previous layer's merged weights from `chain` (a `MergeChain`) and
+    write theirs; the first layer of a chain (`chain_start=True`) owns the base.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, method: str = "camex",
+                 ep_size: int = 1, segment_len: int = 256, routing: str = "causal", first_segment: str = "uniform",
+                 top_k: Optional[int] = None, curvature_rank: int = 1, alpha: float = 1.0,
+                 activation: str = "gelu", noisy_gating: bool = True, aux_loss_coef: float = 1e-2,
+                 dare_p: float = 0.1, dynamic: bool = False, chain_start: bool = True, init_std: float = 0.02):
+        nn.Module.__init__(self)  # MoE.__init__ would build a token gate this layer does not use
+        check_choice("CAMExMoE.method", method, MERGE_METHODS)
+        check_choice("CAMExMoE.activation", activation, ACTIVATIONS)
+        check_int("CAMExMoE.hidden_size", hidden_size)
+        check_int("CAMExMoE.ffn_hidden_size", ffn_hidden_size)
+        self.args = MoEConfig(method=method, num_experts=num_experts, top_k=top_k, segment_len=segment_len,
+                              routing=routing, first_segment=first_segment, curvature_rank=curvature_rank,
+                              alpha=alpha, ep_size=ep_size, dynamic=dynamic, noisy_gating=noisy_gating,
+                              aux_loss_coef=aux_loss_coef, dare_p=dare_p, prefix="CAMExMoE")
+        self.hidden_size, self.activation, self.chain_start = hidden_size, activation, chain_start
+        # The attributes DeepSpeed's engine and checkpointing read from every MoE layer.
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = self.args.stored_experts
+        self.num_local_experts = self.num_experts // ep_size
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_rank = _assumed_ep_rank(ep_size)
+
+        shapes = matrix_shapes(hidden_size, ffn_hidden_size, activation)
+        self.shapes = shapes
+        owns_base = not dynamic or chain_start
+        self.base = nn.ParameterDict({n: nn.Parameter(torch.randn(s) * init_std) for n, s in shapes.items()}) \
+            if owns_base else None
+        experts = Experts(CurvedExpert(shapes, curvature_rank, self.args.curved), self.num_local_experts,
+                          self.expert_group_name)
+        self._init_experts(experts, init_std)
+        self.deepspeed_moe = _ExpertParallelExperts(experts)
+        self.router = SegmentRouter(hidden_size, self.args.routed_experts, self.args.k,
+                                    causal=routing == "causal", first_segment=first_segment,
+                                    noisy_gating=noisy_gating, aux_loss_coef=aux_loss_coef, init_std=init_std)
+
+    @torch.no_grad()
+    def _init_experts(self, experts: Experts, init_std: float) -> None:
+        """Draw all N experts on every rank and keep the local ones: the model is the same for any ep_size."""
+        first = self.ep_rank * self.num_local_experts
+        for name, shape in self.shapes.items():
+            full = torch.randn(self.num_experts, *shape) * init_std
+            for j, expert in enumerate(experts.deepspeed_experts):
+                getattr(expert, name).copy_(full[first + j])
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        actual = groups._get_expert_parallel_rank(self.expert_group_name)
+        if actual != self.ep_rank:
+            raise RuntimeError(f"expert-parallel rank {actual} differs from the rank {self.ep_rank} the experts "
+                               "were initialised for; use DeepSpeed's default (expert-before-data) rank layout")
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    def _stacked(self, name: str) -> Tensor:
+        return torch.stack([getattr(e, name) for e in self.local_experts])
+
+    def _stacked_factors(self, name: str) -> Optional[list[Tensor]]:
+        if not self.args.curved:
+            return None
+        per_expert = [e.curvature[name].tensors() for e in self.local_experts]
+        return [torch.stack(fs, dim=1) for fs in zip(*per_expert)]
+
+    def _local_mask(self, like: Tensor):
+        if self.args.mask == "dare":
+            return Fn.dare_mask(like.shape, self.args.dare_p, dtype=like.dtype, device=like.device) \
+                if self.training else "none"
+        return self.args.mask
+
+    def _task_vectors(self, name: str, group) -> Tensor:
+        """All experts' `m_i ⊙ M_i(E_i − B)`: each rank curves its own, then the group all-gathers (§7)."""
+        tau = self._stacked(name) - self.base[name]
+        mask = self._local_mask(tau)
+        total = comm.all_reduce_sum(tau.detach().sum(0), group) if mask == "ties" else None
+        task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total)
+        return comm.gather_experts(task, group)
+
+    def _dynamic_weights(self, name: str, previous: Tensor, gates: Tensor, group) -> Tensor:
+        """`Ŵ^l_s` from `Ŵ^{l-1}_s`: gather `M(E)` and the factors, then merge per segment (§4)."""
+        experts = self._stacked(name)
+        factors = self._stacked_factors(name)
+        curved = experts if factors is None else Fn.apply_curvature(experts, factors)
+        curved = comm.gather_experts(curved, group)
+        if factors is not None:
+            factors = [comm.gather_experts(f, group, dim=1) for f in factors]
+        mask = self._local_mask(experts)
+        raw = None
+        if isinstance(mask, Tensor):
+            mask = comm.gather_experts(mask, group)
+        elif mask == "ties":
+            raw = comm.gather_experts(experts.detach(), group)
+        return Fn.dynamic_merge(previous, curved, gates, factors, mask, self.args.alpha, raw_experts=raw)
+
+    def _chain_weights(self, chain: Optional[MergeChain], gates: Tensor, group) -> dict:
+        """Per-segment merged weights of a dynamic layer: from its own base at the chain's start, else from `chain`."""
+        if self.base is not None:
+            return {n: Fn.merge_rows(self.base[n], self._task_vectors(n, group).flatten(1), gates, self.args.alpha)
+                    for n in self.shapes}
+        if chain is None or chain.weights is None:
+            raise ValueError("this dynamic layer continues a chain (chain_start=False): pass the MergeChain "
+                             "that the previous dynamic layer filled")
+        return {n: self._dynamic_weights(n, chain.weights[n], gates, group) for n in self.shapes}
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"hidden_states must be [batch, seq_len, {self.hidden_size}], got {shape}")
+        want = self.router.w_gate.dtype
+        if x.dtype != want:
+            raise TypeError(f"hidden_states dtype {x.dtype} does not match the layer's parameters ({want}); "
+                            f"cast the input or the layer")
+
+    def segment_len_for(self, seq_len: int) -> int:
+        return seq_len if self.args.routing == "sequence" else self.args.segment_len
+
+    def forward(self, hidden_states: Tensor, chain: Optional[MergeChain] = None):
+        x = hidden_states
+        self._check_input(x)
+        bsz, length, dim = x.shape
+        seg = self.segment_len_for(length)
+        if length % seg:
+            raise ValueError(f"sequence length L={length} is not a multiple of segment_len T={seg}")
+        gates, l_aux, counts = self.router(x, seg)
+        group = self.deepspeed_moe.ep_group
+
+        if self.args.dynamic:
+            weights = self._chain_weights(chain, gates, group)
+            if chain is not None:
+                chain.weights = weights
+
+            def linear(name, inp):
+                return torch.bmm(inp, weights[name].transpose(1, 2))
+        else:
+            tasks = {n: self._task_vectors(n, group) for n in self.shapes}
+
+            def linear(name, inp):
+                return Fn.merged_linear(inp, self.base[name], tasks[name], gates, self.args.alpha)
+
+        out = Fn.ffn(x.reshape(-1, seg, dim), linear, self.activation)
+        return out.reshape(bsz, length, dim), l_aux, counts
