@@ -16,6 +16,7 @@ METHODS = ("dense", "smoe") + MERGE_METHODS
 ROUTINGS = ("causal", "segment", "sequence")
 FIRST_SEGMENT = ("uniform", "self-detached")
 ACTIVATIONS = ("gelu", "swiglu")
+SMOE_BACKENDS = ("auto", "deepspeed", "megablocks")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class MoEConfig:
     aux_loss_coef: float = 1e-2
     dare_p: float = 0.1
     capacity_factor: float = 1.0
+    backend: str = "auto"
     prefix: str = "moe"
 
     def __post_init__(self) -> None:
@@ -91,6 +93,9 @@ class MoEConfig:
         check_number(p + "aux_loss_coef", self.aux_loss_coef, 0.0, 1e3)
         check_number(p + "dare_p", self.dare_p, 0.0, 1.0 - 1e-6)
         check_number(p + "capacity_factor", self.capacity_factor, 0.0, 1e3, open_low=True)
+        check_choice(p + "backend", self.backend, SMOE_BACKENDS)
+        if self.backend == "megablocks" and (self.method != "smoe" or self.ep_size != 1):
+            _fail(p + "backend", self.backend, "'megablocks' only with method 'smoe' and ep_size 1")
         if self.dynamic and self.method == "smoe":
             _fail(p + "dynamic", self.dynamic, "false for method 'smoe' (dynamic merging needs a merging method)")
         n = self.stored_experts

@@ -16,6 +16,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import Tensor, nn
 
+from .ffn import matrix_shapes
 from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
 from . import comm
 from . import functional as Fn
@@ -30,14 +31,6 @@ class MergeChain:
     """
 
     weights: Optional[dict] = None
-
-
-def matrix_shapes(hidden_size: int, ffn_hidden_size: int, activation: str) -> dict:
-    """`name -> (out, in)` for the expert FFN's matrices (§1)."""
-    h, d = ffn_hidden_size, hidden_size
-    if activation == "gelu":
-        return {"w_in": (h, d), "w_out": (d, h)}
-    return {"w_gate": (h, d), "w_up": (h, d), "w_down": (d, h)}
 
 
 class KronFactors(nn.Module):

@@ -1,0 +1,82 @@
+"""Token-level top-k SMoE baselines: DeepSpeed's own MoE layer (any device) and MegaBlocks dMoE (CUDA)."""
+from __future__ import annotations
+
+import torch
+from deepspeed.moe.layer import MoE
+from torch import Tensor, nn
+
+from .. import parallel
+from .ffn import FFN, matrix_shapes
+
+
+def megablocks_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import megablocks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TokenMoE(MoE):
+    """DeepSpeed's top-k gated MoE (capacity-padded, all-to-all under EP) with our FFN as the expert.
+
+    Experts are drawn for all N on every rank and sliced, as in `CAMExMoE`, so a seed gives the same
+    model at any `ep_size`; `forward(x, chain=None)` matches the merge layers' signature.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, top_k: int = 2,
+                 ep_size: int = 1, activation: str = "gelu", capacity_factor: float = 1.0,
+                 aux_loss_coef: float = 1e-2, init_std: float = 0.02):
+        if ep_size > 1:
+            parallel.init_distributed()
+        super().__init__(hidden_size, FFN(hidden_size, ffn_hidden_size, activation, init_std), num_experts,
+                         ep_size=ep_size, k=top_k, capacity_factor=capacity_factor,
+                         eval_capacity_factor=capacity_factor, min_capacity=4, drop_tokens=True, use_rts=False)
+        self.aux_loss_coef = aux_loss_coef
+        ep_rank = parallel.rank() % ep_size
+        with torch.no_grad():
+            self.deepspeed_moe.gate.wg.weight.normal_(0.0, init_std)
+            for name, shape in matrix_shapes(hidden_size, ffn_hidden_size, activation).items():
+                full = torch.randn(num_experts, *shape) * init_std
+                for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
+                    getattr(expert, name).copy_(full[ep_rank * self.num_local_experts + j])
+
+    def forward(self, hidden_states: Tensor, chain=None):
+        if self.deepspeed_moe.ep_group is None:  # used outside deepspeed.initialize: set up groups ourselves
+            parallel.init_distributed()
+            self.set_deepspeed_parallelism()
+        out, l_aux, counts = super().forward(hidden_states)
+        return out, self.aux_loss_coef * l_aux, counts
+
+
+class MegaBlocksMoE(nn.Module):
+    """MegaBlocks dropless MoE (grouped GEMM on CUDA), for the `smoe` baseline on GPUs."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, top_k: int = 2,
+                 activation: str = "gelu", aux_loss_coef: float = 1e-2, init_std: float = 0.02,
+                 bf16: bool = False):
+        super().__init__()
+        if not megablocks_available():
+            raise RuntimeError("moe.backend='megablocks' needs CUDA and the `megablocks` package "
+                               "(pip install 'camex_ds[gpu]'); use moe.backend='deepspeed' on CPU")
+        from megablocks.layers.arguments import Arguments
+        from megablocks.layers.dmoe import dMoE
+
+        self.args = Arguments(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, moe_num_experts=num_experts,
+                              moe_top_k=top_k, mlp_type="glu" if activation == "swiglu" else "mlp",
+                              activation_fn=torch.nn.functional.silu if activation == "swiglu"
+                              else torch.nn.functional.gelu, mlp_impl="grouped", init_method=
+                              lambda w: torch.nn.init.normal_(w, 0.0, init_std), bf16=bf16,
+                              moe_loss_weight=aux_loss_coef, device=torch.cuda.current_device())
+        self.dmoe = dMoE(self.args)
+
+    def forward(self, hidden_states: Tensor, chain=None):
+        from megablocks.layers.moe import batched_load_balancing_loss, clear_load_balancing_loss
+
+        out = self.dmoe(hidden_states)
+        out = out[0] if isinstance(out, tuple) else out
+        aux = batched_load_balancing_loss(self.args) if self.training else hidden_states.new_zeros(())
+        clear_load_balancing_loss()
+        return out, aux, None

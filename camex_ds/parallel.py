@@ -1,0 +1,56 @@
+"""Process-group set-up: under a DeepSpeed launcher, or as a single local rank for plain `python`."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise `torch.distributed` through DeepSpeed (gloo on CPU, nccl on CUDA).
+
+    Without a launcher's environment, becomes rank 0 of a world of one, so DeepSpeed's MoE layers,
+    `deepspeed.initialize` and checkpointing work the same in a plain `python` process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """Mean of each value over all ranks (float64 on CPU, small)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return (t / world_size()).tolist()
