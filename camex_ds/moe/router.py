@@ -37,6 +37,7 @@ class SegmentRouter(nn.Module):
         self.noisy_gating, self.aux_loss_coef = noisy_gating, aux_loss_coef
         self.w_gate = nn.Parameter(torch.randn(hidden_size, num_experts) * init_std)
         self.w_noise = nn.Parameter(torch.zeros(hidden_size, num_experts)) if noisy_gating else None
+        self.last_stats: dict = {}
 
     def forward(self, x: Tensor, segment_len: int) -> tuple[Tensor, Tensor, Tensor]:
         """`x [B,L,d]` -> gates `[B·S, N]` (segment-major), the auxiliary loss, and per-expert segment counts."""
@@ -50,6 +51,9 @@ class SegmentRouter(nn.Module):
                 load = _smooth_load(clean, logits, noise_std, self.top_k).sum((0, 1))
         gates = Fn.topk_softmax(logits, self.top_k)
         counts = (gates > 0).sum((0, 1))
+        with torch.no_grad():  # read by the trainer's metrics: how peaked and how balanced routing is
+            entropy = -(gates * gates.clamp_min(1e-20).log()).sum(-1).mean()
+            self.last_stats = {"entropy": entropy, "load": counts / counts.sum().clamp_min(1)}
         if load is None:
             load = counts.to(gates.dtype)
         aux = self.aux_loss_coef * (cv_squared(gates.sum((0, 1))) + cv_squared(load))

@@ -1,0 +1,258 @@
+"""The pretraining job: data, model, DeepSpeed engine, loop, evaluation, checkpoints, metrics.
+
+`run(TrainArgs)` is what `launcher/pretrain.py` calls, on every rank. Inputs are validated before any
+process group exists, so bad input fails fast with one line; after that every rank does the same work.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import parallel
+from ..config import ConfigError, ModelConfig
+from ..data import BatchLoader, bits_per_byte, prepare_data, validation_batches
+from ..model import GPT, save_config
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .metrics import MetricsLogger, curvature_stats, router_stats
+
+DEFAULT_MODEL = {
+    "d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden_size": 512, "seq_len": 256, "activation": "gelu",
+    "moe": {"method": "camex", "num_experts": 4, "every": 2, "segment_len": 64, "routing": "causal",
+            "curvature_rank": 1, "alpha": 1.0, "ep_size": 1, "dynamic": False},
+}
+
+
+@dataclass
+class TrainArgs:
+    deepspeed_config: str
+    output_dir: str = "runs/default"
+    model_config: Optional[str] = None
+    data: Optional[str] = None
+    tokenizer: Optional[str] = None
+    vocab_size: int = 4096
+    cache_dir: Optional[str] = None
+    max_steps: int = 300
+    eval_interval: int = 100
+    eval_batches: int = 16
+    save_interval: int = 100
+    log_interval: int = 10
+    ep_size: Optional[int] = None
+    resume: bool = False
+    stop_at_step: Optional[int] = None
+    seed: int = 1234
+    data_seed: int = 1234
+    progress: bool = True
+
+
+def load_model_config(args: TrainArgs) -> ModelConfig:
+    raw = DEFAULT_MODEL if args.model_config is None else _read_json(args.model_config, "--model_config")
+    cfg = ModelConfig.from_dict(copy.deepcopy(raw))
+    if args.ep_size is not None:
+        if cfg.moe is None:
+            raise ConfigError(f"--ep_size={args.ep_size} given, but the model is dense (moe is null)")
+        cfg = cfg.with_moe(ep_size=args.ep_size)
+    return cfg
+
+
+def _read_json(path: str, flag: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag}: file '{path}' does not exist")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag}: '{path}' is not valid JSON ({e})") from None
+
+
+def deepspeed_config(args: TrainArgs) -> dict:
+    """The user's DeepSpeed JSON with our run's facts filled in where it says "auto"."""
+    ds = _read_json(args.deepspeed_config, "--deepspeed_config")
+    zero = ds.get("zero_optimization", {}).get("stage", 0)
+    if zero not in (0, 1, 2):
+        raise ConfigError(f"zero_optimization.stage={zero} is not supported: MoE merge layers need ZeRO stage 0, "
+                          "1 or 2 (stage 3 partitions the expert parameters the merge reads whole)")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError("fp16 is not supported: use bf16 (\"bf16\": {\"enabled\": true}) or fp32")
+    sched = ds.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps") == "auto":
+        sched["total_num_steps"] = args.max_steps
+    if sched.get("warmup_num_steps") == "auto":
+        sched["warmup_num_steps"] = max(1, min(100, args.max_steps // 10))
+    tb = ds.get("tensorboard")
+    if tb and tb.get("output_path") in (None, "auto"):
+        tb["output_path"] = str(Path(args.output_dir) / "tensorboard")
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
+    """Everything checkable before processes talk: configs, flags, the resume point."""
+    for name in ("max_steps", "eval_interval", "save_interval", "log_interval", "eval_batches"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
+    cfg = load_model_config(args)
+    ds = deepspeed_config(args)
+    if args.resume and checkpoint.latest_tag(Path(args.output_dir) / "checkpoints") is None:
+        raise CheckpointError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'} "
+                              "(no complete 'latest'); run without --resume to start fresh")
+    return cfg, ds
+
+
+def _param_groups(model: torch.nn.Module) -> list:
+    """Weight decay on matrices only: not on norms, and not on curvature factors (it would pull them to 0, not I)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and ".curvature." not in name else no_decay).append(p)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary instead of losing the work."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        return parallel.all_reduce_mean([float(self.requested)])[0] > 0
+
+
+def _inject_fault(step: int) -> None:
+    """Crash-safety tests: `CAMEX_DS_KILL_AFTER_SAVE=<step>` SIGKILLs this process right after that checkpoint."""
+    if os.environ.get("CAMEX_DS_KILL_AFTER_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def evaluate(engine, val, seq_len: int, batch_size: int, max_batches: int) -> dict:
+    """Mean next-token loss over a fixed set of validation windows, sharded over ranks, exact in total."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    for i, (x, y) in enumerate(validation_batches(val, seq_len, batch_size, max_batches)):
+        if i % parallel.world_size() != parallel.rank():
+            continue
+        out = engine(x.to(engine.device), labels=y.to(engine.device))
+        loss_sum += float(out.loss) * y.numel()
+        tokens += y.numel()
+    engine.train()
+    loss_sum, tokens = (v * parallel.world_size() for v in parallel.all_reduce_mean([loss_sum, float(tokens)]))
+    if tokens == 0:
+        raise ValueError("the validation split is shorter than one sequence: use more data or a smaller seq_len")
+    loss = loss_sum / tokens
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": bits_per_byte(loss, val.num_tokens, val.num_bytes)}
+
+
+def run(args: TrainArgs) -> dict:
+    import deepspeed
+
+    cfg, ds_config = validate(args)
+    out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
+    parallel.init_distributed()
+    rank, world = parallel.rank(), parallel.world_size()
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
+    prepared = prepare_data(args.data, args.tokenizer, cache, vocab_size=args.vocab_size,
+                            progress=is_main and args.progress)
+    if cfg.vocab_size is None:
+        cfg = cfg.replace(vocab_size=prepared.vocab_size)
+    elif cfg.vocab_size < prepared.vocab_size:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {prepared.vocab_size}")
+
+    torch.manual_seed(args.seed)  # the same initial model on every rank, whatever the EP layout
+    model = GPT(cfg)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=_param_groups(model),
+                                                   config=ds_config)
+    torch.manual_seed(args.seed + 1000 * rank)  # routing noise and DARE masks differ across ranks
+    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    loader = BatchLoader(prepared.split("train"), cfg.seq_len, micro, rank, world, seed=args.data_seed)
+    val = prepared.split("validation")
+    step = 0
+    if args.resume:
+        client = checkpoint.load(engine, ckpt_dir)
+        step = int(client["step"])
+        loader.load_state_dict(client["data"])
+    if is_main:
+        save_config(cfg, out_dir / "model_config.json")
+        (out_dir / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
+        (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    tokens_per_step = micro * accum * world * cfg.seq_len
+    logger = MetricsLogger(out_dir, engine, is_main, is_main and args.progress, args.max_steps, step)
+    stop = _StopFlag()
+    window_loss, window_aux, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+    run_tokens, run_time = 0, 0.0
+    last_train_loss, last_eval = float("nan"), None
+
+    def save():
+        checkpoint.save(engine, ckpt_dir, step, {"step": step, "data": loader.state_dict(),
+                                                 "model_config": cfg.to_dict()})
+
+    while step < args.max_steps:
+        for _ in range(accum):
+            x, y = next(loader)
+            out = engine(x.to(engine.device), labels=y.to(engine.device))
+            engine.backward(out.loss + out.aux_loss)
+            engine.step()
+            window_loss += out.loss.detach().item() / accum
+            window_aux += out.aux_loss.detach().item() / accum
+        step += 1
+        window_steps += 1
+        if step % args.log_interval == 0 or step == args.max_steps:
+            elapsed = time.perf_counter() - window_start
+            loss, aux = parallel.all_reduce_mean([window_loss / window_steps, window_aux / window_steps])
+            tokens_per_s = tokens_per_step * window_steps / elapsed
+            run_tokens, run_time = run_tokens + tokens_per_step * window_steps, run_time + elapsed
+            last_train_loss = loss
+            row = {"step": step, "loss": loss, "aux_loss": aux, "lr": scheduler.get_last_lr()[0]
+                   if scheduler else engine.get_lr()[0], "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step}
+            logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **router_stats(model),
+                             **curvature_stats(model)})
+            logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
+            window_loss, window_aux, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+        if step % args.eval_interval == 0 or step == args.max_steps:
+            last_eval = evaluate(engine, val, cfg.seq_len, micro, args.eval_batches)
+            logger.log({"step": step, **last_eval, "tokens": step * tokens_per_step})
+            window_start = time.perf_counter()
+        if step % args.save_interval == 0 or step == args.max_steps:
+            save()
+            _inject_fault(step)
+            window_start = time.perf_counter()
+        if step == args.stop_at_step and step < args.max_steps:
+            if step % args.save_interval:
+                save()
+            logger.close()
+            return {"step": step, "stopped": True, "rank": rank}
+        if stop.agreed() and step < args.max_steps:
+            save()
+            logger.close()
+            raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
+
+    final = {"step": step, "train_loss": last_train_loss, **(last_eval or {}),
+             "tokens_per_s": run_tokens / run_time if run_time else float("nan"),
+             "parameters": sum(p.numel() for p in model.parameters()), "method": cfg.method, "world_size": world,
+             "rank": rank}
+    logger.close()
+    if is_main:
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    return final

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Pretrain a CAMEx mixture-of-experts GPT with DeepSpeed.
+
+With no flags: a small CAMEx model on the default corpus (this Python's standard-library sources),
+a few minutes on 2 CPU cores. Runs as plain `python` (one rank) or under the DeepSpeed launcher:
+
+    python launcher/pretrain.py
+    deepspeed --num_gpus 2 launcher/pretrain.py --ep_size 2
+    deepspeed --hostfile ds_configs/hostfile --num_nodes 2 launcher/pretrain.py --deepspeed_config ds_configs/gpu_zero2_bf16.json
+
+Writes to --output_dir: metrics.jsonl, final_metrics.json, tensorboard/, checkpoints/ (resume with --resume).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from camex_ds.data import DATA_HELP  # noqa: E402
+
+DEFAULT_DS_CONFIG = ROOT / "ds_configs" / "cpu.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deepspeed_config", default=str(DEFAULT_DS_CONFIG),
+                    help="DeepSpeed JSON (batch size, optimizer, scheduler, ZeRO stage, bf16, TensorBoard); "
+                         "'auto' values are filled from this run (default: %(default)s)")
+    ap.add_argument("--model_config", help="model JSON (see README: config reference); default: a small CAMEx model")
+    ap.add_argument("--data", help="a preprocessed dataset folder, " + DATA_HELP)
+    ap.add_argument("--tokenizer", help="SentencePiece .model; default: train one on the data (cached)")
+    ap.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of a tokenizer trained here (%(default)s)")
+    ap.add_argument("--cache_dir", help="where prepared datasets are cached (default: $CAMEX_DS_CACHE or "
+                                        "~/.cache/camex_ds)")
+    ap.add_argument("--output_dir", default="runs/default", help="metrics, TensorBoard, checkpoints (%(default)s)")
+    ap.add_argument("--max_steps", type=int, default=300, help="optimizer steps in total (%(default)s)")
+    ap.add_argument("--eval_interval", type=int, default=100, help="validate every N steps and at the end (%(default)s)")
+    ap.add_argument("--eval_batches", type=int, default=16, help="validation batches per evaluation (%(default)s)")
+    ap.add_argument("--save_interval", type=int, default=100, help="checkpoint every N steps and at the end (%(default)s)")
+    ap.add_argument("--log_interval", type=int, default=10, help="log training metrics every N steps (%(default)s)")
+    ap.add_argument("--ep_size", type=int, help="expert-parallel degree; overrides moe.ep_size of the model config")
+    ap.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest exactly "
+                                                          "(model, optimizer, scheduler, data position, RNG)")
+    ap.add_argument("--stop_at_step", type=int, help="checkpoint and exit after this step without changing the "
+                                                     "schedule of --max_steps (time-sliced jobs; continue with --resume)")
+    ap.add_argument("--seed", type=int, default=1234, help="initialisation and routing-noise seed (%(default)s)")
+    ap.add_argument("--data_seed", type=int, default=1234, help="data-order seed, independent of --seed (%(default)s)")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from camex_ds.config import ConfigError
+    from camex_ds.data import DataError
+    from camex_ds.train import CheckpointError, TrainArgs, run
+
+    train_args = TrainArgs(**{k: v for k, v in vars(args).items() if k not in ("local_rank", "no_progress")},
+                           progress=not args.no_progress)
+    try:
+        final = run(train_args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    if final.get("rank") == 0 and "val_ppl" in final:
+        print(f"done: step {final['step']}  train loss {final['train_loss']:.4f}  val loss {final['val_loss']:.4f}  "
+              f"val ppl {final['val_ppl']:.2f}  val bpb {final['val_bpb']:.4f}  {final['tokens_per_s']:.0f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
