@@ -142,17 +142,21 @@ def _inject_fault(step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, val, seq_len: int, batch_size: int, max_batches: int) -> dict:
-    """Mean next-token loss over a fixed set of validation windows, sharded over ranks, exact in total."""
-    engine.eval()
+def evaluate(model, val, seq_len: int, batch_size: int, max_batches: Optional[int], device="cpu") -> dict:
+    """Mean next-token loss over a fixed set of validation windows, sharded over ranks, exact in total.
+
+    `model` is a DeepSpeed engine or a plain `GPT`; `max_batches=None` evaluates the whole split.
+    """
+    was_training = model.training
+    model.eval()
     loss_sum, tokens = 0.0, 0
     for i, (x, y) in enumerate(validation_batches(val, seq_len, batch_size, max_batches)):
         if i % parallel.world_size() != parallel.rank():
             continue
-        out = engine(x.to(engine.device), labels=y.to(engine.device))
+        out = model(x.to(device), labels=y.to(device))
         loss_sum += float(out.loss) * y.numel()
         tokens += y.numel()
-    engine.train()
+    model.train(was_training)
     loss_sum, tokens = (v * parallel.world_size() for v in parallel.all_reduce_mean([loss_sum, float(tokens)]))
     if tokens == 0:
         raise ValueError("the validation split is shorter than one sequence: use more data or a smaller seq_len")
@@ -231,7 +235,7 @@ def run(args: TrainArgs) -> dict:
             logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
             window_loss, window_aux, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
         if step % args.eval_interval == 0 or step == args.max_steps:
-            last_eval = evaluate(engine, val, cfg.seq_len, micro, args.eval_batches)
+            last_eval = evaluate(engine, val, cfg.seq_len, micro, args.eval_batches, engine.device)
             logger.log({"step": step, **last_eval, "tokens": step * tokens_per_step})
             window_start = time.perf_counter()
         if step % args.save_interval == 0 or step == args.max_steps:
