@@ -1,0 +1,124 @@
+"""One DeepSpeed optimizer step per (method, ZeRO stage, layout); writes every parameter by global name.
+
+Run under `deepspeed --num_gpus 2` (layouts ep2 and dp2, each rank on its half of a fixed global batch)
+or as plain `python` (layout ref: one rank, ep_size 1, the whole batch). tests/test_expert_parallel.py
+compares the files. Curvature factors are moved away from identity by a seed that depends only on the
+global expert id, so every layout starts from the same model.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from camex_ds import parallel  # noqa: E402
+from camex_ds.model import build_model  # noqa: E402
+from camex_ds.moe import CAMExMoE  # noqa: E402
+
+GLOBAL_BATCH, SEQ, VOCAB = 4, 32, 64
+
+
+def model_config(method: str, ep_size: int) -> dict:
+    return {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 64, "seq_len": SEQ,
+            "moe": {"method": method, "num_experts": 4, "every": 1, "segment_len": 8, "ep_size": ep_size,
+                    "curvature_rank": 2, "noisy_gating": False, "aux_loss_coef": 0.0,
+                    "alpha": 0.5}}
+
+
+def ds_config(zero: int, bf16: bool) -> dict:
+    return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // parallel.world_size(), "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "eps": 1e-6, "weight_decay": 0.0, "torch_adam": True}},
+            "zero_optimization": {"stage": zero}, "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9}
+
+
+@torch.no_grad()
+def curve_factors(model) -> None:
+    for layer_index, (_, layer) in enumerate(model.moe_layers()):
+        if not isinstance(layer, CAMExMoE) or not layer.args.curved:
+            continue
+        for j, expert in enumerate(layer.local_experts):
+            gen = torch.Generator().manual_seed(1000 * layer_index + layer.ep_rank * layer.num_local_experts + j)
+            for name in sorted(expert.curvature):
+                for f in expert.curvature[name].tensors():
+                    f.add_(0.1 * torch.randn(f.shape, generator=gen))
+
+
+def global_state(model) -> dict:
+    """This rank's parameters, experts renamed to their global ids (float32 copies)."""
+    out = {}
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, CAMExMoE):
+            for j, expert in enumerate(layer.local_experts):
+                gid = layer.ep_rank * layer.num_local_experts + j
+                for n, p in expert.named_parameters():
+                    out[f"{layer_name}.expert{gid}.{n}"] = p.detach().float().clone()
+    for n, p in model.named_parameters():
+        if "deepspeed_experts" not in n:
+            out[n] = p.detach().float().clone()
+    return out
+
+
+def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None) -> dict:
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(model_config(method, ep_size))
+    curve_factors(model)
+    before = global_state(model)
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "p"})
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(zero, bf16))
+    data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    per_rank = GLOBAL_BATCH // parallel.world_size()
+    local = data[parallel.rank() * per_rank:(parallel.rank() + 1) * per_rank]
+    out = engine(local[:, :-1], labels=local[:, 1:])
+    engine.backward(out.loss)
+    engine.step()
+    if save_dir:
+        engine.save_checkpoint(save_dir, tag="step1")
+    return {"before": before, "after": global_state(model), "loss": out.loss.detach().item()}
+
+
+def load_into_ep1(method: str, zero: int, ckpt: str) -> dict:
+    """An ep_size=1 model loading a checkpoint saved at another ep_size (parameters only)."""
+    import deepspeed
+
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    model = build_model(model_config(method, 1))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=ds_config(zero, False))
+    engine.load_checkpoint(ckpt, tag="step1", load_optimizer_states=False, load_lr_scheduler_states=False)
+    return {"after": global_state(model)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layouts", required=True, help="comma list of ref, ep2, dp2, load")
+    ap.add_argument("--ckpt", help="checkpoint folder: ep2 saves its first run there, load reads it")
+    ap.add_argument("--methods", default="camex-ties,euclid")
+    ap.add_argument("--zero", default="0,1,2")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    parallel.init_distributed()
+    for layout in args.layouts.split(","):
+        results = {}
+        for method in args.methods.split(","):
+            for zero in map(int, args.zero.split(",")):
+                key = f"{method}-zero{zero}"
+                if layout == "load":
+                    results[key] = load_into_ep1(method, zero, os.path.join(args.ckpt, key))
+                    continue
+                save = os.path.join(args.ckpt, key) if layout == "ep2" and args.ckpt else None
+                results[key] = one_step(method, zero, 2 if layout == "ep2" else 1, args.bf16, save)
+        torch.save(results, os.path.join(args.out, f"{layout}_rank{parallel.rank()}.pt"))
+        if parallel.rank() == 0:
+            print(json.dumps({layout: {k: v.get("loss") for k, v in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
