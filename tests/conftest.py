@@ -1,0 +1,48 @@
+"""Shared test setup: `tests/` importable (for `reference`), a fixed torch seed per test, quiet DeepSpeed."""
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+
+def _quiet_deepspeed() -> None:
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    try:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.ERROR)
+    except Exception:  # deepspeed not importable: the tests that need it fail on their own
+        pass
+
+
+_quiet_deepspeed()
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same torch RNG state (and leaves the global default dtype alone)."""
+    torch.manual_seed(1234)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def gen():
+    """A private generator for drawing test tensors without touching the global RNG."""
+    return torch.Generator().manual_seed(4321)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: the tiny-shape tests are dominated by per-op overhead, and on a shared 2-core box
+    a second spinning OpenMP thread makes them several times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
