@@ -388,14 +388,8 @@ def test_gradcheck_dynamic_two_layer_chain(method):
     _gradcheck_module_chain(layers, torch.randn(1, 4, 4, dtype=F64))
 
 
-@pytest.mark.xfail(strict=True, reason="router.cv_squared casts to float32 (x.float()), so the float64 aux loss "
-                   "and its gradient have float32 precision; BUG reported, see the test's docstring")
 def test_gradcheck_aux_loss_in_float64():
-    """The auxiliary loss is a differentiable function of the router in float64 too (dtype-preserving).
-
-    Fails while `camex_ds.moe.router.cv_squared` computes `x.float().var() / (x.float().mean() ** 2 + 1e-10)`:
-    in a float64 layer that rounds the loss to float32. Promoting instead of downcasting
-    (`x.to(torch.promote_types(x.dtype, torch.float32))`) keeps fp32 for bf16 and fixes float64."""
+    """The auxiliary loss is a differentiable function of the router in float64 too (dtype-preserving)."""
     layer = make("camex", d=4, h=6, n=3, T=2).train()
     w = layer.router.w_gate.detach().clone().requires_grad_()
     x = torch.randn(2, 4, 4, dtype=F64)

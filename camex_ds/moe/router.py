@@ -12,7 +12,8 @@ def cv_squared(x: Tensor) -> Tensor:
     """Squared coefficient of variation; 0 for a single expert."""
     if x.numel() <= 1:
         return x.new_zeros(())
-    return x.float().var() / (x.float().mean() ** 2 + 1e-10)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 statistics in fp32, float64 stays float64
+    return x.var() / (x.mean() ** 2 + 1e-10)
 
 
 def _smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, top_k: int) -> Tensor:
