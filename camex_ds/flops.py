@@ -1,0 +1,516 @@
+"""FLOPs per token, parameter counts, hardware peaks and MFU for the GPT models of `camex_ds.model` (spec §8).
+
+Convention (spec §8, the one of `torch.utils.flop_counter.FlopCounterMode`): count matrix-multiply FLOPs,
+`2·m·n·k` per GEMM; elementwise work (activations, masks, norms, softmax, the dynamic chain's
+elementwise merge) and embedding look-ups count 0. The analytic numbers below follow what the code
+really executes, op by op, so `FlopCounterMode` on the real model agrees with them (see
+`tests/test_flops.py`); `docs/flops.md` derives every term.
+
+    from camex_ds.flops import flops_per_token, param_counts, peak_flops, mfu
+    f = flops_per_token(cfg, tokens_per_step=8 * cfg.seq_len)   # micro-batch of 8 sequences per rank
+    f["forward"], f["train"], f["components"]["curvature"]["train"]
+    mfu(tokens_per_s, f["train"], peak_flops(dtype="bf16"))
+
+`tokens_per_step` is the number of tokens one rank runs through one forward pass (micro-batch ×
+seq_len). It is *not* multiplied by gradient accumulation: every forward recomputes the curved task
+vectors `M_i(τ_i)`, so the curvature cost is amortised over one micro-batch only; it also sets
+DeepSpeed's SMoE capacity, which is computed from the tokens of one forward call.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Optional, Union
+
+import torch
+
+from .config import ConfigError, ModelConfig, MoEConfig
+from .moe.ffn import matrix_shapes
+from .moe.functional import kron_factor_shape
+
+# DeepSpeed's `TokenMoE` settings (camex_ds/moe/token_moe.py): min_capacity=4, drop_tokens=True.
+SMOE_MIN_CAPACITY = 4
+# FlopCounterMode's fused-attention backward formula: scores recomputed + 2 GEMMs for dV, dP + 2 for dQ, dK,
+# against 2 GEMMs forward.
+SDPA_BACKWARD_MULTIPLIER = 2.5
+
+CfgLike = Union[dict, ModelConfig]
+
+
+def _as_config(cfg: CfgLike) -> ModelConfig:
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return ModelConfig.from_dict(cfg)
+    raise ConfigError(f"model config must be a dict or a ModelConfig, got {type(cfg).__name__}")
+
+
+def _with_seq_len(cfg: ModelConfig, seq_len: Optional[int]) -> ModelConfig:
+    if seq_len is None or seq_len == cfg.seq_len:
+        return cfg
+    return cfg.replace(seq_len=seq_len)  # re-validates (segment_len must divide it)
+
+
+def _vocab(cfg: ModelConfig, vocab_size: Optional[int]) -> int:
+    v = vocab_size if vocab_size is not None else cfg.vocab_size
+    if v is None:
+        raise ConfigError("vocab_size is not set in the model config: pass vocab_size (the tokenizer's) "
+                          "to count the LM head")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+        raise ConfigError(f"vocab_size={v!r} is invalid: expected an integer >= 2")
+    return v
+
+
+def _segment_len(cfg: ModelConfig) -> int:
+    return cfg.seq_len if cfg.moe.routing == "sequence" else cfg.moe.segment_len
+
+
+def _ffn_elements(cfg: ModelConfig) -> int:
+    """P: elements of one expert FFN (2·d·h for gelu, 3·d·h for swiglu)."""
+    return sum(o * i for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values())
+
+
+def curvature_flops_per_expert(cfg: ModelConfig) -> int:
+    """`2·R·Σ_mat (o1+o2+i1+i2)·out·in`: one application of `M_i` to one expert's matrices (§3)."""
+    r = cfg.moe.curvature_rank
+    total = 0
+    for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values():
+        total += 2 * r * (sum(kron_factor_shape(o)) + sum(kron_factor_shape(i))) * o * i
+    return total
+
+
+def curvature_backward_flops_per_expert(cfg: ModelConfig) -> int:
+    """Backward of one `M_i` application (`_Curvature.backward` in moe/functional.py), per expert:
+    it recomputes the first three mode products (A, B, C: `o1+o2+i1`) and runs two GEMMs per factor (the
+    factor's gradient and the gradient flowing on): `2·R·Σ_mat (3·(o1+o2+i1) + 2·i2)·out·in`."""
+    r = cfg.moe.curvature_rank
+    total = 0
+    for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values():
+        (o1, o2), (i1, i2) = kron_factor_shape(o), kron_factor_shape(i)
+        total += 2 * r * (3 * (o1 + o2 + i1) + 2 * i2) * o * i
+    return total
+
+
+def _factor_elements_per_expert(cfg: ModelConfig) -> int:
+    r = cfg.moe.curvature_rank
+    return r * sum(sum(k * k for k in kron_factor_shape(o) + kron_factor_shape(i))
+                   for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values())
+
+
+def smoe_backend(cfg: ModelConfig, backend: Optional[str] = None) -> str:
+    """The SMoE implementation the model would build: 'deepspeed' or 'megablocks' ('auto' resolved here)."""
+    backend = backend or cfg.moe.backend
+    if backend == "auto":
+        from .moe.token_moe import megablocks_available
+        backend = "megablocks" if megablocks_available() and cfg.moe.ep_size == 1 else "deepspeed"
+    return backend
+
+
+def smoe_capacity(cfg: ModelConfig, tokens: int) -> int:
+    """DeepSpeed's expert capacity C for one forward call of `tokens` tokens per rank (`_capacity` in
+    deepspeed/moe/sharded_moe.py: `max(ceil(tokens/N · capacity_factor·k), min_capacity)`, float32 as there)."""
+    moe = cfg.moe
+    factor = torch.tensor(moe.capacity_factor * moe.k)
+    cap = int(torch.ceil((tokens / moe.num_experts) * factor).to(torch.int64))
+    return max(cap, SMOE_MIN_CAPACITY)
+
+
+COMPONENTS = ("attention", "dense_ffn", "experts", "router", "merge", "curvature", "dynamic", "lm_head", "embeddings")
+
+
+class _Components:
+    def __init__(self):
+        self.rows: dict[str, dict[str, float]] = {
+            name: {"forward": 0.0, "forward_train": 0.0, "backward": 0.0} for name in COMPONENTS}
+
+    def add(self, name: str, forward: float, backward_multiplier: Optional[float] = None, *,
+            backward: Optional[float] = None, train_forward: Optional[float] = None):
+        """`forward` is the eval forward; `train_forward` the training-mode forward (router noise), default
+        equal; the backward is `backward_multiplier × train_forward`, or `backward` given directly."""
+        ft = forward if train_forward is None else train_forward
+        row = self.rows.setdefault(name, {"forward": 0.0, "forward_train": 0.0, "backward": 0.0})
+        row["forward"] += forward
+        row["forward_train"] += ft
+        row["backward"] += backward if backward is not None else backward_multiplier * ft
+
+    def result(self) -> dict:
+        out = {}
+        for name, row in self.rows.items():
+            row = dict(row)
+            row["train"] = row["forward_train"] + row["backward"]
+            out[name] = row
+        return out
+
+
+def flops_per_token(cfg: CfgLike, seq_len: Optional[int] = None, tokens_per_step: Optional[int] = None, *,
+                    vocab_size: Optional[int] = None, backend: Optional[str] = None) -> dict:
+    """Matmul FLOPs per token of the GPT model `cfg` describes, forward and training step.
+
+    - `seq_len`: the length of the sequences (default `cfg.seq_len`); sets the attention-score cost.
+    - `tokens_per_step`: tokens one rank processes in one forward pass, micro-batch × seq_len (default:
+      one sequence, `seq_len`). The curvature transform (computed once per forward on each rank for its
+      N/ep experts) is divided by it, and DeepSpeed's SMoE capacity is computed from it.
+    - `backend`: override `moe.backend` for smoe ('deepspeed' or 'megablocks').
+
+    Returns `forward` (eval-mode forward), `forward_train` (training-mode forward: adds the router's
+    noise GEMM when `noisy_gating`), `backward`, `train` (= forward_train + backward),
+    `backward_multiplier` (backward / forward_train), `components` (`name -> {forward, forward_train,
+    backward, train}` for every name in `COMPONENTS`, zero where the method has none), each component's
+    eval forward also as a top-level key, `elementwise` (notable
+    arithmetic done elementwise, excluded from the totals by the convention) and `notes`.
+    """
+    cfg = _with_seq_len(_as_config(cfg), seq_len)
+    length = cfg.seq_len
+    tokens = length if tokens_per_step is None else tokens_per_step
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < length or tokens % length:
+        raise ConfigError(f"tokens_per_step={tokens!r} is invalid: expected a positive multiple of "
+                          f"seq_len={length} (micro-batch × seq_len tokens per rank per forward)")
+    vocab = _vocab(cfg, vocab_size)
+    d, n_layers = cfg.d_model, cfg.n_layers
+    p = _ffn_elements(cfg)
+    c = _Components()
+    notes: list[str] = []
+    elementwise: dict[str, float] = {}
+
+    # Attention: qkv (6d²) and proj (2d²) GEMMs, backward 2×; SDPA's QKᵀ and AV over the full L×L
+    # (FlopCounterMode does not discount the causal mask), backward 2.5× (flash-style recompute).
+    c.add("attention", n_layers * 8 * d * d, 2.0)
+    c.add("attention", n_layers * 4 * length * d, SDPA_BACKWARD_MULTIPLIER)
+    c.add("lm_head", 2 * d * vocab, 2.0)
+    # Embeddings (token and position look-ups) are not matmuls: 0; the tied LM head is counted above.
+
+    moe_layers = cfg.moe_layers
+    dense_layers = n_layers - len(moe_layers)
+    c.add("dense_ffn", dense_layers * 2 * p, 2.0)
+
+    if moe_layers:
+        moe: MoEConfig = cfg.moe
+        if moe.method == "smoe":
+            _smoe_components(cfg, c, tokens, len(moe_layers), backend, notes)
+        else:
+            _merge_components(cfg, c, tokens, moe_layers, notes, elementwise)
+
+    comps = c.result()
+    forward = sum(r["forward"] for r in comps.values())
+    forward_train = sum(r["forward_train"] for r in comps.values())
+    backward = sum(r["backward"] for r in comps.values())
+    result = {
+        "forward": forward,
+        "forward_train": forward_train,
+        "backward": backward,
+        "train": forward_train + backward,
+        "backward_multiplier": backward / forward_train if forward_train else 0.0,
+        "components": comps,
+        "elementwise": elementwise,
+        "notes": notes,
+        "seq_len": length,
+        "tokens_per_step": tokens,
+        "method": cfg.method,
+    }
+    for name, row in comps.items():
+        result[name] = row["forward"]
+    return result
+
+
+def _smoe_components(cfg: ModelConfig, c: _Components, tokens: int, layers: int, backend: Optional[str],
+                     notes: list) -> None:
+    moe = cfg.moe
+    d, n, p = cfg.d_model, moe.num_experts, _ffn_elements(cfg)
+    which = smoe_backend(cfg, backend)
+    # Gate: logits = x w_gᵀ (2·d·N), backward 2× (grad x and grad w_g).
+    c.add("router", layers * 2 * d * n, 2.0)
+    if which == "megablocks":
+        c.add("experts", layers * moe.k * 2 * p, 2.0)
+        notes.append("smoe on MegaBlocks (dropless): experts = top_k · 2P per token; not checked on CPU")
+        return
+    if moe.k == 2:
+        # top2gating normalises with two einsums 'se,se->s' (bmm, 2·N each); backward: grad of gates only.
+        c.add("router", layers * 2 * 2 * n, 1.0)
+    cap = smoe_capacity(cfg, tokens)
+    # Every local expert runs on its full capacity buffer: N·C tokens per rank per forward (padded slots
+    # included), whatever the routing; backward 2× (grad input and grad weights).
+    c.add("experts", layers * n * cap * 2 * p / tokens, 2.0)
+    notes.append(f"smoe on DeepSpeed: capacity C={cap} per expert for {tokens} tokens per forward "
+                 f"(k={moe.k}, capacity_factor={moe.capacity_factor}); experts = N·C·2P / tokens = "
+                 f"{n * cap / tokens:.3f} · 2P per token (top_k={moe.k} unpadded); dispatch/combine are "
+                 "gathers (index_select) in this DeepSpeed, no einsum GEMMs")
+
+
+def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, moe_layers: list, notes: list,
+                      elementwise: dict) -> None:
+    moe = cfg.moe
+    d, p = cfg.d_model, _ffn_elements(cfg)
+    seg = _segment_len(cfg)
+    n = moe.routed_experts  # N, or N-1 in a dynamic chain
+    curve = curvature_flops_per_expert(cfg) if moe.curved else 0
+    curve_back = curvature_backward_flops_per_expert(cfg) if moe.curved else 0
+    noise = 2.0 if moe.noisy_gating else 1.0
+    for idx, _layer in enumerate(moe_layers):
+        chain_start = idx == 0
+        # Router on segment means: summary w_g (2·d·N per segment); training adds summary w_noise.
+        c.add("router", 2 * d * n / seg, 2.0, train_forward=noise * 2 * d * n / seg)
+        # The merged FFN applied to every token: 2P; backward grad x + grad W (2×).
+        c.add("experts", 2 * p, 2.0)
+        # Curvature M_i for this rank's N/ep experts, once per forward (4 mode-product GEMMs per matrix);
+        # backward: see curvature_backward_flops_per_expert (≈2.6–2.8× forward).
+        if curve:
+            local = n // moe.ep_size
+            c.add("curvature", local * curve / tokens, backward=local * curve_back / tokens)
+        if not moe.dynamic:
+            # _MergedLinear folds the base into the merge GEMM: W = [α g, 1] · [τ̃; B], (S×(N+1))·((N+1)×P)
+            # forward. Backward: the same GEMM recomputed, [α g, 1]ᵀ · G for the task and base gradients
+            # ((N+1)×S·S×P) and G · τ̃ᵀ for the gate gradients (S×P·P×N).
+            c.add("merge", 2 * (n + 1) * p / seg, backward=(2 * (n + 1) + 2 * (n + 1) + 2 * n) * p / seg)
+        elif chain_start:
+            # Chain start: merge_rows (addmm of N rows, base as the bias) under plain autograd: backward 2×.
+            c.add("merge", 2 * n * p / seg, 2.0)
+        else:
+            # Layer l>1: Ŵ^l_s = Ŵ^{l-1}_s + α Σ_i g (M(E_i) - M(Ŵ^{l-1}_s)) is an elementwise sum over experts:
+            # no GEMM. Its per-segment curvature M_i(Ŵ^{l-1}_s) is 4 GEMMs per segment and expert (§4).
+            elementwise["dynamic_merge"] = elementwise.get("dynamic_merge", 0.0) + 2 * n * p / seg
+            if curve:
+                c.add("dynamic", n * curve / seg, backward=n * curve_back / seg)
+    if moe.mask != "none":
+        notes.append(f"{moe.mask} masks are elementwise: 0 matmul FLOPs")
+    if moe.dynamic and len(moe_layers) > 1:
+        notes.append("dynamic layers l>1 merge elementwise (see 'elementwise'), not by GEMM")
+
+
+def param_counts(cfg: CfgLike, *, vocab_size: Optional[int] = None, backend: Optional[str] = None) -> dict:
+    """Parameters of the model: `total` (the whole model, as `GPT.num_parameters()` at ep_size=1),
+    `active` (those a token's computation uses: everything but the expert storage, plus per MoE layer
+    one merged FFN (P) for merge methods or top_k experts (k·P) for smoe), `per_rank` (experts and their
+    factors divided by ep), and the same without the embeddings (`*_non_embedding`: wte, wpe)."""
+    cfg = _as_config(cfg)
+    vocab = _vocab(cfg, vocab_size)
+    d, p = cfg.d_model, _ffn_elements(cfg)
+    embed = vocab * d + cfg.seq_len * d
+    block_common = 4 * d + 4 * d * d  # two LayerNorms and attention
+    shared = embed + cfg.n_layers * block_common + 2 * d  # + ln_f
+    moe_layers = cfg.moe_layers
+    shared += (cfg.n_layers - len(moe_layers)) * p
+    total = active = per_rank = shared
+    if moe_layers:
+        moe = cfg.moe
+        if moe.method == "smoe":
+            router = d * moe.num_experts  # DeepSpeed's wg (bias-free) or MegaBlocks' router
+            experts = moe.num_experts * p
+            total += len(moe_layers) * (router + experts)
+            per_rank += len(moe_layers) * (router + experts // moe.ep_size)
+            active += len(moe_layers) * (router + moe.k * p)
+        else:
+            n = moe.stored_experts
+            router = d * n * (2 if moe.noisy_gating else 1)
+            expert = p + (_factor_elements_per_expert(cfg) if moe.curved else 0)
+            for idx, _ in enumerate(moe_layers):
+                base = p if (not moe.dynamic or idx == 0) else 0
+                total += router + base + n * expert
+                per_rank += router + base + (n // moe.ep_size) * expert
+                active += router + p
+    return {"total": total, "active": active, "per_rank": per_rank,
+            "total_non_embedding": total - embed, "active_non_embedding": active - embed}
+
+
+def ep_bytes_per_step(cfg: CfgLike, tokens_per_step: Optional[int] = None, bytes_per_element: int = 4,
+                      gloo: bool = False) -> int:
+    """Expert-parallel bytes one rank sends (≈ receives) per forward+backward, summed over MoE layers.
+
+    Merge methods: `camex_ds.moe.comm.ep_bytes_per_step` per layer. smoe (DeepSpeed): four all-to-alls
+    (dispatch and combine, forward and backward) of the `[N, C, d]` capacity buffer, `(ep-1)/ep` of it each.
+    """
+    from .moe.comm import ep_bytes_per_step as layer_bytes
+
+    cfg = _as_config(cfg)
+    if cfg.moe is None or cfg.moe.ep_size == 1:
+        return 0
+    moe = cfg.moe
+    tokens = cfg.seq_len if tokens_per_step is None else tokens_per_step
+    if moe.method == "smoe":
+        cap = smoe_capacity(cfg, tokens)
+        share = (moe.ep_size - 1) / moe.ep_size
+        return int(round(len(cfg.moe_layers) * 4 * share * moe.num_experts * cap * cfg.d_model * bytes_per_element))
+    shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
+    total = 0
+    for idx, _ in enumerate(cfg.moe_layers):
+        total += layer_bytes(num_experts=moe.stored_experts, ep_size=moe.ep_size, matrix_shapes=shapes,
+                             curvature_rank=moe.curvature_rank, curved=moe.curved, mask=moe.mask,
+                             dynamic=moe.dynamic, chain_start=idx == 0, bytes_per_element=bytes_per_element,
+                             backend_reduce_scatter=not gloo)["total"]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring with FlopCounterMode
+
+def flop_counter_mapping() -> dict:
+    """Extra formulas for `FlopCounterMode(custom_mapping=...)` covering two gaps of torch's registry:
+    SDPA's CPU kernel (`_scaled_dot_product_flash_attention_for_cpu` and its backward; only the CUDA
+    kernels are registered, the CPU one counts 0), mapped to the same formulas so a CPU count equals a GPU
+    count; and the in-place GEMMs `addmm_`/`baddbmm_` (only the out-of-place ops are registered), which
+    `_MergedLinear`'s backward uses for the task-vector gradient."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    mapping = {}
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    def addmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    def baddbmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    mapping[aten.addmm_] = addmm_
+    mapping[aten.baddbmm_] = baddbmm_
+    if fwd is not None:
+        mapping[fwd] = forward
+    if bwd is not None:
+        mapping[bwd] = backward
+    return mapping
+
+
+def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int] = None, *, train: bool = False,
+                            model: Optional[torch.nn.Module] = None, seed: int = 0) -> dict:
+    """FlopCounterMode's count per token on the real model (`build_model`), eval forward or, with `train`,
+    a training-mode forward and backward of `loss + aux_loss`. Returns `forward`, `backward`, `train`
+    (when `train`) and `by_op`. Analytic counterpart: `flops_per_token(cfg, seq_len, batch·seq_len)`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .model import build_model
+
+    cfg = _with_seq_len(_as_config(cfg), seq_len)
+    if model is None:
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    model.train(train)
+    vocab = cfg.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
+    tokens = batch * cfg.seq_len
+    mapping = flop_counter_mapping()
+    if train:
+        model.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
+            out = model(ids, labels=ids)
+            loss = out.loss + out.aux_loss
+        with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
+            loss.backward()
+        f, b = fwd.get_total_flops(), bwd.get_total_flops()
+        by_op = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}
+        return {"forward": f / tokens, "backward": b / tokens, "train": (f + b) / tokens, "by_op": by_op}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
+        model(ids)
+    by_op = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}
+    return {"forward": fwd.get_total_flops() / tokens, "by_op": by_op}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hardware peaks and MFU
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets; the datasheets print Tensor Core rates
+# "with sparsity", these are half of those. fp32 = CUDA cores (no TF32). None: no such Tensor Core path.
+# Sources are listed in docs/flops.md. Matched against torch.cuda.get_device_name() in order (first hit wins).
+GPU_PEAKS_TFLOPS = [
+    # (name, regular expressions that must all match the upper-cased device name, {dtype: TFLOP/s})
+    ("GH200", (r"\bGH200\b",), {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5, "fp16": 989.5}),
+    ("H200 NVL", (r"\bH200\b", r"\bNVL\b"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H200 SXM", (r"\bH200\b",), {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5, "fp16": 989.5}),
+    ("H100 NVL", (r"\bH100\b", r"\bNVL\b"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H100 PCIe", (r"\bH100\b", r"\bPCIE\b"), {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5, "fp16": 756.5}),
+    ("H100 SXM", (r"\bH100\b",), {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5, "fp16": 989.5}),
+    ("A100", (r"\bA100\b",), {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+    ("L40S", (r"\bL40S\b",), {"fp32": 91.6, "tf32": 183.0, "bf16": 362.05, "fp16": 362.05}),
+    ("L40", (r"\bL40\b",), {"fp32": 90.5, "tf32": 90.5, "bf16": 181.05, "fp16": 181.05}),
+    ("L4", (r"\bL4\b",), {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
+    ("A10G", (r"\bA10G\b",), {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),
+    ("A10", (r"\bA10\b",), {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),
+    ("V100 PCIe", (r"\bV100\b", r"\bPCIE\b"), {"fp32": 14.0, "tf32": None, "bf16": None, "fp16": 112.0}),
+    ("V100 SXM2", (r"\bV100\b",), {"fp32": 15.7, "tf32": None, "bf16": None, "fp16": 125.0}),
+    ("T4", (r"\bT4\b",), {"fp32": 8.1, "tf32": None, "bf16": None, "fp16": 65.0}),
+]
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
+_CPU_PEAK_CACHE: dict = {}
+
+
+def match_gpu(name: str) -> Optional[tuple]:
+    """The table row for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+    upper = name.upper()
+    for row in GPU_PEAKS_TFLOPS:
+        if all(re.search(pattern, upper) for pattern in row[1]):
+            return row
+    return None
+
+
+def cpu_matmul_peak(dtype: str = "fp32", size: int = 1024, seconds: float = 0.5) -> float:
+    """Measured FLOP/s of a `size³` matmul on this CPU with `torch.get_num_threads()` threads (cached):
+    an achievable peak for this process, not a datasheet number."""
+    key = (dtype, size, torch.get_num_threads())
+    if key in _CPU_PEAK_CACHE:
+        return _CPU_PEAK_CACHE[key]
+    tdtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(tdtype)
+    b = torch.randn(size, size, generator=gen).to(tdtype)
+    out = torch.empty(size, size, dtype=tdtype)
+    torch.mm(a, b, out=out)  # warm-up
+    runs, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b, out=out)
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    peak = 2.0 * size ** 3 * runs / elapsed
+    _CPU_PEAK_CACHE[key] = peak
+    return peak
+
+
+def peak_flops(device=None, dtype: str = "fp32", override: Optional[float] = None) -> float:
+    """Peak FLOP/s of `device` (default: the current CUDA device if any, else the CPU) for `dtype`
+    ('fp32', 'tf32', 'bf16', 'fp16'): datasheet dense peaks for known GPUs, a measured matmul probe on CPU.
+    `override` (FLOP/s) wins over both; an unknown GPU without `override` is an error."""
+    if override is not None:
+        if not isinstance(override, (int, float)) or isinstance(override, bool) or override <= 0:
+            raise ValueError(f"override={override!r} is invalid: expected a positive number of FLOP/s")
+        return float(override)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if device.type == "cpu":
+        return cpu_matmul_peak(dtype)
+    if device.type != "cuda":
+        raise ValueError(f"no peak known for device type {device.type!r}: pass override (FLOP/s)")
+    name = torch.cuda.get_device_name(device)
+    row = match_gpu(name)
+    if row is None:
+        raise ValueError(f"GPU {name!r} is not in camex_ds.flops.GPU_PEAKS_TFLOPS: pass override (FLOP/s)")
+    value = row[2][dtype]
+    if value is None:
+        raise ValueError(f"{row[0]} has no {dtype} Tensor Core path; use fp32/fp16 or pass override")
+    return value * 1e12
+
+
+def mfu(tokens_per_s: float, flops_per_token_train: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved `tokens/s × FLOPs/token` over the peak FLOP/s (a fraction)."""
+    if peak <= 0:
+        raise ValueError(f"peak={peak!r} must be positive FLOP/s")
+    return tokens_per_s * flops_per_token_train / peak
+
+
+def achieved_flops(tokens_per_s: float, flops_per_token_train: float) -> float:
+    return tokens_per_s * flops_per_token_train
+
+
+__all__ = ["COMPONENTS", "flops_per_token", "param_counts", "ep_bytes_per_step", "curvature_flops_per_expert",
+           "curvature_backward_flops_per_expert", "smoe_capacity",
+           "flop_counter_mapping", "measure_flops_per_token", "peak_flops", "cpu_matmul_peak", "match_gpu",
+           "mfu", "achieved_flops", "GPU_PEAKS_TFLOPS"]
