@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      "schedule of --max_steps (time-sliced jobs; continue with --resume)")
     ap.add_argument("--seed", type=int, default=1234, help="initialisation and routing-noise seed (%(default)s)")
     ap.add_argument("--data_seed", type=int, default=1234, help="data-order seed, independent of --seed (%(default)s)")
+    ap.add_argument("--peak_tflops", type=float, help="peak TFLOP/s per rank for MFU (default: known-GPU table, or a "
+                                                       "CPU matmul probe)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return ap.parse_args(argv)

@@ -19,6 +19,7 @@ import torch
 
 from .. import parallel
 from ..config import ConfigError, ModelConfig
+from ..flops import flops_per_token, peak_flops
 from ..data import BatchLoader, bits_per_byte, prepare_data, validation_batches
 from ..model import GPT, save_config
 from . import checkpoint
@@ -52,6 +53,7 @@ class TrainArgs:
     seed: int = 1234
     data_seed: int = 1234
     progress: bool = True
+    peak_tflops: Optional[float] = None
 
 
 def load_model_config(args: TrainArgs) -> ModelConfig:
@@ -135,6 +137,26 @@ class _StopFlag:
         return parallel.all_reduce_mean([float(self.requested)])[0] > 0
 
 
+def _peak(args: TrainArgs, ds_config: dict) -> Optional[float]:
+    """Peak FLOP/s for MFU: --peak_tflops, else the GPU datasheet table, else a CPU matmul probe."""
+    dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    override = None if args.peak_tflops is None else args.peak_tflops * 1e12
+    try:
+        return peak_flops(dtype=dtype, override=override)
+    except ValueError as e:
+        print(f"warning: no MFU reported ({e})")
+        return None
+
+
+def _flops_row(tokens: int, tokens_per_s: float, flops_per_token_train: float, peak: Optional[float]) -> dict:
+    """Cumulative training FLOPs, achieved FLOP/s of the whole job, and MFU against every rank's peak."""
+    row = {"train_flops": tokens * flops_per_token_train, "flops_per_token": flops_per_token_train,
+           "achieved_flops_per_s": tokens_per_s * flops_per_token_train}
+    if peak:
+        row["mfu"] = row["achieved_flops_per_s"] / (peak * parallel.world_size())
+    return row
+
+
 def _inject_fault(step: int) -> None:
     """Crash-safety tests: `CAMEX_DS_KILL_AFTER_SAVE=<step>` SIGKILLs this process right after that checkpoint."""
     if os.environ.get("CAMEX_DS_KILL_AFTER_SAVE") == str(step):
@@ -202,6 +224,8 @@ def run(args: TrainArgs) -> dict:
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
     tokens_per_step = micro * accum * world * cfg.seq_len
+    train_flops_per_token = flops_per_token(cfg, cfg.seq_len, micro * cfg.seq_len)["train"]
+    peak = _peak(args, ds_config) if is_main else None
     logger = MetricsLogger(out_dir, engine, is_main, is_main and args.progress, args.max_steps, step)
     stop = _StopFlag()
     window_loss, window_aux, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
@@ -229,14 +253,16 @@ def run(args: TrainArgs) -> dict:
             run_tokens, run_time = run_tokens + tokens_per_step * window_steps, run_time + elapsed
             last_train_loss = loss
             row = {"step": step, "loss": loss, "aux_loss": aux, "lr": scheduler.get_last_lr()[0]
-                   if scheduler else engine.get_lr()[0], "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step}
+                   if scheduler else engine.get_lr()[0], "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step,
+                   **_flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak)}
             logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **router_stats(model),
                              **curvature_stats(model)})
             logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
             window_loss, window_aux, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
         if step % args.eval_interval == 0 or step == args.max_steps:
             last_eval = evaluate(engine, val, cfg.seq_len, micro, args.eval_batches, engine.device)
-            logger.log({"step": step, **last_eval, "tokens": step * tokens_per_step})
+            logger.log({"step": step, **last_eval, "tokens": step * tokens_per_step,
+                        "train_flops": step * tokens_per_step * train_flops_per_token})
             window_start = time.perf_counter()
         if step % args.save_interval == 0 or step == args.max_steps:
             save()
@@ -252,8 +278,9 @@ def run(args: TrainArgs) -> dict:
             logger.close()
             raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
 
-    final = {"step": step, "train_loss": last_train_loss, **(last_eval or {}),
-             "tokens_per_s": run_tokens / run_time if run_time else float("nan"),
+    run_tokens_per_s = run_tokens / run_time if run_time else float("nan")
+    final = {"step": step, "train_loss": last_train_loss, **(last_eval or {}), "tokens_per_s": run_tokens_per_s,
+             **_flops_row(step * tokens_per_step, run_tokens_per_s, train_flops_per_token, peak),
              "parameters": sum(p.numel() for p in model.parameters()), "method": cfg.method, "world_size": world,
              "rank": rank}
     logger.close()
