@@ -45,7 +45,8 @@ def test_two_ranks_expert_parallel_perplexity_falls(tmp_path, cache):
     assert len(ppl) == 3 and ppl[0] > ppl[1] > ppl[2], ppl
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["val_ppl"] == ppl[-1]
-    assert set(final) >= {"step", "train_loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s"}
+    assert set(final) >= {"step", "train_loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s", "flops_per_token",
+                          "mfu"}
     ckpt = out / "checkpoints" / "global_step60"
     assert (out / "checkpoints" / "latest").read_text() == "global_step60"
     assert len(list(ckpt.glob("layer_*_expert_*_model_states.pt"))) == 2 * 4  # 2 MoE layers x 4 experts

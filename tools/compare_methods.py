@@ -155,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("grid")
-    g.add_argument("--data", required=True, metavar="DATA",
+    g.add_argument("--data", metavar="DATA",
                    help="training data passed to the launcher's --data: a text/.jsonl/.parquet file, a folder "
-                   "of them or a preprocessed dataset folder (must exist), or hf:NAME[:CONFIG]")
+                   "of them or a preprocessed dataset folder (must exist), or hf:NAME[:CONFIG]; default: the "
+                   "launcher's default corpus (this Python's standard-library sources)")
     g.add_argument("--methods", default=DEFAULT_METHODS, metavar="M1,M2,...",
                    help=f"comma-separated methods, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
     g.add_argument("--seeds", type=int, default=3, metavar="K",
@@ -330,7 +331,7 @@ def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
         raise UsageError(f"--tokens_per_step must be >= 1, got {args.tokens_per_step}")
     if args.bootstrap_resamples < 1:
         raise UsageError(f"--bootstrap_resamples must be >= 1, got {args.bootstrap_resamples}")
-    is_hub = args.data.startswith("hf:")
+    is_hub = args.data is None or args.data.startswith("hf:")
     if not is_hub and not os.path.exists(args.data):
         raise UsageError(f"--data path {args.data!r} does not exist (expected a text/.jsonl/.parquet file, "
                          f"a folder of them, a preprocessed dataset folder, or hf:NAME[:CONFIG])")
@@ -518,7 +519,7 @@ def launcher_command(grid: Grid, method: str, seed: int, resume: bool) -> List[s
     args = [
         str(grid.launcher),
         "--model_config", str(grid.output / "configs" / f"{method}.json"),
-        "--data", grid.data,
+        *(["--data", grid.data] if grid.data else []),
         "--output_dir", str(rd),
         "--max_steps", str(grid.method_steps[method]),
         "--seed", str(seed),
