@@ -11,6 +11,15 @@ from torch import Tensor
 
 from .functional import kron_factor_shape
 
+# Bytes this rank has sent through the collectives below, counted as a ring algorithm moves them
+# (all-gather and reduce-scatter: (ep-1)/ep of the full tensor; all-reduce: twice that); the trainer
+# logs its growth per step next to the analytic `ep_bytes_per_step`.
+TRAFFIC = {"bytes_sent": 0}
+
+
+def _count(full_numel: int, element_size: int, size: int, passes: int = 1) -> None:
+    TRAFFIC["bytes_sent"] += passes * (size - 1) * full_numel * element_size // size
+
 
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group=group)
@@ -21,8 +30,10 @@ def group_rank(group) -> int:
 
 
 def _all_gather(t: Tensor, group, dim: int) -> Tensor:
-    parts = [torch.empty_like(t) for _ in range(group_size(group))]
+    size = group_size(group)
+    parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous(), group=group)
+    _count(t.numel() * size, t.element_size(), size)
     return torch.cat(parts, dim=dim)
 
 
@@ -32,10 +43,12 @@ def _reduce_scatter(t: Tensor, group, dim: int) -> Tensor:
     if dist.get_backend(group) == "gloo":
         total = t.contiguous().clone()
         dist.all_reduce(total, group=group)
+        _count(t.numel(), t.element_size(), size, passes=2)
         return total.chunk(size, dim=dim)[rank].contiguous()
     parts = [p.contiguous() for p in t.chunk(size, dim=dim)]
     out = torch.empty_like(parts[rank])
     dist.reduce_scatter(out, parts, group=group)
+    _count(t.numel(), t.element_size(), size)
     return out
 
 
@@ -67,6 +80,7 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
         return t
     t = t.detach().clone()
     dist.all_reduce(t, group=group)
+    _count(t.numel(), t.element_size(), group_size(group), passes=2)
     return t
 
 

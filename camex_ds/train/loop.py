@@ -20,8 +20,9 @@ import torch
 from .. import parallel
 from ..config import ConfigError, ModelConfig
 from ..flops import flops_per_token, peak_flops
-from ..data import BatchLoader, bits_per_byte, prepare_data, validation_batches
+from ..data import BatchLoader, DataError, bits_per_byte, prepare_data, validation_batches
 from ..model import GPT, save_config
+from ..moe.comm import TRAFFIC
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .metrics import MetricsLogger, curvature_stats, router_stats
@@ -171,17 +172,23 @@ def evaluate(model, val, seq_len: int, batch_size: int, max_batches: Optional[in
     """
     was_training = model.training
     model.eval()
+    batches = list(validation_batches(val, seq_len, batch_size, max_batches))
+    if not batches:
+        raise DataError(f"the validation split ({val.num_tokens} tokens) is shorter than one sequence of "
+                        f"{seq_len + 1} tokens: use more data or a smaller seq_len")
+    world, rank = parallel.world_size(), parallel.rank()
     loss_sum, tokens = 0.0, 0
-    for i, (x, y) in enumerate(validation_batches(val, seq_len, batch_size, max_batches)):
-        if i % parallel.world_size() != parallel.rank():
-            continue
+    # Every rank runs the same number of forwards (expert-parallel layers communicate in each one);
+    # a rank past the end repeats batch 0 and does not count it.
+    for j in range(math.ceil(len(batches) / world)):
+        index = j * world + rank
+        x, y = batches[index if index < len(batches) else 0]
         out = model(x.to(device), labels=y.to(device))
-        loss_sum += float(out.loss) * y.numel()
-        tokens += y.numel()
+        if index < len(batches):
+            loss_sum += float(out.loss) * y.numel()
+            tokens += y.numel()
     model.train(was_training)
     loss_sum, tokens = (v * parallel.world_size() for v in parallel.all_reduce_mean([loss_sum, float(tokens)]))
-    if tokens == 0:
-        raise ValueError("the validation split is shorter than one sequence: use more data or a smaller seq_len")
     loss = loss_sum / tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
             "val_bpb": bits_per_byte(loss, val.num_tokens, val.num_bytes)}
@@ -228,7 +235,8 @@ def run(args: TrainArgs) -> dict:
     peak = _peak(args, ds_config) if is_main else None
     logger = MetricsLogger(out_dir, engine, is_main, is_main and args.progress, args.max_steps, step)
     stop = _StopFlag()
-    window_loss, window_aux, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+    window_loss, window_aux, window_steps = 0.0, 0.0, 0
+    window_start, window_bytes = time.perf_counter(), TRAFFIC["bytes_sent"]
     run_tokens, run_time = 0, 0.0
     last_train_loss, last_eval = float("nan"), None
 
@@ -254,20 +262,23 @@ def run(args: TrainArgs) -> dict:
             last_train_loss = loss
             row = {"step": step, "loss": loss, "aux_loss": aux, "lr": scheduler.get_last_lr()[0]
                    if scheduler else engine.get_lr()[0], "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step,
+                   "step_time_s": elapsed / window_steps,
+                   "ep_bytes_sent_per_step": (TRAFFIC["bytes_sent"] - window_bytes) / window_steps,
                    **_flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak)}
             logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **router_stats(model),
                              **curvature_stats(model)})
             logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
-            window_loss, window_aux, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+            window_loss, window_aux, window_steps = 0.0, 0.0, 0
+            window_start, window_bytes = time.perf_counter(), TRAFFIC["bytes_sent"]
         if step % args.eval_interval == 0 or step == args.max_steps:
             last_eval = evaluate(engine, val, cfg.seq_len, micro, args.eval_batches, engine.device)
             logger.log({"step": step, **last_eval, "tokens": step * tokens_per_step,
                         "train_flops": step * tokens_per_step * train_flops_per_token})
-            window_start = time.perf_counter()
+            window_start, window_bytes = time.perf_counter(), TRAFFIC["bytes_sent"]
         if step % args.save_interval == 0 or step == args.max_steps:
             save()
             _inject_fault(step)
-            window_start = time.perf_counter()
+            window_start, window_bytes = time.perf_counter(), TRAFFIC["bytes_sent"]
         if step == args.stop_at_step and step < args.max_steps:
             if step % args.save_interval:
                 save()
