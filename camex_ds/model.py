@@ -142,3 +142,4 @@ def build_model(cfg: Union[dict, ModelConfig]) -> GPT:
 def save_config(cfg: ModelConfig, path: Union[str, os.PathLike]) -> None:
     with open(path, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
+from .pretrained import load_pretrained  # noqa: E402,F401
