@@ -373,7 +373,10 @@ def test_consolidate_one_process_run_matches_its_evaluation(moe_run, workspace, 
     recorded = _last_json(_tool("evaluate.py", "--model", tmp_path / "c", "--max_batches", "2"))
     assert recorded["val_loss"] == ev["val_loss"]
     assert Path(recorded["data"]).resolve().parent == Path(workspace["cache"]).resolve()
-    assert consolidate(moe_run, tmp_path / "c2", tag="global_step2")["step"] == 2
+    assert consolidate(moe_run, tmp_path / "c2", tag="global_step2", tokenizer=tmp_path / "c" / "tokenizer.model")[
+        "step"] == 2
+    proc = _tool("evaluate.py", "--model", tmp_path / "c2", check=False)  # an explicit tokenizer records no dataset
+    assert proc.returncode == 2 and "--data is required" in proc.stderr and "Traceback" not in proc.stderr
     bf16 = consolidate(moe_run, tmp_path / "c3", dtype="bf16")
     assert bf16["trained_dtype"] == "fp32"
     assert next(load_pretrained(tmp_path / "c3").parameters()).dtype == torch.bfloat16

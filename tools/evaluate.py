@@ -3,6 +3,7 @@
 
     python tools/evaluate.py --model out/model                  # the validation split of the training data
     python tools/evaluate.py --model out/model --data corpus/ --max_batches 16
+    python tools/evaluate.py --model out/model --data default   # the launcher's default corpus
 
 The data are tokenized with the model's own tokenizer through `camex_ds.data.prepare_data` (cached),
 so the validation split is the one `launcher/pretrain.py` evaluates on, and the loss is computed by
@@ -30,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, metavar="OUT", help="consolidated model folder")
     ap.add_argument("--data", help="a preprocessed dataset folder (made with this tokenizer), " + DATA_HELP
-                    + "; without --data: the dataset the model was trained on when consolidate recorded it, "
-                      "else the default corpus")
+                    + "; default: the dataset the model was trained on, which consolidate records (required "
+                      "when none is recorded; pass --data default for the launcher's default corpus)")
     ap.add_argument("--split", choices=("validation", "train"), default="validation", help="(%(default)s)")
     ap.add_argument("--batch_size", type=int, default=8, help="windows per batch (%(default)s)")
     ap.add_argument("--max_batches", type=int,
@@ -48,9 +49,14 @@ def recorded_dataset(model_dir):
     from camex_ds.data import is_prepared_dataset
     from camex_ds.pretrained import read_config
 
+    from camex_ds.config import ConfigError
+
     _, raw = read_config(model_dir)
     dataset = (raw.get("conversion") or {}).get("dataset")
-    return dataset if isinstance(dataset, str) and is_prepared_dataset(dataset) else None
+    if isinstance(dataset, str) and is_prepared_dataset(dataset):
+        return dataset
+    why = f"its training dataset '{dataset}' no longer exists" if dataset else "it records no training dataset"
+    raise ConfigError(f"--data is required for '{model_dir}': {why}")
 
 
 def main(argv=None) -> int:
@@ -68,7 +74,8 @@ def main(argv=None) -> int:
         model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
         tok = tokenizer_path(args.model)
         cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
-        prepared = prepare_data(args.data if args.data is not None else recorded_dataset(args.model), tok, cache)
+        data = args.data if args.data is not None else recorded_dataset(args.model)
+        prepared = prepare_data(None if data == "default" else data, tok, cache)
         if prepared.vocab_size > model.config.vocab_size:
             raise DataError(f"the data's vocabulary ({prepared.vocab_size}) exceeds the model's "
                             f"vocab_size {model.config.vocab_size}")
