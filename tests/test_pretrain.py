@@ -42,6 +42,12 @@ def test_two_ranks_expert_parallel_perplexity_falls(tmp_path, cache):
                           "--eval_batches", 3, "--save_interval", 60, "--no_progress")  # 3: ranks split unevenly
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ppl = [r["val_ppl"] for r in rows if "val_ppl" in r]
+    from camex_ds.config import ModelConfig
+    from camex_ds.flops import ep_bytes_per_step
+
+    analytic = ep_bytes_per_step(ModelConfig.from_dict(dict(small, vocab_size=4096, moe=dict(small["moe"], ep_size=2))),
+                                 8 * small["seq_len"], gloo=True)
+    assert analytic > 0 and all(r["ep_bytes_sent_per_step"] == analytic for r in rows if "loss" in r)
     assert len(ppl) == 3 and ppl[0] > ppl[1] > ppl[2], ppl
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["val_ppl"] == ppl[-1]
