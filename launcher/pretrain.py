@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ep_size", type=int, help="expert-parallel degree; overrides moe.ep_size of the model config")
     ap.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest exactly "
                                                           "(model, optimizer, scheduler, data position, RNG)")
+    ap.add_argument("--init_from", help="start from a consolidated/upcycled model folder (tools/convert_checkpoint.py) "
+                                        "instead of a random init (its config is the model config unless --model_config is given)")
     ap.add_argument("--stop_at_step", type=int, help="checkpoint and exit after this step without changing the "
                                                      "schedule of --max_steps (time-sliced jobs; continue with --resume)")
     ap.add_argument("--seed", type=int, default=1234, help="initialisation and routing-noise seed (%(default)s)")
@@ -58,13 +60,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from camex_ds.config import ConfigError
     from camex_ds.data import DataError
+    from camex_ds.pretrained import PretrainedError
     from camex_ds.train import CheckpointError, TrainArgs, run
 
     train_args = TrainArgs(**{k: v for k, v in vars(args).items() if k not in ("local_rank", "no_progress")},
                            progress=not args.no_progress)
     try:
         final = run(train_args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, PretrainedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -139,3 +139,23 @@ def test_help_explains_flags():
     for flag in ("--deepspeed_config", "--model_config", "--data", "--tokenizer", "--output_dir", "--max_steps",
                  "--eval_interval", "--save_interval", "--ep_size", "--resume", "--seed"):
         assert flag in out
+
+
+@pytest.mark.slow
+def test_init_from_an_upcycled_dense_model(tmp_path, cache):
+    dense = dict(TINY, moe=None)
+    run, cons, up = tmp_path / "dense", tmp_path / "dense_model", tmp_path / "moe_model"
+    distributed.python(LAUNCHER, "--model_config", _write(tmp_path / "d.json", dense), "--cache_dir", cache,
+                       "--output_dir", run, "--max_steps", 20, "--eval_interval", 20, "--save_interval", 20,
+                       "--log_interval", 1, "--no_progress")
+    tool = distributed.ROOT / "tools" / "convert_checkpoint.py"
+    distributed.python(tool, "consolidate", "--checkpoint", run, "--output", cons)
+    moe_cfg = _write(tmp_path / "m.json", {"moe": TINY["moe"]})
+    distributed.python(tool, "upcycle", "--input", cons, "--moe_config", moe_cfg, "--output", up)
+    out = tmp_path / "moe_run"
+    distributed.python(LAUNCHER, "--init_from", up, "--cache_dir", cache, "--output_dir", out, "--max_steps", 2,
+                       "--eval_interval", 2, "--save_interval", 2, "--log_interval", 1, "--no_progress")
+    cfg = json.loads((out / "model_config.json").read_text())
+    assert cfg["moe"]["method"] == "camex"
+    first, dense_losses = _losses(out)[1], _losses(run)
+    assert first < 1.05 * dense_losses[20] < 0.9 * dense_losses[1]  # starts where the dense model was, not afresh

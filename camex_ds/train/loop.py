@@ -55,11 +55,18 @@ class TrainArgs:
     data_seed: int = 1234
     progress: bool = True
     peak_tflops: Optional[float] = None
+    init_from: Optional[str] = None
 
 
 def load_model_config(args: TrainArgs) -> ModelConfig:
-    raw = DEFAULT_MODEL if args.model_config is None else _read_json(args.model_config, "--model_config")
-    cfg = ModelConfig.from_dict(copy.deepcopy(raw))
+    """--model_config, else the --init_from model's own config, else the small default CAMEx model."""
+    if args.model_config is None and args.init_from:
+        from ..pretrained import read_config
+
+        cfg = read_config(args.init_from)[0]
+    else:
+        raw = DEFAULT_MODEL if args.model_config is None else _read_json(args.model_config, "--model_config")
+        cfg = ModelConfig.from_dict(copy.deepcopy(raw))
     if args.ep_size is not None:
         if cfg.moe is None:
             raise ConfigError(f"--ep_size={args.ep_size} given, but the model is dense (moe is null)")
@@ -214,6 +221,10 @@ def run(args: TrainArgs) -> dict:
 
     torch.manual_seed(args.seed)  # the same initial model on every rank, whatever the EP layout
     model = GPT(cfg)
+    if args.init_from and not args.resume:
+        from ..pretrained import load_state_into
+
+        load_state_into(model, args.init_from)  # each EP rank takes its own experts
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=_param_groups(model),
                                                    config=ds_config)
     torch.manual_seed(args.seed + 1000 * rank)  # routing noise and DARE masks differ across ranks
@@ -227,7 +238,8 @@ def run(args: TrainArgs) -> dict:
         loader.load_state_dict(client["data"])
     if is_main:
         save_config(cfg, out_dir / "model_config.json")
-        (out_dir / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
+        (out_dir / "train_args.json").write_text(json.dumps({**asdict(args), "prepared_data": str(prepared.path)},
+                                                            indent=2))
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
     tokens_per_step = micro * accum * world * cfg.seq_len
