@@ -158,4 +158,5 @@ def test_init_from_an_upcycled_dense_model(tmp_path, cache):
     cfg = json.loads((out / "model_config.json").read_text())
     assert cfg["moe"]["method"] == "camex"
     first, dense_losses = _losses(out)[1], _losses(run)
-    assert first < 1.05 * dense_losses[20] < 0.9 * dense_losses[1]  # starts where the dense model was, not afresh
+    assert dense_losses[20] < dense_losses[1] - 0.5  # the dense model learned something...
+    assert first < dense_losses[20] + 0.25  # ...and the MoE run starts from it, not from scratch
