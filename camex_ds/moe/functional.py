@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 Factors = Sequence[Tensor]
 Mask = Union[str, Tensor, None]
@@ -38,23 +39,127 @@ def identity_factors(rank: int, num: int, out_features: int, in_features: int, *
     return tuple(torch.eye(k, dtype=dtype, device=device).expand(rank, num, k, k).clone() for k in dims)
 
 
-def _curve(t: Tensor, factors: Factors) -> Tensor:
-    """`M(t)` for `t [*b, out, in]` and factors `[R, *b', k, k]` with `b'` broadcastable to `b`.
+def _chain_forward(x: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, dims, w1: Tensor, w2: Tensor,
+                   out: Tensor, accumulate: bool) -> None:
+    """`(A⊗B) x (C⊗D)ᵀ` for one `x [out,in]` viewed as `[o1,o2,i1,i2]`, written (or added) into `out`.
 
-    `M(t) = (A⊗B) t (C⊗D)ᵀ`, done as four plain batched GEMMs (`2·R·(o1+o2+i1+i2)·out·in` FLOPs): A
-    from the left and D from the right on `t`, then C from the left and B from the right on `tᵀ`, so
-    every factor meets a wide operand (BLAS-friendly) and only one transpose is copied each way.
+    Four mode products with no transposing copy: A from the left on `[o1, o2·in]`, B batched over the `o1`
+    slabs `[o2, in]`, C batched over the `out` rows `[i1, i2]`, D from the right on `[out·i1, i2]`. The
+    intermediates ping-pong between the work buffers `w1`, `w2` (one matrix each), so they stay in cache.
     """
-    a, b, c, d = factors
-    rank, (o1, o2, i1, i2) = a.shape[0], (f.shape[-1] for f in factors)
-    batch, (out_f, in_f) = t.shape[:-2], t.shape[-2:]
-    x = a @ t.reshape(*batch, o1, o2 * in_f)
-    x = x.reshape(rank, *batch, out_f * i1, i2) @ d.transpose(-1, -2)
-    x = x.reshape(rank, *batch, out_f, in_f).transpose(-1, -2).contiguous()
-    x = c @ x.reshape(rank, *batch, i1, i2 * out_f)
-    x = x.reshape(rank, *batch, in_f * o1, o2) @ b.transpose(-1, -2)
-    x = x.reshape(rank, *batch, in_f, out_f).transpose(-1, -2)
-    return (x[0] if rank == 1 else x.mean(0)).contiguous()
+    o1, o2, i1, i2 = dims
+    out_f, in_f = o1 * o2, i1 * i2
+    torch.mm(a, x.view(o1, -1), out=w1.view(o1, -1))
+    torch.matmul(b, w1.view(o1, o2, in_f), out=w2.view(o1, o2, in_f))
+    torch.matmul(c, w2.view(out_f, i1, i2), out=w1.view(out_f, i1, i2))
+    if accumulate:
+        out.view(-1, i2).addmm_(w1.view(-1, i2), d.t())
+    else:
+        torch.mm(w1.view(-1, i2), d.t(), out=out.view(-1, i2))
+
+
+class _Curvature(torch.autograd.Function):
+    """`m ⊙ M(t)` for `t [nb,out,in]`, factors `[R, nf, k, k]` (`nf` = 1 broadcasts over the items).
+
+    Items are processed one at a time through cache-sized work buffers (no `[R, nb, out, in]` intermediates
+    and no transposing copies); the backward recomputes the three intermediates of the item it is on
+    instead of saving them. The optional mask is a tensor of multipliers `[nb,out,in]` or, for TIES,
+    `sign(Σ_j τ_j) [out,in]`, from which each item's 0/1 mask is recomputed (no `[nb,out,in]` mask exists).
+    """
+
+    @staticmethod
+    def forward(ctx, t, mask, sign_total, a, b, c, d):
+        nb, out_f, in_f = t.shape
+        rank, nf = a.shape[:2]
+        dims = tuple(f.shape[-1] for f in (a, b, c, d))
+        res = torch.empty_like(t)
+        w1, w2 = t.new_empty(out_f, in_f), t.new_empty(out_f, in_f)
+        keep = torch.empty(out_f, in_f, dtype=torch.bool, device=t.device) if sign_total is not None else None
+        d_scaled = d if rank == 1 else d / rank
+        for j in range(nb):
+            k = j if nf > 1 else 0
+            for r in range(rank):
+                _chain_forward(t[j], a[r, k], b[r, k], c[r, k], d_scaled[r, k], dims, w1, w2, res[j], r > 0)
+            if mask is not None:
+                res[j].mul_(mask[j])
+            elif sign_total is not None:
+                res[j].mul_(torch.eq(torch.sign(t[j], out=w1), sign_total, out=keep))
+        ctx.save_for_backward(t, mask, sign_total, a, b, c, d)
+        return res
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        t, mask, sign_total, a, b, c, d = ctx.saved_tensors
+        nb, out_f, in_f = t.shape
+        rank, nf = a.shape[:2]
+        o1, o2, i1, i2 = (f.shape[-1] for f in (a, b, c, d))
+        need_t, need_f = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7])
+        grad = grad.contiguous()
+        y1, y2, y3, g1, g2 = (t.new_empty(out_f, in_f) for _ in range(5))
+        masked = t.new_empty(out_f, in_f) if (mask is not None or sign_total is not None) else None
+        keep = torch.empty(out_f, in_f, dtype=torch.bool, device=t.device) if sign_total is not None else None
+        gc_parts = t.new_empty(out_f, i1, i1) if need_f else None
+        gb_parts = t.new_empty(o1, o2, o2) if need_f else None
+        grad_t = torch.empty_like(t) if need_t else None
+        ga, gb, gc, gd = (torch.zeros_like(f) for f in (a, b, c, d)) if need_f else (None,) * 4
+        inv_r = 1.0 / rank
+        d_scaled = d if rank == 1 else d * inv_r
+        for j in range(nb):
+            k = j if nf > 1 else 0
+            x0, g = t[j], grad[j]
+            if mask is not None:
+                g = torch.mul(g, mask[j], out=masked)
+            elif sign_total is not None:
+                g = torch.mul(g, torch.eq(torch.sign(x0, out=y1), sign_total, out=keep), out=masked)
+            for r in range(rank):
+                fa, fb, fc, fd = a[r, k], b[r, k], c[r, k], d_scaled[r, k]
+                if need_f:  # recompute the chain y1 = A×₁x0, y2 = B×₂y1, y3 = C×₃y2 (the output is y3 ×₄ D/R)
+                    torch.mm(fa, x0.view(o1, -1), out=y1.view(o1, -1))
+                    torch.matmul(fb, y1.view(o1, o2, in_f), out=y2.view(o1, o2, in_f))
+                    torch.matmul(fc, y2.view(out_f, i1, i2), out=y3.view(out_f, i1, i2))
+                    gd[r, k].addmm_(g.view(-1, i2).t(), y3.view(-1, i2), alpha=inv_r)
+                torch.mm(g.view(-1, i2), fd, out=g1.view(-1, i2))  # d/dy3
+                if need_f:
+                    torch.bmm(g1.view(out_f, i1, i2), y2.view(out_f, i1, i2).transpose(1, 2), out=gc_parts)
+                    gc[r, k] += gc_parts.sum(0)
+                torch.matmul(fc.t(), g1.view(out_f, i1, i2), out=g2.view(out_f, i1, i2))  # d/dy2
+                if need_f:
+                    torch.bmm(g2.view(o1, o2, in_f), y1.view(o1, o2, in_f).transpose(1, 2), out=gb_parts)
+                    gb[r, k] += gb_parts.sum(0)
+                torch.matmul(fb.t(), g2.view(o1, o2, in_f), out=g1.view(o1, o2, in_f))  # d/dy1
+                if need_f:
+                    ga[r, k].addmm_(g1.view(o1, -1), x0.view(o1, -1).t())
+                if need_t:
+                    if r == 0:
+                        torch.mm(fa.t(), g1.view(o1, -1), out=grad_t[j].view(o1, -1))
+                    else:
+                        grad_t[j].view(o1, -1).addmm_(fa.t(), g1.view(o1, -1))
+        return grad_t, None, None, ga, gb, gc, gd
+
+
+def _curve(t: Tensor, factors: Factors, mask: Optional[Tensor] = None, sign_total: Optional[Tensor] = None) -> Tensor:
+    """`m ⊙ M(t)` for `t [*b, out, in]` and factors `[R, *b', k, k]` with `b'` broadcastable to `b`.
+
+    `M(t) = (1/R) Σ_r (A_r⊗B_r) t (C_r⊗D_r)ᵀ` as four mode products per item and rank
+    (`2·R·(o1+o2+i1+i2)·out·in` FLOPs per item), see `_Curvature`. `mask` (multipliers shaped like `t`)
+    or `sign_total` (TIES: keep where `sign(t_i) == sign_total`) multiply the result.
+    """
+    a = factors[0]
+    rank, batch, (out_f, in_f) = a.shape[0], t.shape[:-2], t.shape[-2:]
+    nb = math.prod(batch)
+    fbatch = a.shape[1:-2]
+    if math.prod(fbatch) == 1:
+        flat = [f.reshape(rank, 1, f.shape[-2], f.shape[-1]) for f in factors]
+    else:
+        flat = [f.expand(rank, *batch, f.shape[-2], f.shape[-1]).reshape(rank, nb, f.shape[-2], f.shape[-1])
+                for f in factors]
+    t3 = t.reshape(nb, out_f, in_f).contiguous()
+    if mask is not None:
+        mask = mask.reshape(nb, out_f, in_f).contiguous()
+    if sign_total is not None:
+        sign_total = sign_total.contiguous()
+    return _Curvature.apply(t3, mask, sign_total, *flat).view(t.shape)
 
 
 def _check_factors(tau: Tensor, factors: Factors) -> None:
@@ -95,14 +200,22 @@ def dare_mask(shape, p: float, *, dtype=torch.float32, device=None, generator=No
 def curved_task_vectors(tau: Tensor, factors: Optional[Factors] = None, mask: Mask = "none",
                         total: Optional[Tensor] = None) -> Tensor:
     """`m_i ⊙ M_i(tau_i)`: the mask is computed from the raw `tau` and multiplies the curved vector (§3)."""
-    curved = tau if factors is None else apply_curvature(tau, factors)
+    if not (isinstance(mask, Tensor) or mask is None or mask in MASKS):
+        raise ValueError(f"mask={mask!r} is invalid: expected one of {', '.join(MASKS)} or a tensor of multipliers")
+    if factors is None:
+        if isinstance(mask, Tensor):
+            return tau * mask
+        return tau * ties_mask(tau, total) if mask == "ties" else tau
+    _check_factors(tau, factors)
+    if mask == "ties":  # elected once; each expert's 0/1 mask is rebuilt in cache inside the curvature
+        with torch.no_grad():
+            sign_total = torch.sign(tau.detach().sum(0) if total is None else total.detach()).to(tau.dtype)
+        return _curve(tau, factors, sign_total=sign_total)
     if isinstance(mask, Tensor):
-        return curved * mask
-    if mask is None or mask == "none":
-        return curved
-    if mask == "ties":
-        return curved * ties_mask(tau, total)
-    raise ValueError(f"mask={mask!r} is invalid: expected one of {', '.join(MASKS)} or a tensor of multipliers")
+        if mask.shape != tau.shape or mask.dtype != tau.dtype or mask.requires_grad:
+            return _curve(tau, factors) * mask
+        return _curve(tau, factors, mask=mask.detach())
+    return _curve(tau, factors)
 
 
 def summarize_segments(x: Tensor, segment_len: int) -> Tensor:
@@ -158,64 +271,97 @@ def _row_inner_products(a: Tensor, b: Tensor, blocks: int = 64) -> Tensor:
     """`a @ b.T` for short, very wide `a [m,P]`, `b [k,P]`: BLAS runs such a reduction on one core, so
     split P into blocks, batch them, and sum."""
     width = a.shape[1]
-    if width % blocks:
+    if width % blocks or torch.get_num_threads() == 1:
         return a @ b.t()
     a3 = a.view(a.shape[0], blocks, -1).transpose(0, 1)
     b3 = b.view(b.shape[0], blocks, -1).transpose(0, 1)
     return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
 
 
+def _merge_operands(base: Tensor, task: Tensor, gates: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """`W = coef @ stacked` for every segment at once: `stacked = [τ̃; B] [N+1, P]`, `coef = [α g, 1] [S, N+1]`.
+
+    Folding the base into the GEMM writes each merged weight once (no broadcast copy of `B` first).
+    """
+    stacked = torch.cat([task.reshape(task.shape[0], -1), base.reshape(1, -1)])
+    coef = torch.cat([gates * alpha, gates.new_ones(gates.shape[0], 1)], dim=1)
+    return stacked, coef
+
+
 class _MergedLinear(torch.autograd.Function):
     """`y_s = x_s (B + alpha Σ_i g_si τ̃_i)ᵀ` without keeping the per-segment weights.
 
-    Forward and backward rebuild each chunk's merged weights from `base`, `τ̃` and the gates (one
-    `(c×N)·(N×P)` GEMM, cheap next to the FFN GEMMs when T > N), so the saved state is `N·P`, not `S·P`.
+    Segments go in chunks (`MERGE_CHUNK_ELEMENTS`) through one reused merged-weight buffer. Forward and
+    backward rebuild each chunk's merged weights with one `(c×(N+1))·((N+1)×P)` GEMM (cheap next to the FFN
+    GEMMs when T > N), so the saved state is `(N+1)·P`, not `S·P`. The backward computes a chunk's weight
+    gradients `G_s = gy_sᵀ x_s` once and reduces them while they are in cache: `[α g, 1]ᵀ G` gives the task
+    and base gradients in one GEMM, `α G τ̃ᵀ` the gate gradients.
     """
 
     @staticmethod
     def forward(ctx, x, base, task, gates, alpha):
-        segments = x.shape[0]
-        task_flat = task.reshape(task.shape[0], -1)
-        out = x.new_empty(segments, x.shape[1], base.shape[0])
+        segments, tokens = x.shape[:2]
+        out_f, in_f = base.shape
+        stacked, coef = _merge_operands(base, task, gates, alpha)
+        out = x.new_empty(segments, tokens, out_f)
         chunk = _segment_chunk(segments, base.numel())
+        weight = x.new_empty(chunk, out_f, in_f)
         for s in range(0, segments, chunk):
-            weight = merge_rows(base, task_flat, gates[s:s + chunk], alpha)
-            torch.bmm(x[s:s + chunk], weight.transpose(1, 2), out=out[s:s + chunk])
-        ctx.save_for_backward(x, base, task, gates)
+            e = min(s + chunk, segments)
+            w = weight[:e - s]
+            torch.mm(coef[s:e], stacked, out=w.view(e - s, -1))
+            torch.bmm(x[s:e], w.transpose(1, 2), out=out[s:e])
+        ctx.save_for_backward(x, stacked, gates)
         ctx.alpha = alpha
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        x, base, task, gates = ctx.saved_tensors
-        alpha, segments = ctx.alpha, x.shape[0]
+        x, stacked, gates = ctx.saved_tensors
+        alpha, (segments, _, in_f), num = ctx.alpha, x.shape, stacked.shape[0] - 1
+        out_f = stacked.shape[1] // in_f
         need_x, need_base, need_task, need_gates = ctx.needs_input_grad[:4]
-        task_flat = task.reshape(task.shape[0], -1)
+        coef = torch.cat([gates * alpha, gates.new_ones(segments, 1)], dim=1)
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x) if need_x else None
         grad_gates = torch.empty_like(gates) if need_gates else None
-        grad_base = torch.zeros_like(base).reshape(-1) if need_base else None
-        grad_task = torch.zeros_like(task_flat) if need_task else None
-        chunk = _segment_chunk(segments, base.numel())
+        # rows of `stacked` whose gradient is wanted: tasks 0..N-1, base N
+        rows = slice(0 if need_task else num, num + 1 if need_base else num)
+        need_stacked = rows.start < rows.stop
+        grad_stacked = stacked.new_empty(rows.stop - rows.start, stacked.shape[1]) if need_stacked else None
+        chunk = _segment_chunk(segments, stacked.shape[1])
+        weight = x.new_empty(chunk, out_f, in_f) if need_x else None
+        grad_w = x.new_empty(chunk, out_f, in_f) if (need_stacked or need_gates) else None
         for s in range(0, segments, chunk):
             e = min(s + chunk, segments)
             if need_x:
-                torch.bmm(grad_out[s:e], merge_rows(base, task_flat, gates[s:e], alpha), out=grad_x[s:e])
-            grad_w = torch.bmm(grad_out[s:e].transpose(1, 2), x[s:e]).reshape(e - s, -1)
-            if need_base:
-                grad_base += grad_w.sum(0)
-            if need_task:
-                grad_task.addmm_(gates[s:e].t(), grad_w, alpha=alpha)
+                w = weight[:e - s]
+                torch.mm(coef[s:e], stacked, out=w.view(e - s, -1))
+                torch.bmm(grad_out[s:e], w, out=grad_x[s:e])
+            if grad_w is None:
+                continue
+            gw = grad_w[:e - s]
+            torch.bmm(grad_out[s:e].transpose(1, 2), x[s:e], out=gw)
+            gw = gw.view(e - s, -1)
+            if need_stacked:  # the first chunk writes, the others accumulate: no zero fill
+                torch.addmm(grad_stacked, coef[s:e, rows].t(), gw, beta=1 if s else 0, out=grad_stacked)
             if need_gates:
-                grad_gates[s:e] = _row_inner_products(grad_w, task_flat) * alpha
-        return (grad_x, None if grad_base is None else grad_base.view_as(base),
-                None if grad_task is None else grad_task.view_as(task), grad_gates, None)
+                torch.mul(_row_inner_products(gw, stacked[:num]), alpha, out=grad_gates[s:e])
+        grad_base = grad_task = None
+        if need_task:
+            grad_task = grad_stacked[:num].view(num, out_f, in_f)
+        if need_base:
+            grad_base = grad_stacked[-1].view(out_f, in_f)
+            if need_task:  # do not pin the task gradient's storage through the base's
+                grad_base = grad_base.clone()
+        return grad_x, grad_base, grad_task, grad_gates, None
 
 
 def merged_linear(x: Tensor, base: Tensor, task: Tensor, gates: Tensor, alpha: float = 1.0) -> Tensor:
     """Apply each segment's merged matrix: `x [S,T,in]`, static `base [out,in]`, `task [N,out,in]`
     (the masked, curved task vectors), `gates [S,N]` -> `[S,T,out]`."""
-    return _MergedLinear.apply(x.contiguous(), base, task.contiguous(), gates.contiguous(), float(alpha))
+    return _MergedLinear.apply(x.contiguous(), base, task, gates.contiguous(), float(alpha))
 
 
 def dynamic_merge(base: Tensor, curved_experts: Tensor, gates: Tensor, factors: Optional[Factors],
