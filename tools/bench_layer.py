@@ -1,19 +1,24 @@
 #!/usr/bin/env python
 """Forward+backward time and peak memory of one MoE merge layer, against a dense FFN and a naive einsum.
 
-Every (implementation, method) runs in a fresh subprocess so its peak resident memory is its own; the
-table gives medians of timed steps after warm-up, and ratios to the dense FFN of the same width.
-The naive baseline is the straightforward implementation of the same math: curvature as one einsum
-over the four factors, and the `[segments × experts × out × in]` merge the reference code materialises.
+Every measurement runs in a fresh subprocess (so its peak resident memory is its own) and reports the
+median of its timed steps after warm-up. Runs are interleaved in rounds, `dense, method 1, method 2, ...`
+in every round, and each method's time is divided by the dense time *of its own round*, so a slow spell
+of a noisy machine hits both sides of a ratio; the table gives medians over the rounds and their spread.
+The naive baseline is the straightforward implementation of the same math with `einsum`: the curvature as
+four mode products over all experts at once, and the `[segments × experts × out × in]` merge that the
+reference code materialises; it is slow, so it runs in `--naive-repeats` rounds only.
 
     python tools/bench_layer.py                 # spec shapes: d=256 h=1024 N=8 T=128, batch 8x512, 2 threads
-    python tools/bench_layer.py --methods camex --steps 3 --json
+    python tools/bench_layer.py --methods camex --repeats 5 --no-naive
+    python tools/bench_layer.py --threads 1 --clock cpu     # low-noise proxy: CPU time at one thread
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -21,6 +26,23 @@ import sys
 import time
 
 METHODS = ["euclid", "ties", "dare", "camex", "camex-ties", "camex-dare"]
+SHAPE_KEYS = ("d", "h", "experts", "T", "rank", "batch", "seq", "threads")
+
+
+def _naive_curvature(tau, factors, rank):
+    """`(1/R) Σ_r (A_r⊗B_r) τ (C_r⊗D_r)ᵀ` for all experts: four einsum mode products on `[R,N,o1,o2,i1,i2]`."""
+    import torch
+
+    from camex_ds.moe import functional as Fn
+
+    n, out_f, in_f = tau.shape
+    t = tau.reshape(n, *Fn.kron_factor_shape(out_f), *Fn.kron_factor_shape(in_f))
+    a, b, c, d = factors
+    x = torch.einsum("rnpa,nabce->rnpbce", a, t)
+    x = torch.einsum("rnqb,rnpbce->rnpqce", b, x)
+    x = torch.einsum("rnsc,rnpqce->rnpqse", c, x)
+    x = torch.einsum("rnue,rnpqse->rnpqsu", d, x)
+    return x.sum(0).reshape(n, out_f, in_f) / rank
 
 
 def _naive_layer(args, method):
@@ -54,11 +76,7 @@ def _naive_layer(args, method):
             tau = params["experts." + name] - params["base." + name]
             curved = tau
             if method_is_curved(method):
-                o1, o2 = Fn.kron_factor_shape(tau.shape[1])
-                i1, i2 = Fn.kron_factor_shape(tau.shape[2])
-                t5 = tau.reshape(n, o1, o2, i1, i2)
-                A, B, C, D = (params[f"{k}.{name}"] for k in "ABCD")
-                curved = torch.einsum("rnab,rncd,rnef,rngh,nbdfh->naceg", A, B, C, D, t5).reshape_as(tau) / rank
+                curved = _naive_curvature(tau, [params[f"{k}.{name}"] for k in "ABCD"], rank)
             if mask == "ties":
                 curved = curved * (torch.sign(tau) == torch.sign(tau.sum(0))).to(tau.dtype)
             elif mask == "dare":
@@ -96,21 +114,26 @@ def _run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     forward, params = _build(args, args.impl, args.method)
     x = torch.randn(args.batch, args.seq, args.d, requires_grad=True)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+        start = clock()
         forward(x).square().mean().backward()
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         for p in params + [x]:
             p.grad = None
         if step >= args.warmup:
             times.append(elapsed)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"impl": args.impl, "method": args.method, "time_s": statistics.median(times),
+    return {"impl": args.impl, "method": args.method, "time_s": statistics.median(times), "times_s": times,
             "peak_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024}
+
+
+def _spread(values) -> list:
+    return [min(values), max(values)]
 
 
 def main(argv=None) -> int:
@@ -124,8 +147,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time (the real number); cpu: process CPU time (a low-noise proxy at 1 thread)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per subprocess (their median is taken)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of dense + every method")
+    ap.add_argument("--naive-repeats", type=int, default=1, help="rounds that also time the naive einsum")
+    ap.add_argument("--naive-steps", type=int, default=3, help="timed steps of the naive einsum")
     ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive einsum baseline")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
@@ -138,39 +166,66 @@ def main(argv=None) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
+    if args.repeats < 1 or args.steps < 1:
+        ap.error("--repeats and --steps must be at least 1")
 
     def measure(impl, method="euclid"):
-        cmd = [sys.executable, __file__, "--impl", impl, "--method", method] + [
-            f"--{k}={getattr(args, k)}" for k in ("d", "h", "experts", "T", "rank", "batch", "seq", "threads",
-                                                   "warmup", "steps")]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        steps, warmup = (args.naive_steps, 1) if impl == "naive" else (args.steps, args.warmup)
+        cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--method", method,
+               f"--steps={steps}", f"--warmup={warmup}", f"--clock={args.clock}"] + [
+            f"--{k}={getattr(args, k)}" for k in SHAPE_KEYS]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             sys.exit(f"benchmark of {impl}/{method} failed:\n{out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    dense = measure("dense")
+    dense_runs, ours, naive = [], {m: [] for m in methods}, {m: [] for m in methods}
+    for rnd in range(args.repeats):
+        dense_runs.append(measure("dense"))
+        for method in methods:
+            ours[method].append(measure("camex_ds", method))
+            if not args.no_naive and rnd < args.naive_repeats:
+                naive[method].append(measure("naive", method))
+        if not args.json:
+            print(f"round {rnd + 1}/{args.repeats}: dense {1e3 * dense_runs[-1]['time_s']:.1f} ms, " + ", ".join(
+                f"{m} {1e3 * ours[m][-1]['time_s']:.1f}" for m in methods), file=sys.stderr, flush=True)
+
+    dense_t = [r["time_s"] for r in dense_runs]
+    dense_peak = statistics.median(r["peak_mib"] for r in dense_runs)
     rows = []
     for method in methods:
-        ours = measure("camex_ds", method)
-        naive = None if args.no_naive else measure("naive", method)
-        rows.append({"method": method, "time_ms": 1e3 * ours["time_s"], "peak_mib": ours["peak_mib"],
-                     "vs_dense_time": ours["time_s"] / dense["time_s"],
-                     "vs_dense_peak": ours["peak_mib"] / max(dense["peak_mib"], 1e-9),
-                     "naive_time_ms": None if naive is None else 1e3 * naive["time_s"],
-                     "naive_peak_mib": None if naive is None else naive["peak_mib"],
-                     "speedup_vs_naive": None if naive is None else naive["time_s"] / ours["time_s"]})
-    result = {"shapes": {k: getattr(args, k) for k in ("d", "h", "experts", "T", "rank", "batch", "seq", "threads")},
-              "dense_time_ms": 1e3 * dense["time_s"], "dense_peak_mib": dense["peak_mib"], "methods": rows}
+        t = [r["time_s"] for r in ours[method]]
+        ratios = [a / b for a, b in zip(t, dense_t)]
+        peak = statistics.median(r["peak_mib"] for r in ours[method])
+        row = {"method": method, "time_ms": 1e3 * statistics.median(t), "time_ms_spread": [1e3 * v for v in _spread(t)],
+               "vs_dense_time": statistics.median(ratios), "vs_dense_time_spread": _spread(ratios),
+               "vs_dense_time_rounds": ratios, "peak_mib": peak, "vs_dense_peak": peak / max(dense_peak, 1e-9),
+               "naive_time_ms": None, "naive_peak_mib": None, "speedup_vs_naive": None}
+        if naive[method]:
+            nt = statistics.median(r["time_s"] for r in naive[method])
+            row.update(naive_time_ms=1e3 * nt, naive_peak_mib=statistics.median(r["peak_mib"] for r in naive[method]),
+                       speedup_vs_naive=nt / statistics.median(t))
+        rows.append(row)
+
+    import torch
+
+    result = {"shapes": {k: getattr(args, k) for k in SHAPE_KEYS}, "clock": args.clock, "repeats": args.repeats,
+              "steps": args.steps, "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+              "dense_time_ms": 1e3 * statistics.median(dense_t), "dense_time_ms_spread": [1e3 * v for v in _spread(dense_t)],
+              "dense_peak_mib": dense_peak, "methods": rows}
     if not args.json:
-        print(f"dense FFN: {result['dense_time_ms']:.1f} ms fwd+bwd, peak +{dense['peak_mib']:.0f} MiB")
-        print(f"{'method':<11} {'ms':>8} {'x dense':>8} {'MiB':>7} {'x dense':>8} {'naive ms':>9} {'MiB':>7} "
-              f"{'speedup':>8}")
+        lo, hi = result["dense_time_ms_spread"]
+        print(f"dense FFN: {result['dense_time_ms']:.1f} ms fwd+bwd ({args.clock} clock, {args.threads} threads; "
+              f"rounds {lo:.1f}-{hi:.1f}), peak +{dense_peak:.0f} MiB")
+        print(f"{'method':<11} {'ms':>7} {'x dense':>7} {'(spread)':>11} {'MiB':>6} {'x dense':>7} {'naive ms':>9} "
+              f"{'MiB':>6} {'speedup':>8}")
         for r in rows:
-            naive = (f"{r['naive_time_ms']:>9.1f} {r['naive_peak_mib']:>7.0f} {r['speedup_vs_naive']:>7.1f}x"
-                     if r["naive_time_ms"] is not None else f"{'-':>9} {'-':>7} {'-':>8}")
-            print(f"{r['method']:<11} {r['time_ms']:>8.1f} {r['vs_dense_time']:>7.2f}x {r['peak_mib']:>7.0f} "
-                  f"{r['vs_dense_peak']:>7.2f}x {naive}")
+            lo, hi = r["vs_dense_time_spread"]
+            nv = (f"{r['naive_time_ms']:>9.1f} {r['naive_peak_mib']:>6.0f} {r['speedup_vs_naive']:>7.1f}x"
+                  if r["naive_time_ms"] is not None else f"{'-':>9} {'-':>6} {'-':>8}")
+            print(f"{r['method']:<11} {r['time_ms']:>7.1f} {r['vs_dense_time']:>6.2f}x {f'({lo:.2f}-{hi:.2f})':>11} "
+                  f"{r['peak_mib']:>6.0f} {r['vs_dense_peak']:>6.2f}x {nv}")
     print(json.dumps(result))
     return 0
 

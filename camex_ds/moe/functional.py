@@ -21,6 +21,9 @@ MASKS = ("none", "ties")
 # Segments are merged in chunks of at most this many weight elements, so the merged-weight
 # transient stays a few MiB whatever the batch; big enough that each chunk's GEMM is efficient.
 MERGE_CHUNK_ELEMENTS = 1 << 21
+# The curvature runs over groups of experts of at most this many elements (1 MiB in fp32): a group's
+# intermediates stay in L2/L3 and small matrices batch many experts per op.
+CURVATURE_GROUP_ELEMENTS = 1 << 18
 
 
 def kron_factor_shape(n: int) -> tuple[int, int]:
@@ -39,52 +42,61 @@ def identity_factors(rank: int, num: int, out_features: int, in_features: int, *
     return tuple(torch.eye(k, dtype=dtype, device=device).expand(rank, num, k, k).clone() for k in dims)
 
 
-def _chain_forward(x: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, dims, w1: Tensor, w2: Tensor,
-                   out: Tensor, accumulate: bool) -> None:
-    """`(A⊗B) x (C⊗D)ᵀ` for one `x [out,in]` viewed as `[o1,o2,i1,i2]`, written (or added) into `out`.
+def _expand_slabs(f: Tensor, reps: int) -> Tensor:
+    """Factors `[g,k,k]` -> `[g·reps,k,k]`, each item's factor repeated for its `reps` slabs (a tiny copy)."""
+    g, k = f.shape[0], f.shape[-1]
+    return f[:, None].expand(g, reps, k, k).reshape(g * reps, k, k)
 
-    Four mode products with no transposing copy: A from the left on `[o1, o2·in]`, B batched over the `o1`
-    slabs `[o2, in]`, C batched over the `out` rows `[i1, i2]`, D from the right on `[out·i1, i2]`. The
-    intermediates ping-pong between the work buffers `w1`, `w2` (one matrix each), so they stay in cache.
-    """
+
+def _mode3(c: Tensor, x: Tensor, out: Tensor, dims, transpose: bool = False) -> None:
+    """`out_j = C_j ×₃ x_j` (C applied to every `[i1,i2]` row block) for each item of the group."""
     o1, o2, i1, i2 = dims
-    out_f, in_f = o1 * o2, i1 * i2
-    torch.mm(a, x.view(o1, -1), out=w1.view(o1, -1))
-    torch.matmul(b, w1.view(o1, o2, in_f), out=w2.view(o1, o2, in_f))
-    torch.matmul(c, w2.view(out_f, i1, i2), out=w1.view(out_f, i1, i2))
-    if accumulate:
-        out.view(-1, i2).addmm_(w1.view(-1, i2), d.t())
-    else:
-        torch.mm(w1.view(-1, i2), d.t(), out=out.view(-1, i2))
+    for j in range(x.shape[0]):
+        cj = c[j].t() if transpose else c[j]
+        torch.matmul(cj, x[j].view(o1 * o2, i1, i2), out=out[j].view(o1 * o2, i1, i2))
 
 
 class _Curvature(torch.autograd.Function):
     """`m ⊙ M(t)` for `t [nb,out,in]`, factors `[R, nf, k, k]` (`nf` = 1 broadcasts over the items).
 
-    Items are processed one at a time through cache-sized work buffers (no `[R, nb, out, in]` intermediates
-    and no transposing copies); the backward recomputes the three intermediates of the item it is on
-    instead of saving them. The optional mask is a tensor of multipliers `[nb,out,in]` or, for TIES,
-    `sign(Σ_j τ_j) [out,in]`, from which each item's 0/1 mask is recomputed (no `[nb,out,in]` mask exists).
+    `M(x) = (1/R) Σ_r x ×₁A_r ×₂B_r ×₃C_r ×₄D_r` on `x` viewed as `[o1,o2,i1,i2]`, as four mode products with
+    no transposing copy: A from the left on `[o1, o2·in]`, B batched over the `o1` slabs `[o2, in]`, C batched
+    over the `out` rows `[i1, i2]`, D from the right on `[out·i1, i2]`. Items go through in groups of
+    `CURVATURE_GROUP_ELEMENTS` (one group's intermediates stay in cache; small matrices share one group, so
+    few ops), and the backward recomputes a group's three intermediates instead of saving `3·R·nb·out·in`.
+    The optional mask is a tensor of multipliers `[nb,out,in]` or, for TIES, `sign(Σ_j τ_j) [out,in]`, from
+    which each group's 0/1 mask is rebuilt (no `[nb,out,in]` mask is kept).
     """
 
     @staticmethod
     def forward(ctx, t, mask, sign_total, a, b, c, d):
         nb, out_f, in_f = t.shape
         rank, nf = a.shape[:2]
-        dims = tuple(f.shape[-1] for f in (a, b, c, d))
+        dims = o1, o2, i1, i2 = tuple(f.shape[-1] for f in (a, b, c, d))
+        if nf != nb:
+            a, b, c, d = (f.expand(rank, nb, *f.shape[2:]) for f in (a, b, c, d))
+        group = max(1, min(nb, CURVATURE_GROUP_ELEMENTS // max(1, out_f * in_f)))
         res = torch.empty_like(t)
-        w1, w2 = t.new_empty(out_f, in_f), t.new_empty(out_f, in_f)
-        keep = torch.empty(out_f, in_f, dtype=torch.bool, device=t.device) if sign_total is not None else None
+        work = t.new_empty(2, group, out_f, in_f)
         d_scaled = d if rank == 1 else d / rank
-        for j in range(nb):
-            k = j if nf > 1 else 0
+        for j0 in range(0, nb, group):
+            j1 = min(j0 + group, nb)
+            g, x0, y, w1, w2 = j1 - j0, t[j0:j1], res[j0:j1], work[0, :j1 - j0], work[1, :j1 - j0]
             for r in range(rank):
-                _chain_forward(t[j], a[r, k], b[r, k], c[r, k], d_scaled[r, k], dims, w1, w2, res[j], r > 0)
+                torch.bmm(a[r, j0:j1], x0.view(g, o1, -1), out=w1.view(g, o1, -1))
+                torch.bmm(_expand_slabs(b[r, j0:j1], o1), w1.view(g * o1, o2, in_f), out=w2.view(g * o1, o2, in_f))
+                _mode3(c[r, j0:j1], w2, w1, dims)
+                d_t = d_scaled[r, j0:j1].transpose(1, 2)
+                if r:
+                    y.view(g, -1, i2).baddbmm_(w1.view(g, -1, i2), d_t)
+                else:
+                    torch.bmm(w1.view(g, -1, i2), d_t, out=y.view(g, -1, i2))
             if mask is not None:
-                res[j].mul_(mask[j])
+                y.mul_(mask[j0:j1])
             elif sign_total is not None:
-                res[j].mul_(torch.eq(torch.sign(t[j], out=w1), sign_total, out=keep))
+                y.mul_(torch.sign(x0, out=w1) == sign_total)
         ctx.save_for_backward(t, mask, sign_total, a, b, c, d)
+        ctx.broadcast = nf != nb
         return res
 
     @staticmethod
@@ -92,49 +104,58 @@ class _Curvature(torch.autograd.Function):
     def backward(ctx, grad):
         t, mask, sign_total, a, b, c, d = ctx.saved_tensors
         nb, out_f, in_f = t.shape
-        rank, nf = a.shape[:2]
-        o1, o2, i1, i2 = (f.shape[-1] for f in (a, b, c, d))
+        rank = a.shape[0]
+        dims = o1, o2, i1, i2 = tuple(f.shape[-1] for f in (a, b, c, d))
         need_t, need_f = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7])
         grad = grad.contiguous()
-        y1, y2, y3, g1, g2 = (t.new_empty(out_f, in_f) for _ in range(5))
-        masked = t.new_empty(out_f, in_f) if (mask is not None or sign_total is not None) else None
-        keep = torch.empty(out_f, in_f, dtype=torch.bool, device=t.device) if sign_total is not None else None
-        gc_parts = t.new_empty(out_f, i1, i1) if need_f else None
-        gb_parts = t.new_empty(o1, o2, o2) if need_f else None
+        group = max(1, min(nb, CURVATURE_GROUP_ELEMENTS // max(1, out_f * in_f)))
+        work = t.new_empty(6 if need_f else 3, group, out_f, in_f)
+        gc_parts = t.new_empty(group * out_f, i1, i1) if need_f else None
+        gb_parts = t.new_empty(group * o1, o2, o2) if need_f else None
         grad_t = torch.empty_like(t) if need_t else None
-        ga, gb, gc, gd = (torch.zeros_like(f) for f in (a, b, c, d)) if need_f else (None,) * 4
+        ga, gb, gc, gd = (t.new_empty(rank, nb, f.shape[-1], f.shape[-1]) for f in (a, b, c, d)) if need_f \
+            else (None,) * 4
         inv_r = 1.0 / rank
         d_scaled = d if rank == 1 else d * inv_r
-        for j in range(nb):
-            k = j if nf > 1 else 0
-            x0, g = t[j], grad[j]
+        for j0 in range(0, nb, group):
+            j1 = min(j0 + group, nb)
+            n, x0, gy = j1 - j0, t[j0:j1], grad[j0:j1]
+            g1, g2, masked = work[0, :n], work[1, :n], work[2, :n]
             if mask is not None:
-                g = torch.mul(g, mask[j], out=masked)
+                gy = torch.mul(gy, mask[j0:j1], out=masked)
             elif sign_total is not None:
-                g = torch.mul(g, torch.eq(torch.sign(x0, out=y1), sign_total, out=keep), out=masked)
+                gy = torch.mul(gy, torch.sign(x0, out=masked) == sign_total, out=masked)
             for r in range(rank):
-                fa, fb, fc, fd = a[r, k], b[r, k], c[r, k], d_scaled[r, k]
-                if need_f:  # recompute the chain y1 = A×₁x0, y2 = B×₂y1, y3 = C×₃y2 (the output is y3 ×₄ D/R)
-                    torch.mm(fa, x0.view(o1, -1), out=y1.view(o1, -1))
-                    torch.matmul(fb, y1.view(o1, o2, in_f), out=y2.view(o1, o2, in_f))
-                    torch.matmul(fc, y2.view(out_f, i1, i2), out=y3.view(out_f, i1, i2))
-                    gd[r, k].addmm_(g.view(-1, i2).t(), y3.view(-1, i2), alpha=inv_r)
-                torch.mm(g.view(-1, i2), fd, out=g1.view(-1, i2))  # d/dy3
+                fa, fb, fc, fd = a[r, j0:j1], b[r, j0:j1], c[r, j0:j1], d_scaled[r, j0:j1]
+                if need_f:  # recompute y1 = A×₁x0, y2 = B×₂y1, y3 = C×₃y2 (the output is y3 ×₄ D/R)
+                    y1, y2, y3 = work[3, :n], work[4, :n], work[5, :n]
+                    torch.bmm(fa, x0.view(n, o1, -1), out=y1.view(n, o1, -1))
+                    torch.bmm(_expand_slabs(fb, o1), y1.view(n * o1, o2, in_f), out=y2.view(n * o1, o2, in_f))
+                    _mode3(fc, y2, y3, dims)
+                    torch.bmm(gy.view(n, -1, i2).transpose(1, 2), y3.view(n, -1, i2), out=gd[r, j0:j1])
+                    if rank > 1:
+                        gd[r, j0:j1].mul_(inv_r)
+                torch.bmm(gy.view(n, -1, i2), fd, out=g1.view(n, -1, i2))  # d/dy3
                 if need_f:
-                    torch.bmm(g1.view(out_f, i1, i2), y2.view(out_f, i1, i2).transpose(1, 2), out=gc_parts)
-                    gc[r, k] += gc_parts.sum(0)
-                torch.matmul(fc.t(), g1.view(out_f, i1, i2), out=g2.view(out_f, i1, i2))  # d/dy2
+                    parts = gc_parts[:n * out_f]
+                    torch.bmm(g1.view(n * out_f, i1, i2), y2.view(n * out_f, i1, i2).transpose(1, 2), out=parts)
+                    torch.sum(parts.view(n, out_f, i1, i1), 1, out=gc[r, j0:j1])
+                _mode3(fc, g1, g2, dims, transpose=True)  # d/dy2
                 if need_f:
-                    torch.bmm(g2.view(o1, o2, in_f), y1.view(o1, o2, in_f).transpose(1, 2), out=gb_parts)
-                    gb[r, k] += gb_parts.sum(0)
-                torch.matmul(fb.t(), g2.view(o1, o2, in_f), out=g1.view(o1, o2, in_f))  # d/dy1
+                    parts = gb_parts[:n * o1]
+                    torch.bmm(g2.view(n * o1, o2, in_f), y1.view(n * o1, o2, in_f).transpose(1, 2), out=parts)
+                    torch.sum(parts.view(n, o1, o2, o2), 1, out=gb[r, j0:j1])
+                torch.bmm(_expand_slabs(fb.transpose(1, 2), o1), g2.view(n * o1, o2, in_f),
+                          out=g1.view(n * o1, o2, in_f))  # d/dy1
                 if need_f:
-                    ga[r, k].addmm_(g1.view(o1, -1), x0.view(o1, -1).t())
+                    torch.bmm(g1.view(n, o1, -1), x0.view(n, o1, -1).transpose(1, 2), out=ga[r, j0:j1])
                 if need_t:
-                    if r == 0:
-                        torch.mm(fa.t(), g1.view(o1, -1), out=grad_t[j].view(o1, -1))
+                    if r:
+                        grad_t[j0:j1].view(n, o1, -1).baddbmm_(fa.transpose(1, 2), g1.view(n, o1, -1))
                     else:
-                        grad_t[j].view(o1, -1).addmm_(fa.t(), g1.view(o1, -1))
+                        torch.bmm(fa.transpose(1, 2), g1.view(n, o1, -1), out=grad_t[j0:j1].view(n, o1, -1))
+        if need_f and ctx.broadcast:
+            ga, gb, gc, gd = (f.sum(1, keepdim=True) for f in (ga, gb, gc, gd))
         return grad_t, None, None, ga, gb, gc, gd
 
 
@@ -197,19 +218,45 @@ def dare_mask(shape, p: float, *, dtype=torch.float32, device=None, generator=No
     return torch.bernoulli(keep, generator=generator) / (1.0 - p)
 
 
+class _SignMasked(torch.autograd.Function):
+    """`t_i ⊙ [sign(t_i) == sign_total]` (TIES without curvature), the 0/1 mask rebuilt per group of experts
+    in cache in both passes instead of being materialised and saved."""
+
+    @staticmethod
+    def forward(ctx, t, sign_total):
+        out = torch.empty_like(t)
+        group = max(1, CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel()))
+        for j in range(0, t.shape[0], group):
+            torch.mul(t[j:j + group], torch.sign(t[j:j + group]) == sign_total, out=out[j:j + group])
+        ctx.save_for_backward(t, sign_total)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        t, sign_total = ctx.saved_tensors
+        grad_t = torch.empty_like(t)
+        group = max(1, CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel()))
+        for j in range(0, t.shape[0], group):
+            torch.mul(grad[j:j + group], torch.sign(t[j:j + group]) == sign_total, out=grad_t[j:j + group])
+        return grad_t, None
+
+
 def curved_task_vectors(tau: Tensor, factors: Optional[Factors] = None, mask: Mask = "none",
                         total: Optional[Tensor] = None) -> Tensor:
     """`m_i ⊙ M_i(tau_i)`: the mask is computed from the raw `tau` and multiplies the curved vector (§3)."""
     if not (isinstance(mask, Tensor) or mask is None or mask in MASKS):
         raise ValueError(f"mask={mask!r} is invalid: expected one of {', '.join(MASKS)} or a tensor of multipliers")
+    sign_total = None
+    if mask == "ties":  # elected once; each expert's 0/1 mask is rebuilt in cache where it is applied
+        with torch.no_grad():
+            sign_total = torch.sign(tau.detach().sum(0) if total is None else total.detach()).to(tau.dtype)
     if factors is None:
         if isinstance(mask, Tensor):
             return tau * mask
-        return tau * ties_mask(tau, total) if mask == "ties" else tau
+        return _SignMasked.apply(tau.contiguous(), sign_total.contiguous()) if mask == "ties" else tau
     _check_factors(tau, factors)
-    if mask == "ties":  # elected once; each expert's 0/1 mask is rebuilt in cache inside the curvature
-        with torch.no_grad():
-            sign_total = torch.sign(tau.detach().sum(0) if total is None else total.detach()).to(tau.dtype)
+    if mask == "ties":
         return _curve(tau, factors, sign_total=sign_total)
     if isinstance(mask, Tensor):
         if mask.shape != tau.shape or mask.dtype != tau.dtype or mask.requires_grad:
@@ -267,11 +314,11 @@ def _segment_chunk(num_segments: int, weight_numel: int) -> int:
     return max(1, min(num_segments, MERGE_CHUNK_ELEMENTS // max(1, weight_numel)))
 
 
-def _row_inner_products(a: Tensor, b: Tensor, blocks: int = 64) -> Tensor:
-    """`a @ b.T` for short, very wide `a [m,P]`, `b [k,P]`: BLAS runs such a reduction on one core, so
-    split P into blocks, batch them, and sum."""
-    width = a.shape[1]
-    if width % blocks or torch.get_num_threads() == 1:
+def _row_inner_products(a: Tensor, b: Tensor) -> Tensor:
+    """`a @ b.T` for short, very wide `a [m,P]`, `b [k,P]`: BLAS runs such a reduction on one core, so with
+    several threads split P into a few blocks per thread, batch them, and sum."""
+    width, blocks = a.shape[1], 2 * torch.get_num_threads()
+    if blocks == 2 or width % blocks:
         return a @ b.t()
     a3 = a.view(a.shape[0], blocks, -1).transpose(0, 1)
     b3 = b.view(b.shape[0], blocks, -1).transpose(0, 1)
