@@ -433,6 +433,7 @@ def test_consolidate_and_reshard_check_the_checkpoint(moe_run, tmp_path):
     run = _copy_run(moe_run, tmp_path / "no_tokenizer")
     args = json.loads((run / "train_args.json").read_text())
     args.update(data=str(tmp_path / "gone"), tokenizer=None)
+    args.pop("prepared_data", None)
     (run / "train_args.json").write_text(json.dumps(args))
     with pytest.raises(ConvertError, match="tokenizer"):
         consolidate(run, out)
