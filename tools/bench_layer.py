@@ -5,6 +5,8 @@ Every measurement runs in a fresh subprocess (so its peak resident memory is its
 median of its timed steps after warm-up. Runs are interleaved in rounds, `dense, method 1, method 2, ...`
 in every round, and each method's time is divided by the dense time *of its own round*, so a slow spell
 of a noisy machine hits both sides of a ratio; the table gives medians over the rounds and their spread.
+After its own timed steps, each method's process also alternates `--pair-steps` steps of a dense FFN and of
+the layer and reports the median step-by-step ratio ("paired"): the least noisy ratio on a shared machine.
 The naive baseline is the straightforward implementation of the same math with `einsum`: the curvature as
 four mode products over all experts at once, and the `[segments × experts × out × in]` merge that the
 reference code materialises; it is slow, so it runs in `--naive-repeats` rounds only.
@@ -128,8 +130,25 @@ def _run_one(args) -> dict:
         if step >= args.warmup:
             times.append(elapsed)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"impl": args.impl, "method": args.method, "time_s": statistics.median(times), "times_s": times,
-            "peak_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024}
+    result = {"impl": args.impl, "method": args.method, "time_s": statistics.median(times), "times_s": times,
+              "peak_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024}
+    if args.pair_steps and args.impl != "dense":
+        # Paired ratio: alternate steps of the dense FFN and this layer in one process, so both see the
+        # same machine state; the memory figures above were taken before the dense FFN existed.
+        dense, dense_params = _build(args, "dense", args.method)
+        ratios = []
+        for step in range(1 + args.pair_steps):
+            pair = []
+            for fwd, prm in ((dense, dense_params), (forward, params)):
+                start = clock()
+                fwd(x).square().mean().backward()
+                pair.append(clock() - start)
+                for p in prm + [x]:
+                    p.grad = None
+            if step:
+                ratios.append(pair[1] / pair[0])
+        result["paired_ratio"] = statistics.median(ratios)
+    return result
 
 
 def _spread(values) -> list:
@@ -152,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per subprocess (their median is taken)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of dense + every method")
+    ap.add_argument("--pair-steps", type=int, default=5,
+                    help="steps alternating with a dense FFN in the method's process, for a paired ratio (0: off)")
     ap.add_argument("--naive-repeats", type=int, default=1, help="rounds that also time the naive einsum")
     ap.add_argument("--naive-steps", type=int, default=3, help="timed steps of the naive einsum")
     ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive einsum baseline")
@@ -171,7 +192,8 @@ def main(argv=None) -> int:
 
     def measure(impl, method="euclid"):
         steps, warmup = (args.naive_steps, 1) if impl == "naive" else (args.steps, args.warmup)
-        cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--method", method,
+        pair = args.pair_steps if impl == "camex_ds" else 0
+        cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--method", method, f"--pair-steps={pair}",
                f"--steps={steps}", f"--warmup={warmup}", f"--clock={args.clock}"] + [
             f"--{k}={getattr(args, k)}" for k in SHAPE_KEYS]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -198,9 +220,13 @@ def main(argv=None) -> int:
         t = [r["time_s"] for r in ours[method]]
         ratios = [a / b for a, b in zip(t, dense_t)]
         peak = statistics.median(r["peak_mib"] for r in ours[method])
+        paired = [r["paired_ratio"] for r in ours[method] if "paired_ratio" in r]
         row = {"method": method, "time_ms": 1e3 * statistics.median(t), "time_ms_spread": [1e3 * v for v in _spread(t)],
                "vs_dense_time": statistics.median(ratios), "vs_dense_time_spread": _spread(ratios),
-               "vs_dense_time_rounds": ratios, "peak_mib": peak, "vs_dense_peak": peak / max(dense_peak, 1e-9),
+               "vs_dense_time_rounds": ratios,
+               "vs_dense_paired": statistics.median(paired) if paired else None,
+               "vs_dense_paired_spread": _spread(paired) if paired else None, "vs_dense_paired_rounds": paired,
+               "peak_mib": peak, "vs_dense_peak": peak / max(dense_peak, 1e-9),
                "naive_time_ms": None, "naive_peak_mib": None, "speedup_vs_naive": None}
         if naive[method]:
             nt = statistics.median(r["time_s"] for r in naive[method])
@@ -218,14 +244,18 @@ def main(argv=None) -> int:
         lo, hi = result["dense_time_ms_spread"]
         print(f"dense FFN: {result['dense_time_ms']:.1f} ms fwd+bwd ({args.clock} clock, {args.threads} threads; "
               f"rounds {lo:.1f}-{hi:.1f}), peak +{dense_peak:.0f} MiB")
-        print(f"{'method':<11} {'ms':>7} {'x dense':>7} {'(spread)':>11} {'MiB':>6} {'x dense':>7} {'naive ms':>9} "
-              f"{'MiB':>6} {'speedup':>8}")
+        print("x dense: ratio to the dense FFN of the same round; paired: median of step-by-step ratios against a "
+              "dense FFN in the same process (spreads: min-max over rounds)")
+        print(f"{'method':<11} {'ms':>7} {'x dense':>7} {'(spread)':>11} {'paired':>7} {'(spread)':>11} {'MiB':>6} "
+              f"{'x dense':>7} {'naive ms':>9} {'MiB':>6} {'speedup':>8}")
         for r in rows:
             lo, hi = r["vs_dense_time_spread"]
+            pr = (f"{r['vs_dense_paired']:>6.2f}x {'({:.2f}-{:.2f})'.format(*r['vs_dense_paired_spread']):>11}"
+                  if r["vs_dense_paired"] is not None else f"{'-':>7} {'':>11}")
             nv = (f"{r['naive_time_ms']:>9.1f} {r['naive_peak_mib']:>6.0f} {r['speedup_vs_naive']:>7.1f}x"
                   if r["naive_time_ms"] is not None else f"{'-':>9} {'-':>6} {'-':>8}")
             print(f"{r['method']:<11} {r['time_ms']:>7.1f} {r['vs_dense_time']:>6.2f}x {f'({lo:.2f}-{hi:.2f})':>11} "
-                  f"{r['peak_mib']:>6.0f} {r['vs_dense_peak']:>6.2f}x {nv}")
+                  f"{pr} {r['peak_mib']:>6.0f} {r['vs_dense_peak']:>6.2f}x {nv}")
     print(json.dumps(result))
     return 0
 

@@ -215,7 +215,7 @@ def ties_mask(tau: Tensor, total: Optional[Tensor] = None) -> Tensor:
 def dare_mask(shape, p: float, *, dtype=torch.float32, device=None, generator=None) -> Tensor:
     """DARE's drop-and-rescale multipliers `Bernoulli(1-p) / (1-p)`, one draw per element."""
     keep = torch.full(shape, 1.0 - p, dtype=dtype, device=device)
-    return torch.bernoulli(keep, generator=generator) / (1.0 - p)
+    return torch.bernoulli(keep, generator=generator).div_(1.0 - p)
 
 
 class _SignMasked(torch.autograd.Function):
