@@ -14,6 +14,7 @@ reference code materialises; it is slow, so it runs in `--naive-repeats` rounds 
     python tools/bench_layer.py                 # spec shapes: d=256 h=1024 N=8 T=128, batch 8x512, 2 threads
     python tools/bench_layer.py --methods camex --repeats 5 --no-naive
     python tools/bench_layer.py --threads 1 --clock cpu     # low-noise proxy: CPU time at one thread
+    python tools/bench_layer.py --omp-wait-policy inherit   # OpenMP's default (spinning) wait policy
 """
 from __future__ import annotations
 
@@ -168,6 +169,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time (the real number); cpu: process CPU time (a low-noise proxy at 1 thread)")
+    ap.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
+                    help="OMP_WAIT_POLICY of the timed processes (default passive: on a shared machine, spinning "
+                         "OpenMP threads turn every parallel region into a wait for a descheduled thread, which "
+                         "times the OS scheduler rather than the layer); 'inherit' keeps the caller's environment")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per subprocess (their median is taken)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of dense + every method")
@@ -197,6 +202,8 @@ def main(argv=None) -> int:
                f"--steps={steps}", f"--warmup={warmup}", f"--clock={args.clock}"] + [
             f"--{k}={getattr(args, k)}" for k in SHAPE_KEYS]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        if args.omp_wait_policy != "inherit":
+            env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             sys.exit(f"benchmark of {impl}/{method} failed:\n{out.stderr[-2000:]}")
@@ -236,14 +243,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    result = {"shapes": {k: getattr(args, k) for k in SHAPE_KEYS}, "clock": args.clock, "repeats": args.repeats,
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset") if args.omp_wait_policy == "inherit" else args.omp_wait_policy
+    result = {"shapes": {k: getattr(args, k) for k in SHAPE_KEYS}, "clock": args.clock, "omp_wait_policy": policy,
+              "repeats": args.repeats,
               "steps": args.steps, "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
               "dense_time_ms": 1e3 * statistics.median(dense_t), "dense_time_ms_spread": [1e3 * v for v in _spread(dense_t)],
               "dense_peak_mib": dense_peak, "methods": rows}
     if not args.json:
         lo, hi = result["dense_time_ms_spread"]
-        print(f"dense FFN: {result['dense_time_ms']:.1f} ms fwd+bwd ({args.clock} clock, {args.threads} threads; "
-              f"rounds {lo:.1f}-{hi:.1f}), peak +{dense_peak:.0f} MiB")
+        print(f"dense FFN: {result['dense_time_ms']:.1f} ms fwd+bwd ({args.clock} clock, {args.threads} threads, "
+              f"OMP_WAIT_POLICY {policy}; rounds {lo:.1f}-{hi:.1f}), peak +{dense_peak:.0f} MiB")
         print("x dense: ratio to the dense FFN of the same round; paired: median of step-by-step ratios against a "
               "dense FFN in the same process (spreads: min-max over rounds)")
         print(f"{'method':<11} {'ms':>7} {'x dense':>7} {'(spread)':>11} {'paired':>7} {'(spread)':>11} {'MiB':>6} "

@@ -21,8 +21,8 @@ MASKS = ("none", "ties")
 # Segments are merged in chunks of at most this many weight elements, so the merged-weight
 # transient stays a few MiB whatever the batch; big enough that each chunk's GEMM is efficient.
 MERGE_CHUNK_ELEMENTS = 1 << 21
-# The curvature runs over groups of experts of at most this many elements (1 MiB in fp32): a group's
-# intermediates stay in L2/L3 and small matrices batch many experts per op.
+# On CPU the curvature runs over groups of experts of at most this many elements (1 MiB in fp32): a group's
+# intermediates stay in L2/L3, and small matrices batch many experts per op. Other devices take all at once.
 CURVATURE_GROUP_ELEMENTS = 1 << 18
 
 
@@ -56,6 +56,13 @@ def _mode3(c: Tensor, x: Tensor, out: Tensor, dims, transpose: bool = False) -> 
         torch.matmul(cj, x[j].view(o1 * o2, i1, i2), out=out[j].view(o1 * o2, i1, i2))
 
 
+def _curvature_group(t: Tensor) -> int:
+    """Items per curvature group: on CPU as many as fit `CURVATURE_GROUP_ELEMENTS` (cache), else all of them."""
+    if t.device.type != "cpu":  # accelerators: one group, few large kernels
+        return max(1, t.shape[0])
+    return max(1, min(t.shape[0], CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel())))
+
+
 class _Curvature(torch.autograd.Function):
     """`m ⊙ M(t)` for `t [nb,out,in]`, factors `[R, nf, k, k]` (`nf` = 1 broadcasts over the items).
 
@@ -75,7 +82,7 @@ class _Curvature(torch.autograd.Function):
         dims = o1, o2, i1, i2 = tuple(f.shape[-1] for f in (a, b, c, d))
         if nf != nb:
             a, b, c, d = (f.expand(rank, nb, *f.shape[2:]) for f in (a, b, c, d))
-        group = max(1, min(nb, CURVATURE_GROUP_ELEMENTS // max(1, out_f * in_f)))
+        group = _curvature_group(t)
         res = torch.empty_like(t)
         work = t.new_empty(2, group, out_f, in_f)
         d_scaled = d if rank == 1 else d / rank
@@ -108,7 +115,7 @@ class _Curvature(torch.autograd.Function):
         dims = o1, o2, i1, i2 = tuple(f.shape[-1] for f in (a, b, c, d))
         need_t, need_f = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7])
         grad = grad.contiguous()
-        group = max(1, min(nb, CURVATURE_GROUP_ELEMENTS // max(1, out_f * in_f)))
+        group = _curvature_group(t)
         work = t.new_empty(6 if need_f else 3, group, out_f, in_f)
         gc_parts = t.new_empty(group * out_f, i1, i1) if need_f else None
         gb_parts = t.new_empty(group * o1, o2, o2) if need_f else None
@@ -225,7 +232,7 @@ class _SignMasked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, sign_total):
         out = torch.empty_like(t)
-        group = max(1, CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel()))
+        group = _curvature_group(t)
         for j in range(0, t.shape[0], group):
             torch.mul(t[j:j + group], torch.sign(t[j:j + group]) == sign_total, out=out[j:j + group])
         ctx.save_for_backward(t, sign_total)
@@ -236,7 +243,7 @@ class _SignMasked(torch.autograd.Function):
     def backward(ctx, grad):
         t, sign_total = ctx.saved_tensors
         grad_t = torch.empty_like(t)
-        group = max(1, CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel()))
+        group = _curvature_group(t)
         for j in range(0, t.shape[0], group):
             torch.mul(grad[j:j + group], torch.sign(t[j:j + group]) == sign_total, out=grad_t[j:j + group])
         return grad_t, None
