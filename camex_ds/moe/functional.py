@@ -21,8 +21,9 @@ MASKS = ("none", "ties")
 # Segments are merged in chunks of at most this many weight elements, so the merged-weight
 # transient stays a few MiB whatever the batch; big enough that each chunk's GEMM is efficient.
 MERGE_CHUNK_ELEMENTS = 1 << 21
-# On CPU the curvature runs over groups of experts of at most this many elements (1 MiB in fp32): a group's
-# intermediates stay in L2/L3, and small matrices batch many experts per op. Other devices take all at once.
+# On CPU the curvature runs over groups of experts of at most this many elements per thread (1 MiB in fp32,
+# a core's L2): a group's intermediates stay in cache, the threads split the group's items between them, and
+# small matrices batch many experts per op. Other devices take all experts at once.
 CURVATURE_GROUP_ELEMENTS = 1 << 18
 
 
@@ -57,10 +58,12 @@ def _mode3(c: Tensor, x: Tensor, out: Tensor, dims, transpose: bool = False) -> 
 
 
 def _curvature_group(t: Tensor) -> int:
-    """Items per curvature group: on CPU as many as fit `CURVATURE_GROUP_ELEMENTS` (cache), else all of them."""
+    """Items per curvature group: on CPU, `CURVATURE_GROUP_ELEMENTS` (a core's cache) per thread, so each
+    thread works on its own items in its own cache; on other devices all of them (few large kernels)."""
     if t.device.type != "cpu":  # accelerators: one group, few large kernels
         return max(1, t.shape[0])
-    return max(1, min(t.shape[0], CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel())))
+    per_thread = max(1, CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel()))
+    return max(1, min(t.shape[0], per_thread * torch.get_num_threads()))
 
 
 class _Curvature(torch.autograd.Function):
