@@ -21,10 +21,6 @@ MASKS = ("none", "ties")
 # Segments are merged in chunks of at most this many weight elements, so the merged-weight
 # transient stays a few MiB whatever the batch; big enough that each chunk's GEMM is efficient.
 MERGE_CHUNK_ELEMENTS = 1 << 21
-# On CPU the curvature runs over groups of experts of at most this many elements per thread (1 MiB in fp32,
-# a core's L2): a group's intermediates stay in cache, the threads split the group's items between them, and
-# small matrices batch many experts per op. Other devices take all experts at once.
-CURVATURE_GROUP_ELEMENTS = 1 << 18
 
 
 def kron_factor_shape(n: int) -> tuple[int, int]:
@@ -43,129 +39,102 @@ def identity_factors(rank: int, num: int, out_features: int, in_features: int, *
     return tuple(torch.eye(k, dtype=dtype, device=device).expand(rank, num, k, k).clone() for k in dims)
 
 
-def _expand_slabs(f: Tensor, reps: int) -> Tensor:
-    """Factors `[g,k,k]` -> `[g·reps,k,k]`, each item's factor repeated for its `reps` slabs (a tiny copy)."""
-    g, k = f.shape[0], f.shape[-1]
-    return f[:, None].expand(g, reps, k, k).reshape(g * reps, k, k)
-
-
-def _mode3(c: Tensor, x: Tensor, out: Tensor, dims, transpose: bool = False) -> None:
-    """`out_j = C_j ×₃ x_j` (C applied to every `[i1,i2]` row block) for each item of the group."""
-    o1, o2, i1, i2 = dims
-    for j in range(x.shape[0]):
-        cj = c[j].t() if transpose else c[j]
-        torch.matmul(cj, x[j].view(o1 * o2, i1, i2), out=out[j].view(o1 * o2, i1, i2))
-
-
-def _curvature_group(t: Tensor) -> int:
-    """Items per curvature group: on CPU, `CURVATURE_GROUP_ELEMENTS` (a core's cache) per thread, so each
-    thread works on its own items in its own cache; on other devices all of them (few large kernels)."""
-    if t.device.type != "cpu":  # accelerators: one group, few large kernels
-        return max(1, t.shape[0])
-    per_thread = max(1, CURVATURE_GROUP_ELEMENTS // max(1, t[0].numel()))
-    return max(1, min(t.shape[0], per_thread * torch.get_num_threads()))
+def _rotate(f: Tensor, u: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+    """One mode product on the trailing mode: `u` holds items whose last mode has size `m = f.shape[-1]`;
+    `out [n, m, rest] = f @ u.view(n, rest, m)ᵀ`, which also rotates that mode to the front. Four of them
+    (D, C, B, A) apply `M` and restore the `[o1,o2,i1,i2]` layout with no transposing copy, each one a
+    single batched GEMM whose transposed operand the BLAS reads in place."""
+    n, m = f.shape[0], f.shape[-1]
+    u = u.view(n, -1, m).transpose(1, 2)
+    if accumulate:
+        return out.view(n, m, -1).baddbmm_(f, u)
+    return torch.bmm(f, u, out=out.view(n, m, -1))
 
 
 class _Curvature(torch.autograd.Function):
     """`m ⊙ M(t)` for `t [nb,out,in]`, factors `[R, nf, k, k]` (`nf` = 1 broadcasts over the items).
 
-    `M(x) = (1/R) Σ_r x ×₁A_r ×₂B_r ×₃C_r ×₄D_r` on `x` viewed as `[o1,o2,i1,i2]`, as four mode products with
-    no transposing copy: A from the left on `[o1, o2·in]`, B batched over the `o1` slabs `[o2, in]`, C batched
-    over the `out` rows `[i1, i2]`, D from the right on `[out·i1, i2]`. Items go through in groups of
-    `CURVATURE_GROUP_ELEMENTS` (one group's intermediates stay in cache; small matrices share one group, so
-    few ops), and the backward recomputes a group's three intermediates instead of saving `3·R·nb·out·in`.
-    The optional mask is a tensor of multipliers `[nb,out,in]` or, for TIES, `sign(Σ_j τ_j) [out,in]`, from
-    which each group's 0/1 mask is rebuilt (no `[nb,out,in]` mask is kept).
+    `M(x) = (1/R) Σ_r x ×₄D_r ×₃C_r ×₂B_r ×₁A_r` on `x` viewed as `[o1,o2,i1,i2]`, one `_rotate` GEMM per
+    mode over all items at once. The backward needs each product's input: with one factor per item
+    (`nf = nb`, the items are experts) the forward's three intermediates are kept, `3·R·nb·out·in` elements,
+    the size of the experts, not of the batch; with broadcast factors (per-segment bases, §4) that would
+    scale with the batch, so the backward recomputes them. The optional mask is a tensor of multipliers
+    `[nb,out,in]` or, for TIES, `sign(Σ_j τ_j) [out,in]`, from which the 0/1 mask is rebuilt in each pass.
     """
 
     @staticmethod
     def forward(ctx, t, mask, sign_total, a, b, c, d):
-        nb, out_f, in_f = t.shape
+        nb = t.shape[0]
         rank, nf = a.shape[:2]
-        dims = o1, o2, i1, i2 = tuple(f.shape[-1] for f in (a, b, c, d))
         if nf != nb:
             a, b, c, d = (f.expand(rank, nb, *f.shape[2:]) for f in (a, b, c, d))
-        group = _curvature_group(t)
-        res = torch.empty_like(t)
-        work = t.new_empty(2, group, out_f, in_f)
         d_scaled = d if rank == 1 else d / rank
-        for j0 in range(0, nb, group):
-            j1 = min(j0 + group, nb)
-            g, x0, y, w1, w2 = j1 - j0, t[j0:j1], res[j0:j1], work[0, :j1 - j0], work[1, :j1 - j0]
-            for r in range(rank):
-                torch.bmm(a[r, j0:j1], x0.view(g, o1, -1), out=w1.view(g, o1, -1))
-                torch.bmm(_expand_slabs(b[r, j0:j1], o1), w1.view(g * o1, o2, in_f), out=w2.view(g * o1, o2, in_f))
-                _mode3(c[r, j0:j1], w2, w1, dims)
-                d_t = d_scaled[r, j0:j1].transpose(1, 2)
-                if r:
-                    y.view(g, -1, i2).baddbmm_(w1.view(g, -1, i2), d_t)
-                else:
-                    torch.bmm(w1.view(g, -1, i2), d_t, out=y.view(g, -1, i2))
-            if mask is not None:
-                y.mul_(mask[j0:j1])
-            elif sign_total is not None:
-                y.mul_(torch.sign(x0, out=w1) == sign_total)
-        ctx.save_for_backward(t, mask, sign_total, a, b, c, d)
+        res = torch.empty_like(t)
+        inter = t.new_empty(rank, 3, *t.shape)
+        for r in range(rank):
+            _Curvature.chain(t, (d_scaled[r], c[r], b[r]), inter[r])
+            _rotate(a[r], inter[r, 2], res, accumulate=r > 0)
+        _Curvature.apply_mask(res, t, mask, sign_total)
         ctx.broadcast = nf != nb
+        ctx.save_for_backward(t, mask, sign_total, a, b, c, d_scaled, None if ctx.broadcast else inter)
         return res
+
+    @staticmethod
+    def chain(t: Tensor, factors, out: Tensor) -> None:
+        """The first three products of the chain, `out[k]` = input of product k+1."""
+        u = t
+        for k, f in enumerate(factors):
+            u = _rotate(f, u, out[k])
+
+    @staticmethod
+    def apply_mask(y: Tensor, t: Tensor, mask: Optional[Tensor], sign_total: Optional[Tensor]) -> None:
+        if mask is not None:
+            y.mul_(mask)
+        elif sign_total is not None:
+            y.mul_(torch.sign(t) == sign_total)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        t, mask, sign_total, a, b, c, d = ctx.saved_tensors
-        nb, out_f, in_f = t.shape
+        t, mask, sign_total, a, b, c, d_scaled, inter = ctx.saved_tensors
         rank = a.shape[0]
-        dims = o1, o2, i1, i2 = tuple(f.shape[-1] for f in (a, b, c, d))
         need_t, need_f = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7])
-        grad = grad.contiguous()
-        group = _curvature_group(t)
-        work = t.new_empty(6 if need_f else 3, group, out_f, in_f)
-        gc_parts = t.new_empty(group * out_f, i1, i1) if need_f else None
-        gb_parts = t.new_empty(group * o1, o2, o2) if need_f else None
+        gy = grad.clone(memory_format=torch.contiguous_format)
+        _Curvature.apply_mask(gy, t, mask, sign_total)
         grad_t = torch.empty_like(t) if need_t else None
-        ga, gb, gc, gd = (t.new_empty(rank, nb, f.shape[-1], f.shape[-1]) for f in (a, b, c, d)) if need_f \
-            else (None,) * 4
-        inv_r = 1.0 / rank
-        d_scaled = d if rank == 1 else d * inv_r
-        for j0 in range(0, nb, group):
-            j1 = min(j0 + group, nb)
-            n, x0, gy = j1 - j0, t[j0:j1], grad[j0:j1]
-            g1, g2, masked = work[0, :n], work[1, :n], work[2, :n]
-            if mask is not None:
-                gy = torch.mul(gy, mask[j0:j1], out=masked)
-            elif sign_total is not None:
-                gy = torch.mul(gy, torch.sign(x0, out=masked) == sign_total, out=masked)
-            for r in range(rank):
-                fa, fb, fc, fd = a[r, j0:j1], b[r, j0:j1], c[r, j0:j1], d_scaled[r, j0:j1]
-                if need_f:  # recompute y1 = A×₁x0, y2 = B×₂y1, y3 = C×₃y2 (the output is y3 ×₄ D/R)
-                    y1, y2, y3 = work[3, :n], work[4, :n], work[5, :n]
-                    torch.bmm(fa, x0.view(n, o1, -1), out=y1.view(n, o1, -1))
-                    torch.bmm(_expand_slabs(fb, o1), y1.view(n * o1, o2, in_f), out=y2.view(n * o1, o2, in_f))
-                    _mode3(fc, y2, y3, dims)
-                    torch.bmm(gy.view(n, -1, i2).transpose(1, 2), y3.view(n, -1, i2), out=gd[r, j0:j1])
-                    if rank > 1:
-                        gd[r, j0:j1].mul_(inv_r)
-                torch.bmm(gy.view(n, -1, i2), fd, out=g1.view(n, -1, i2))  # d/dy3
-                if need_f:
-                    parts = gc_parts[:n * out_f]
-                    torch.bmm(g1.view(n * out_f, i1, i2), y2.view(n * out_f, i1, i2).transpose(1, 2), out=parts)
-                    torch.sum(parts.view(n, out_f, i1, i1), 1, out=gc[r, j0:j1])
-                _mode3(fc, g1, g2, dims, transpose=True)  # d/dy2
-                if need_f:
-                    parts = gb_parts[:n * o1]
-                    torch.bmm(g2.view(n * o1, o2, in_f), y1.view(n * o1, o2, in_f).transpose(1, 2), out=parts)
-                    torch.sum(parts.view(n, o1, o2, o2), 1, out=gb[r, j0:j1])
-                torch.bmm(_expand_slabs(fb.transpose(1, 2), o1), g2.view(n * o1, o2, in_f),
-                          out=g1.view(n * o1, o2, in_f))  # d/dy1
-                if need_f:
-                    torch.bmm(g1.view(n, o1, -1), x0.view(n, o1, -1).transpose(1, 2), out=ga[r, j0:j1])
-                if need_t:
-                    if r:
-                        grad_t[j0:j1].view(n, o1, -1).baddbmm_(fa.transpose(1, 2), g1.view(n, o1, -1))
-                    else:
-                        torch.bmm(fa.transpose(1, 2), g1.view(n, o1, -1), out=grad_t[j0:j1].view(n, o1, -1))
-        if need_f and ctx.broadcast:
-            ga, gb, gc, gd = (f.sum(1, keepdim=True) for f in (ga, gb, gc, gd))
+        grads = [t.new_empty(rank, *f.shape[1:]) for f in (a, b, c, d_scaled)] if need_f else None
+        if inter is None:
+            inter = t.new_empty(3, *t.shape)[None].expand(rank, 3, *t.shape)
+            recompute = True
+        else:
+            recompute = False
+        work = t.new_empty(2, *t.shape)
+        for r in range(rank):
+            if recompute:
+                _Curvature.chain(t, (d_scaled[r], c[r], b[r]), inter[r])
+            # back through A, B, C, D: product k had input `inputs[k]` and factor `factors[k]`
+            factors, inputs = (a[r], b[r], c[r], d_scaled[r]), (inter[r, 2], inter[r, 1], inter[r, 0], t)
+            g = gy
+            for k, (f, u) in enumerate(zip(factors, inputs)):
+                n, m = f.shape[0], f.shape[-1]
+                gv = g.view(n, m, -1)
+                if need_f:  # d/dF = g uᵀ in the rotated layouts: [n,m,rest] @ [n,rest,m]
+                    torch.bmm(gv, u.view(n, -1, m), out=grads[k][r])
+                if k == 3 and not need_t:
+                    break
+                dest = work[k % 2] if k < 3 else grad_t
+                if k == 3 and r:
+                    dest.view(n, -1, m).baddbmm_(gv.transpose(1, 2), f)
+                else:
+                    torch.bmm(gv.transpose(1, 2), f, out=dest.view(n, -1, m))
+                g = dest
+        ga = gb = gc = gd = None
+        if need_f:
+            ga, gb, gc, gd = grads
+            if rank > 1:
+                gd.mul_(1.0 / rank)
+            if ctx.broadcast:
+                ga, gb, gc, gd = (f.sum(1, keepdim=True) for f in (ga, gb, gc, gd))
         return grad_t, None, None, ga, gb, gc, gd
 
 
@@ -229,27 +198,19 @@ def dare_mask(shape, p: float, *, dtype=torch.float32, device=None, generator=No
 
 
 class _SignMasked(torch.autograd.Function):
-    """`t_i ⊙ [sign(t_i) == sign_total]` (TIES without curvature), the 0/1 mask rebuilt per group of experts
-    in cache in both passes instead of being materialised and saved."""
+    """`t_i ⊙ [sign(t_i) == sign_total]` (TIES without curvature); the 0/1 mask is rebuilt in the backward
+    instead of being saved."""
 
     @staticmethod
     def forward(ctx, t, sign_total):
-        out = torch.empty_like(t)
-        group = _curvature_group(t)
-        for j in range(0, t.shape[0], group):
-            torch.mul(t[j:j + group], torch.sign(t[j:j + group]) == sign_total, out=out[j:j + group])
         ctx.save_for_backward(t, sign_total)
-        return out
+        return t * (torch.sign(t) == sign_total)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         t, sign_total = ctx.saved_tensors
-        grad_t = torch.empty_like(t)
-        group = _curvature_group(t)
-        for j in range(0, t.shape[0], group):
-            torch.mul(grad[j:j + group], torch.sign(t[j:j + group]) == sign_total, out=grad_t[j:j + group])
-        return grad_t, None
+        return grad * (torch.sign(t) == sign_total), None
 
 
 def curved_task_vectors(tau: Tensor, factors: Optional[Factors] = None, mask: Mask = "none",
