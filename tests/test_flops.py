@@ -73,8 +73,8 @@ def test_train_flops_match_flop_counter(name):
 
 def test_static_merge_and_curvature_backward_terms():
     """_MergedLinear: forward one ((N+1)-row, base folded in) merge GEMM per segment; backward recomputes it,
-    then the task+base gradient ((N+1) rows) and the gate gradient (N rows). _Curvature: backward recomputes
-    three mode products and runs two GEMMs per factor."""
+    then the task+base gradient ((N+1) rows) and the gate gradient (N rows). _Curvature: backward runs two GEMMs
+    per factor on the kept intermediates (static layers); per-segment bases first recompute D, C, B."""
     cfg = ModelConfig.from_dict(CONFIGS["euclid"])
     merge = fl.flops_per_token(cfg, tokens_per_step=64)["components"]["merge"]
     d, h, n, t, layers = 32, 96, 4, 8, 4
@@ -85,8 +85,11 @@ def test_static_merge_and_curvature_backward_terms():
     curv = fl.flops_per_token(curved, tokens_per_step=64)["components"]["curvature"]
     (o1, o2), (i1, i2) = fl.kron_factor_shape(h), fl.kron_factor_shape(d)
     # w_in is [h, d], w_out is [d, h]: out/in factor roles swap.
-    back = 2 * 2 * ((3 * (o1 + o2 + i1) + 2 * i2) + (3 * (i1 + i2 + o1) + 2 * o2)) * d * h
+    back = 2 * 2 * (2 * (o1 + o2 + i1 + i2) + 2 * (i1 + i2 + o1 + o2)) * d * h
     assert curv["backward"] == pytest.approx(len(curved.moe_layers) * n * back / 64)
+    recompute = 2 * 2 * ((i2 + i1 + o2) + (o2 + o1 + i2)) * d * h
+    assert fl.curvature_backward_flops_per_expert(curved, recompute=True) == \
+        fl.curvature_backward_flops_per_expert(curved) + recompute
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
