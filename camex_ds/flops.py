@@ -79,16 +79,15 @@ def curvature_flops_per_expert(cfg: ModelConfig) -> int:
     return total
 
 
-def curvature_backward_flops_per_expert(cfg: ModelConfig, recompute: bool = False) -> int:
-    """Backward of one `M_i` application (`_Curvature.backward` in moe/functional.py), per expert: two GEMMs
-    per factor (the factor's gradient and the gradient flowing on), `2·R·Σ_mat 2·(o1+o2+i1+i2)·out·in`.
-    With `recompute` (per-segment bases, whose intermediates are not kept) it first redoes the forward's
-    first three products (D, C, B: `i2+i1+o2`)."""
+def curvature_backward_flops_per_expert(cfg: ModelConfig) -> int:
+    """Backward of one `M_i` application (`_Curvature.backward` in moe/functional.py), per expert: it
+    recomputes the forward's first three products (D, C, B: `i2+i1+o2`), then runs two GEMMs per factor
+    (the factor's gradient and the gradient flowing on): `2·R·Σ_mat (2·(o1+o2+i1+i2) + i2+i1+o2)·out·in`."""
     r = cfg.moe.curvature_rank
     total = 0
     for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values():
         (o1, o2), (i1, i2) = kron_factor_shape(o), kron_factor_shape(i)
-        total += 2 * r * (2 * (o1 + o2 + i1 + i2) + (i2 + i1 + o2 if recompute else 0)) * o * i
+        total += 2 * r * (2 * (o1 + o2 + i1 + i2) + i2 + i1 + o2) * o * i
     return total
 
 
@@ -245,7 +244,6 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, moe_layers:
     n = moe.routed_experts  # N, or N-1 in a dynamic chain
     curve = curvature_flops_per_expert(cfg) if moe.curved else 0
     curve_back = curvature_backward_flops_per_expert(cfg) if moe.curved else 0
-    curve_back_segment = curvature_backward_flops_per_expert(cfg, recompute=True) if moe.curved else 0
     noise = 2.0 if moe.noisy_gating else 1.0
     for idx, _layer in enumerate(moe_layers):
         chain_start = idx == 0
@@ -254,7 +252,7 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, moe_layers:
         # The merged FFN applied to every token: 2P; backward grad x + grad W (2×).
         c.add("experts", 2 * p, 2.0)
         # Curvature M_i for this rank's N/ep experts, once per forward (4 mode-product GEMMs per matrix);
-        # backward: see curvature_backward_flops_per_expert (2× forward, the intermediates are kept).
+        # backward: see curvature_backward_flops_per_expert (≈2.8× forward: recompute, then 2 GEMMs per factor).
         if curve:
             local = n // moe.ep_size
             c.add("curvature", local * curve / tokens, backward=local * curve_back / tokens)
@@ -271,7 +269,7 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, moe_layers:
             # no GEMM. Its per-segment curvature M_i(Ŵ^{l-1}_s) is 4 GEMMs per segment and expert (§4).
             elementwise["dynamic_merge"] = elementwise.get("dynamic_merge", 0.0) + 2 * n * p / seg
             if curve:
-                c.add("dynamic", n * curve / seg, backward=n * curve_back_segment / seg)
+                c.add("dynamic", n * curve / seg, backward=n * curve_back / seg)
     if moe.mask != "none":
         notes.append(f"{moe.mask} masks are elementwise: 0 matmul FLOPs")
     if moe.dynamic and len(moe_layers) > 1:

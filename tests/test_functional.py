@@ -381,6 +381,17 @@ def test_gradcheck_apply_curvature(rank):
     _gc(lambda t, a, b, c, d: Fn.apply_curvature(t, (a, b, c, d)), tau, *fac)
 
 
+def test_task_vectors_are_expert_minus_base_and_dtype_preserving():
+    base, experts = rnd(4, 6), rnd(3, 4, 6)
+    tau = Fn.task_vectors(base, list(experts))
+    assert tau.dtype == F64 and torch.equal(tau, experts - base)
+
+
+def test_gradcheck_task_vectors():
+    base, experts = rnd(4, 6).requires_grad_(), [rnd(4, 6).requires_grad_() for _ in range(3)]
+    _gc(lambda b, *e: Fn.task_vectors(b, e), base, *experts)
+
+
 @pytest.mark.parametrize("shape", [(6, 4), (8, 8)])  # (8, 8): P = 64, the blocked gate-gradient path
 @pytest.mark.parametrize("chunk", [None, 1, 2])
 def test_gradcheck_merged_linear(monkeypatch, chunk, shape):

@@ -7,6 +7,7 @@ The modules in this package are thin shells over these functions; nothing here k
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional, Sequence, Union
 
 import torch
@@ -21,6 +22,26 @@ MASKS = ("none", "ties")
 # Segments are merged in chunks of at most this many weight elements, so the merged-weight
 # transient stays a few MiB whatever the batch; big enough that each chunk's GEMM is efficient.
 MERGE_CHUNK_ELEMENTS = 1 << 21
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, shape, like: Tensor) -> Tensor:
+    """A work buffer that never leaves the function using it, reused across calls on CPU (per thread and slot).
+
+    The CPU allocator hands blocks of this size back to the OS when freed, so a fresh one page-faults on
+    every step, which costs more than the arithmetic of the skinny GEMMs writing it. Other devices have a
+    caching allocator: they get a plain new tensor.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    numel, key = math.prod(shape), (slot, like.dtype)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = like.new_empty(numel)
+    return buf[:numel].view(shape)
 
 
 def kron_factor_shape(n: int) -> tuple[int, int]:
@@ -55,11 +76,10 @@ class _Curvature(torch.autograd.Function):
     """`m ⊙ M(t)` for `t [nb,out,in]`, factors `[R, nf, k, k]` (`nf` = 1 broadcasts over the items).
 
     `M(x) = (1/R) Σ_r x ×₄D_r ×₃C_r ×₂B_r ×₁A_r` on `x` viewed as `[o1,o2,i1,i2]`, one `_rotate` GEMM per
-    mode over all items at once. The backward needs each product's input: with one factor per item
-    (`nf = nb`, the items are experts) the forward's three intermediates are kept, `3·R·nb·out·in` elements,
-    the size of the experts, not of the batch; with broadcast factors (per-segment bases, §4) that would
-    scale with the batch, so the backward recomputes them. The optional mask is a tensor of multipliers
-    `[nb,out,in]` or, for TIES, `sign(Σ_j τ_j) [out,in]`, from which the 0/1 mask is rebuilt in each pass.
+    mode over all items at once. The backward recomputes each product's input (three GEMMs) instead of
+    keeping `3·R·nb·out·in` elements from the forward: as fast here, since fresh buffers that size cost as
+    much in page faults, and the memory stays that of the batch's activations. The optional mask is a tensor
+    of multipliers `[nb,out,in]` or, for TIES, `sign(Σ_j τ_j) [out,in]`, from which the 0/1 mask is rebuilt.
     """
 
     @staticmethod
@@ -70,13 +90,16 @@ class _Curvature(torch.autograd.Function):
             a, b, c, d = (f.expand(rank, nb, *f.shape[2:]) for f in (a, b, c, d))
         d_scaled = d if rank == 1 else d / rank
         res = torch.empty_like(t)
-        inter = t.new_empty(rank, 3, *t.shape)
+        inter = _scratch("curvature_inter", (3, *t.shape), t)
         for r in range(rank):
-            _Curvature.chain(t, (d_scaled[r], c[r], b[r]), inter[r])
-            _rotate(a[r], inter[r, 2], res, accumulate=r > 0)
-        _Curvature.apply_mask(res, t, mask, sign_total)
+            _Curvature.chain(t, (d_scaled[r], c[r], b[r]), inter)
+            _rotate(a[r], inter[2], res, accumulate=r > 0)
+        if mask is not None:
+            res.mul_(mask)
+        elif sign_total is not None:
+            res.mul_(torch.sign(t) == sign_total)
         ctx.broadcast = nf != nb
-        ctx.save_for_backward(t, mask, sign_total, a, b, c, d_scaled, None if ctx.broadcast else inter)
+        ctx.save_for_backward(t, mask, sign_total, a, b, c, d_scaled)
         return res
 
     @staticmethod
@@ -87,33 +110,24 @@ class _Curvature(torch.autograd.Function):
             u = _rotate(f, u, out[k])
 
     @staticmethod
-    def apply_mask(y: Tensor, t: Tensor, mask: Optional[Tensor], sign_total: Optional[Tensor]) -> None:
-        if mask is not None:
-            y.mul_(mask)
-        elif sign_total is not None:
-            y.mul_(torch.sign(t) == sign_total)
-
-    @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        t, mask, sign_total, a, b, c, d_scaled, inter = ctx.saved_tensors
+        t, mask, sign_total, a, b, c, d_scaled = ctx.saved_tensors
         rank = a.shape[0]
         need_t, need_f = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:7])
-        gy = grad.clone(memory_format=torch.contiguous_format)
-        _Curvature.apply_mask(gy, t, mask, sign_total)
+        if mask is None and sign_total is None:
+            gy = grad.contiguous()
+        else:
+            gy = torch.mul(grad, mask if mask is not None else torch.sign(t) == sign_total,
+                           out=_scratch("curvature_grad", t.shape, t))
         grad_t = torch.empty_like(t) if need_t else None
         grads = [t.new_empty(rank, *f.shape[1:]) for f in (a, b, c, d_scaled)] if need_f else None
-        if inter is None:
-            inter = t.new_empty(3, *t.shape)[None].expand(rank, 3, *t.shape)
-            recompute = True
-        else:
-            recompute = False
-        work = t.new_empty(2, *t.shape)
+        inter = _scratch("curvature_inter", (3, *t.shape), t)
+        work = _scratch("curvature_work", (2, *t.shape), t)
         for r in range(rank):
-            if recompute:
-                _Curvature.chain(t, (d_scaled[r], c[r], b[r]), inter[r])
+            _Curvature.chain(t, (d_scaled[r], c[r], b[r]), inter)
             # back through A, B, C, D: product k had input `inputs[k]` and factor `factors[k]`
-            factors, inputs = (a[r], b[r], c[r], d_scaled[r]), (inter[r, 2], inter[r, 1], inter[r, 0], t)
+            factors, inputs = (a[r], b[r], c[r], d_scaled[r]), (inter[2], inter[1], inter[0], t)
             g = gy
             for k, (f, u) in enumerate(zip(factors, inputs)):
                 n, m = f.shape[0], f.shape[-1]
@@ -211,6 +225,28 @@ class _SignMasked(torch.autograd.Function):
     def backward(ctx, grad):
         t, sign_total = ctx.saved_tensors
         return grad * (torch.sign(t) == sign_total), None
+
+
+class _TaskVectors(torch.autograd.Function):
+    """`stack(E_i) − B` in one pass into one new tensor (no stacked copy of the experts first); the backward
+    hands each expert a view of the gradient and the base `−Σ_i grad_i`."""
+
+    @staticmethod
+    def forward(ctx, base, *experts):
+        tau = base.new_empty(len(experts), *base.shape)
+        for i, e in enumerate(experts):
+            torch.sub(e, base, out=tau[i])
+        return tau
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return (grad.sum(0).neg_(), *grad.unbind(0))
+
+
+def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
+    """`τ_i = E_i − B` for a list of expert matrices `[out,in]`: `[N,out,in]` (§3)."""
+    return _TaskVectors.apply(base, *experts)
 
 
 def curved_task_vectors(tau: Tensor, factors: Optional[Factors] = None, mask: Mask = "none",
@@ -323,7 +359,7 @@ class _MergedLinear(torch.autograd.Function):
         stacked, coef = _merge_operands(base, task, gates, alpha)
         out = x.new_empty(segments, tokens, out_f)
         chunk = _segment_chunk(segments, base.numel())
-        weight = x.new_empty(chunk, out_f, in_f)
+        weight = _scratch("merged_weight", (chunk, out_f, in_f), x)
         for s in range(0, segments, chunk):
             e = min(s + chunk, segments)
             w = weight[:e - s]
@@ -349,8 +385,8 @@ class _MergedLinear(torch.autograd.Function):
         need_stacked = rows.start < rows.stop
         grad_stacked = stacked.new_empty(rows.stop - rows.start, stacked.shape[1]) if need_stacked else None
         chunk = _segment_chunk(segments, stacked.shape[1])
-        weight = x.new_empty(chunk, out_f, in_f) if need_x else None
-        grad_w = x.new_empty(chunk, out_f, in_f) if (need_stacked or need_gates) else None
+        weight = _scratch("merged_weight", (chunk, out_f, in_f), x) if need_x else None
+        grad_w = _scratch("merged_weight_grad", (chunk, out_f, in_f), x) if (need_stacked or need_gates) else None
         for s in range(0, segments, chunk):
             e = min(s + chunk, segments)
             if need_x:

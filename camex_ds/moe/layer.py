@@ -162,7 +162,7 @@ class CAMExMoE(MoE):
 
     def _task_vectors(self, name: str, group) -> Tensor:
         """All experts' `m_i ⊙ M_i(E_i − B)`: each rank curves its own, then the group all-gathers (§7)."""
-        tau = self._stacked(name) - self.base[name]
+        tau = Fn.task_vectors(self.base[name], [getattr(e, name) for e in self.local_experts])
         mask = self._local_mask(tau)
         total = comm.all_reduce_sum(tau.detach().sum(0), group) if mask == "ties" else None
         task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total)
