@@ -58,21 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from camex_ds.cli import run_cli
     from camex_ds.config import ConfigError
     from camex_ds.data import DataError
     from camex_ds.pretrained import PretrainedError
-    from camex_ds.train import CheckpointError, TrainArgs, run
+    from camex_ds.train import CheckpointError, TrainArgs
 
     train_args = TrainArgs(**{k: v for k, v in vars(args).items() if k not in ("local_rank", "no_progress")},
                            progress=not args.no_progress)
-    try:
-        final = run(train_args)
-    except (ConfigError, DataError, CheckpointError, PretrainedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _train(train_args), (ConfigError, DataError, CheckpointError, PretrainedError))
+
+
+def _train(train_args) -> int:
+    from camex_ds.train import run
+
+    final = run(train_args)
     if final.get("rank") == 0 and "val_ppl" in final:
         print(f"done: step {final['step']}  train loss {final['train_loss']:.4f}  val loss {final['val_loss']:.4f}  "
               f"val ppl {final['val_ppl']:.2f}  val bpb {final['val_bpb']:.4f}  {final['tokens_per_s']:.0f} tok/s")

@@ -19,6 +19,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 from camex_ds.data import DATA_HELP, DataError, build_dataset, resolve_source  # noqa: E402
+from camex_ds.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,22 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        start = time.perf_counter()
-        prepared = build_dataset(
-            resolve_source(args.data),
-            args.output,
-            args.tokenizer,
-            vocab_size=args.vocab_size,
-            val_percent=args.val_percent,
-            progress=not args.no_progress,
-        )
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _preprocess(args), (DataError, OSError))
+
+
+def _preprocess(args) -> int:
+    start = time.perf_counter()
+    prepared = build_dataset(
+        resolve_source(args.data),
+        args.output,
+        args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_percent=args.val_percent,
+        progress=not args.no_progress,
+    )
     seconds = time.perf_counter() - start
     print(f"wrote {prepared.path} in {seconds:.1f} s ({prepared.index['source']})")
     for split, info in prepared.index["splits"].items():

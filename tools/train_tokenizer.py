@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
 
 from camex_ds.data import DATA_HELP, DataError, resolve_source, train_texts, train_tokenizer  # noqa: E402
 from camex_ds.data.tokenizer import DEFAULT_INPUT_SENTENCE_SIZE  # noqa: E402
+from camex_ds.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,23 +53,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        start = time.perf_counter()
-        source = resolve_source(args.data)
-        tokenizer = train_tokenizer(
-            train_texts(source, args.val_percent),
-            args.vocab_size,
-            args.output,
-            model_type=args.model_type,
-            input_sentence_size=args.input_sentence_size,
-            progress=not args.no_progress,
-        )
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _train(args), (DataError, OSError))
+
+
+def _train(args) -> int:
+    start = time.perf_counter()
+    source = resolve_source(args.data)
+    tokenizer = train_tokenizer(
+        train_texts(source, args.val_percent),
+        args.vocab_size,
+        args.output,
+        model_type=args.model_type,
+        input_sentence_size=args.input_sentence_size,
+        progress=not args.no_progress,
+    )
     seconds = time.perf_counter() - start
     print(f"wrote {tokenizer.path}: {tokenizer.vocab_size} pieces from {source.description} in {seconds:.1f} s")
     return 0

@@ -1,0 +1,17 @@
+"""What every command-line entry point does with failures: a user error is one `error:` line and exit 2,
+Ctrl-C is one line and exit 130; neither prints a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...], prefix: str = "") -> int:
+    try:
+        return body()
+    except user_errors as e:
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted", file=sys.stderr)
+        return 130
