@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,23 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if backend == "gloo":
+        _unlink_shm_workspace()
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce workspace from /dev/shm.
+
+    DeepSpeed's shared-memory all-reduce (CPU accelerator) creates a ~70 MB /dev/shm file per rank and master
+    port and never unlinks it. Repeated CPU runs, each on a fresh port, therefore fill /dev/shm, which is RAM,
+    until the OOM killer stops a run. During `init_distributed` every local rank maps all its peers'
+    workspaces. After the barrier the names are no longer needed, and the mappings outlive the unlink, so
+    nothing is left behind even if the run is killed.
+    """
+    barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def rank() -> int:
