@@ -512,3 +512,17 @@ def test_error_wrong_shape_input(shape, shown):
 def test_error_dynamic_needs_two_experts():
     with pytest.raises(ValueError, match=r"num_experts=1"):
         CAMExMoE(6, 10, 1, dynamic=True)
+
+
+@pytest.mark.parametrize("method", ["camex-ties", "euclid"])
+def test_inference_mode_then_training(method):
+    """The CPU work buffers made under inference_mode are not reused by a training step (it could not write them)."""
+    layer = CAMExMoE(8, 16, 4, method=method, segment_len=4, noisy_gating=False)
+    x = torch.randn(2, 8, 8)
+    with torch.inference_mode():
+        first = layer(x)[0].clone()
+    out = layer(x.clone().requires_grad_())[0]
+    out.sum().backward()
+    assert torch.allclose(out.detach(), first, atol=1e-6) and layer.base["w_in"].grad is not None
+    with torch.inference_mode():
+        assert torch.allclose(layer(x)[0], first, atol=1e-6)

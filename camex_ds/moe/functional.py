@@ -32,12 +32,13 @@ def _scratch(slot: str, shape, like: Tensor) -> Tensor:
 
     The CPU allocator hands blocks of this size back to the OS when freed, so a fresh one page-faults on
     every step, which costs more than the arithmetic of the skinny GEMMs writing it. Other devices have a
-    caching allocator: they get a plain new tensor.
+    caching allocator: they get a plain new tensor. Buffers made under `torch.inference_mode` cannot be
+    written outside it, so each mode has its own.
     """
     if like.device.type != "cpu":
         return like.new_empty(shape)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    numel, key = math.prod(shape), (slot, like.dtype)
+    numel, key = math.prod(shape), (slot, like.dtype, torch.is_inference_mode_enabled())
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
         buf = buffers[key] = like.new_empty(numel)
