@@ -6,12 +6,14 @@ import sys
 from typing import Callable
 
 
-def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...], prefix: str = "") -> int:
+def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...], prefix: str = "",
+            interrupted: str = "interrupted") -> int:
+    """`body()`'s exit code; `prefix` (e.g. the program's name) starts both messages."""
     try:
         return body()
     except user_errors as e:
         print(f"{prefix}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prefix}interrupted", file=sys.stderr)
+        print(f"\n{prefix}{interrupted}", file=sys.stderr)
         return 130

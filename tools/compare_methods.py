@@ -46,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from camex_ds.cli import run_cli  # noqa: E402
 from camex_ds.stats import METHODS  # noqa: E402
 
 PROG = "compare_methods.py"
@@ -857,22 +858,20 @@ def main(argv: Optional[Sequence[str]] = None, flops_fn: Optional[Callable] = No
          poll_interval: float = 1.0) -> int:
     own, extra = _split_extra(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
-    try:
+
+    def body() -> int:
         grid = make_grid(args, extra)
         if not args.report_only:
             rc = run_grid(grid, progress=not args.no_progress, dry_run=args.dry_run,
                           flops_fn=flops_fn, poll_interval=poll_interval)
             if rc != 0 or args.dry_run:
                 return rc
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; finished runs are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
-    paths = write_grid_report(grid, args.bootstrap_resamples, args.band)
-    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
-    return 0
+        paths = write_grid_report(grid, args.bootstrap_resamples, args.band)
+        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+        return 0
+
+    return run_cli(body, (UsageError,), prefix=f"{PROG}: ",
+                   interrupted="interrupted; finished runs are kept, rerun the same command to resume")
 
 
 if __name__ == "__main__":
