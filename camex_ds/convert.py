@@ -686,7 +686,7 @@ def _zero_partition_state(uni: Universal, layout: Layout, rank: int, world: int)
         dp = world // ep if spec.moe else world
         pid = rank // ep if spec.moe else rank
         names = layout.group_names(spec, rank % ep) if spec.moe else list(spec.local_names)
-        pieces, pads, offsets, offset = [], [], [], 0
+        pads, offsets, offset = [], [], 0
         for j, name in enumerate(names):
             offsets.append(offset)
             numel = uni.masters[name].numel()

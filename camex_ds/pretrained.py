@@ -152,7 +152,6 @@ def save_pretrained(work_dir: PathLike, state: dict, cfg, tokenizer: Optional[Pa
 
     Call it inside `atomic_output_dir`; the state is checked against the config first.
     """
-    import torch
     from safetensors.torch import save_file
 
     cfg = single_rank_config(model_config(cfg))
