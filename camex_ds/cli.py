@@ -2,6 +2,7 @@
 Ctrl-C is one line and exit 130; neither prints a traceback."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -17,3 +18,10 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
     except KeyboardInterrupt:
         print(f"\n{prefix}{interrupted}", file=sys.stderr)
         return 130
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """`--model`, `--dtype`, `--device`: how the tools that read a consolidated model load it."""
+    ap.add_argument("--model", required=True, metavar="OUT", help="consolidated model folder")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (default: the stored one)")
+    ap.add_argument("--device", default="cpu", help="torch device (%(default)s)")

@@ -24,12 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
+from camex_ds.cli import add_model_arguments, run_cli  # noqa: E402
 from camex_ds.data import DATA_HELP  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, metavar="OUT", help="consolidated model folder")
+    add_model_arguments(ap)
     ap.add_argument("--data", help="a preprocessed dataset folder (made with this tokenizer), " + DATA_HELP
                     + "; default: the dataset the model was trained on, which consolidate records (required "
                       "when none is recorded; pass --data default for the launcher's default corpus)")
@@ -37,8 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch_size", type=int, default=8, help="windows per batch (%(default)s)")
     ap.add_argument("--max_batches", type=int,
                     help="evaluate the first K batches only, like the launcher's --eval_batches (default: all)")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (default: the stored one)")
-    ap.add_argument("--device", default="cpu", help="torch device (%(default)s)")
     ap.add_argument("--cache_dir", help="where prepared datasets are cached (default: $CAMEX_DS_CACHE or "
                                         "~/.cache/camex_ds)")
     return ap.parse_args(argv)
@@ -62,29 +61,33 @@ def recorded_dataset(model_dir):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from camex_ds.config import ConfigError
+    from camex_ds.data import DataError
+    from camex_ds.pretrained import PretrainedError
+
+    return run_cli(lambda: _evaluate(args), (ConfigError, DataError, PretrainedError))
+
+
+def _evaluate(args) -> int:
+    from camex_ds.config import ConfigError
     from camex_ds.data import DataError, prepare_data
-    from camex_ds.pretrained import PretrainedError, load_pretrained, tokenizer_path
+    from camex_ds.pretrained import load_pretrained, tokenizer_path
     from camex_ds.train.loop import evaluate
 
-    try:
-        for name in ("batch_size", "max_batches"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
-        model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-        tok = tokenizer_path(args.model)
-        cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
-        data = args.data if args.data is not None else recorded_dataset(args.model)
-        prepared = prepare_data(None if data == "default" else data, tok, cache)
-        if prepared.vocab_size > model.config.vocab_size:
-            raise DataError(f"the data's vocabulary ({prepared.vocab_size}) exceeds the model's "
-                            f"vocab_size {model.config.vocab_size}")
-        split = prepared.split(args.split)
-        start = time.perf_counter()
-        result = evaluate(model, split, model.config.seq_len, args.batch_size, args.max_batches, args.device)
-    except (ConfigError, DataError, PretrainedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for name in ("batch_size", "max_batches"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
+    model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    tok = tokenizer_path(args.model)
+    cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
+    data = args.data if args.data is not None else recorded_dataset(args.model)
+    prepared = prepare_data(None if data == "default" else data, tok, cache)
+    if prepared.vocab_size > model.config.vocab_size:
+        raise DataError(f"the data's vocabulary ({prepared.vocab_size}) exceeds the model's "
+                        f"vocab_size {model.config.vocab_size}")
+    split = prepared.split(args.split)
+    start = time.perf_counter()
+    result = evaluate(model, split, model.config.seq_len, args.batch_size, args.max_batches, args.device)
     result = {"split": args.split, **result, "seconds": round(time.perf_counter() - start, 3),
               "model": str(args.model), "data": str(prepared.path)}
     print(f"{args.split}: loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.3f}  bpb {result['val_bpb']:.4f}",

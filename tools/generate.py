@@ -25,17 +25,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
+from camex_ds.cli import add_model_arguments, run_cli  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, metavar="OUT", help="consolidated model folder")
+    add_model_arguments(ap)
     ap.add_argument("--prompt", required=True, help="text to continue")
     ap.add_argument("--max_new_tokens", type=int, default=64, help="(%(default)s)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (%(default)s)")
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (%(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (%(default)s)")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (default: the stored one)")
-    ap.add_argument("--device", default="cpu", help="torch device (%(default)s)")
     ap.add_argument("--json", action="store_true", help="print a JSON object (prompt, completion, token ids) "
                                                         "instead of the text")
     return ap.parse_args(argv)
@@ -102,23 +102,27 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: fl
 def main(argv=None) -> int:
     args = parse_args(argv)
     from camex_ds.config import ConfigError
-    from camex_ds.data import DataError, Tokenizer
-    from camex_ds.pretrained import PretrainedError, load_pretrained, tokenizer_path
+    from camex_ds.data import DataError
+    from camex_ds.pretrained import PretrainedError
 
-    try:
-        if args.max_new_tokens < 0:
-            raise ConfigError(f"--max_new_tokens={args.max_new_tokens} is invalid: expected an integer >= 0")
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature={args.temperature} is invalid: expected a number >= 0")
-        if not 0 < args.top_p <= 1:
-            raise ConfigError(f"--top_p={args.top_p} is invalid: expected a number in (0, 1]")
-        model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-        tokenizer = Tokenizer.load(tokenizer_path(args.model))
-        prompt_ids, new, exact = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                                          args.top_p, args.seed, args.device)
-    except (ConfigError, DataError, PretrainedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _generate(args), (ConfigError, DataError, PretrainedError))
+
+
+def _generate(args) -> int:
+    from camex_ds.config import ConfigError
+    from camex_ds.data import Tokenizer
+    from camex_ds.pretrained import load_pretrained, tokenizer_path
+
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max_new_tokens={args.max_new_tokens} is invalid: expected an integer >= 0")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature={args.temperature} is invalid: expected a number >= 0")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p={args.top_p} is invalid: expected a number in (0, 1]")
+    model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = Tokenizer.load(tokenizer_path(args.model))
+    prompt_ids, new, exact = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                      args.top_p, args.seed, args.device)
     if not exact:
         moe = model.config.moe
         print(f"warning: routing '{moe.routing}' (first segment '{moe.first_segment}') is not causal: the last "
