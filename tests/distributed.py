@@ -1,17 +1,12 @@
 """Helpers for tests that start real multi-process DeepSpeed jobs (2 CPU ranks, gloo)."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from camex_ds.parallel import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:

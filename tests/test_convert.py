@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +21,7 @@ import torch
 from camex_ds.config import ModelConfig
 from camex_ds.convert import ConvertError, consolidate, fold, reshard, upcycle
 from camex_ds.model import GPT, load_pretrained
+from camex_ds.parallel import free_port
 from camex_ds.pretrained import PretrainedError, global_expert_name, load_state_into, save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,19 +68,13 @@ def _last_json(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(out, model_cfg, ds_cfg, corpus, cache, *args, num_gpus=None):
     common = ["--model_config", model_cfg, "--deepspeed_config", ds_cfg, "--data", corpus, "--vocab_size", "512",
               "--cache_dir", cache, "--output_dir", out, "--log_interval", "1", "--no_progress", *args]
     if num_gpus is None:
         return _run([sys.executable, LAUNCHER, *common])
     return _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", num_gpus, "--master_port",
-                 _free_port(), LAUNCHER, *common])
+                 free_port(), LAUNCHER, *common])
 
 
 def _write_json(path: Path, obj) -> Path:

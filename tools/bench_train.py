@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,15 +42,10 @@ def model_config(method: str, ep: int) -> dict:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(method: str, ranks: int, ep: int, steps: int, log_interval: int, work: Path) -> dict:
     from camex_ds.config import ModelConfig
     from camex_ds.flops import ep_bytes_per_step
+    from camex_ds.parallel import free_port
 
     out = work / f"{method}-r{ranks}-ep{ep}"
     cfg_path = work / f"{method}-ep{ep}.json"
@@ -63,7 +57,7 @@ def run_one(method: str, ranks: int, ep: int, steps: int, log_interval: int, wor
     launcher = str(ROOT / "launcher" / "pretrain.py")
     cmd = ([sys.executable, launcher] if ranks == 1 else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(_free_port()), launcher])
+            str(free_port()), launcher])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
