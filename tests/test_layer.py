@@ -1,5 +1,7 @@
 """`camex_ds.moe.CAMExMoE` (spec §2–§4, §6) in one process: against the float64 reference, camex* == Euclidean
 twin at init, causality, the dynamic chain, parameter naming, gradchecks, argument errors and the aux loss."""
+import copy
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -526,3 +528,38 @@ def test_inference_mode_then_training(method):
     assert torch.allclose(out.detach(), first, atol=1e-6) and layer.base["w_in"].grad is not None
     with torch.inference_mode():
         assert torch.allclose(layer(x)[0], first, atol=1e-6)
+
+
+# =========================================================================== CUDA (run where a GPU is lent)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_layer_on_cuda_matches_cpu_float64(method, dtype):
+    """The CUDA path (GPU chunking, blocked gate reductions, no CPU scratch pool) computes what float64 on the
+    CPU computes from the same (rounded) parameters and input: relative L2 error of the output, the input grad
+    and all parameter grads together (one of them, the base's, is ~0 for full softmax gates: Σ_i g_i = 1).
+
+    bf16 TIES is looser: the elected sign of a near-zero `Σ_j τ_j` flips under bf16 sums, and that flips
+    whole mask elements."""
+    tol = 1e-4 if dtype == torch.float32 else 1e-1 if mask_of(method) == "ties" else 3e-2
+    gpu = make(method, d=64, h=256, n=4, T=16, perturb=0.1, curvature_rank=2, top_k=2).eval().to("cuda", dtype)
+    cpu = copy.deepcopy(gpu).to("cpu", F64)
+    x = torch.randn(2, 64, 64).to(dtype).to(F64).requires_grad_(True)
+    xg = x.detach().to("cuda", dtype).requires_grad_(True)
+    outs = []
+    for layer, inp in ((cpu, x), (gpu, xg)):
+        out, _, _ = layer(inp)
+        out.float().square().sum().backward()
+        outs.append(out.detach().cpu().double())
+
+    def rel(a, b):
+        return ((a.double().cpu() - b).norm() / b.norm()).item()
+
+    grads = [(q.grad, p.grad) for p, q in zip(cpu.parameters(), gpu.parameters()) if p.grad is not None]
+    errors = {"output": rel(outs[1], outs[0]), "input grad": rel(xg.grad, x.grad),
+              "param grads": rel(torch.cat([g.flatten().double().cpu() for g, _ in grads]),
+                                 torch.cat([r.flatten() for _, r in grads]))}
+    assert max(errors.values()) < tol, {k: f"{v:.1e}" for k, v in errors.items()}

@@ -38,9 +38,13 @@ def test_megablocks_backend_without_cuda_is_a_clear_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not megablocks_available(), reason="needs CUDA and the megablocks package (the gpu extra)")
 def test_megablocks_dmoe_trains_on_gpu():
+    """bf16, as DeepSpeed's bf16 mode runs it (MegaBlocks' grouped GEMM is bf16-only); fp32 is a clear error."""
     torch.manual_seed(0)
-    layer = MegaBlocksMoE(64, 128, 4, top_k=2).cuda()
-    x = torch.randn(2, 32, 64, device="cuda", requires_grad=True)
+    layer = MegaBlocksMoE(64, 128, 4, top_k=2, bf16=True).cuda()
+    x = torch.randn(2, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, aux, _ = layer(x)
-    (out.square().mean() + aux).backward()
-    assert out.shape == x.shape and torch.isfinite(out).all() and x.grad is not None
+    (out.float().square().mean() + aux).backward()
+    assert out.shape == x.shape and out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert x.grad is not None and aux > 0
+    with pytest.raises(TypeError, match=r"backend='megablocks' runs in bfloat16 only.*got torch.float32"):
+        layer.float()(x.float())

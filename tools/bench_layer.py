@@ -15,6 +15,10 @@ reference code materialises; it is slow, so it runs in `--naive-repeats` rounds 
     python tools/bench_layer.py --methods camex --repeats 5 --no-naive
     python tools/bench_layer.py --threads 1 --clock cpu     # low-noise proxy: CPU time at one thread
     python tools/bench_layer.py --omp-wait-policy inherit   # OpenMP's default (spinning) wait policy
+    python tools/bench_layer.py --device cuda --dtype bfloat16 --d 768 --h 3072 --T 256 --seq 1024  # a GPU
+
+On CUDA the clock is wall time around a synchronised step and the memory is the peak allocated by the
+caching allocator above what the inputs and parameters already held.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import sys
 import time
 
 METHODS = ["euclid", "ties", "dare", "camex", "camex-ties", "camex-dare"]
-SHAPE_KEYS = ("d", "h", "experts", "T", "rank", "batch", "seq", "threads")
+SHAPE_KEYS = ("d", "h", "experts", "T", "rank", "batch", "seq", "threads", "device", "dtype")
 
 
 def _naive_curvature(tau, factors, rank):
@@ -117,37 +121,40 @@ def _run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    cuda = args.device == "cuda"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def timed(fn, prm):
+        if cuda:
+            torch.cuda.synchronize()
+        start = clock()
+        fn(x).float().square().mean().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = clock() - start
+        for p in prm + [x]:
+            p.grad = None
+        return elapsed
+
     forward, params = _build(args, args.impl, args.method)
     x = torch.randn(args.batch, args.seq, args.d, requires_grad=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = clock()
-        forward(x).square().mean().backward()
-        elapsed = clock() - start
-        for p in params + [x]:
-            p.grad = None
-        if step >= args.warmup:
-            times.append(elapsed)
+    times = [timed(forward, params) for _ in range(args.warmup + args.steps)][args.warmup:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"impl": args.impl, "method": args.method, "time_s": statistics.median(times), "times_s": times,
               "peak_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024}
+    if cuda:
+        result["peak_mib"] = (torch.cuda.max_memory_allocated() - held) / 2**20
     if args.pair_steps and args.impl != "dense":
         # Paired ratio: alternate steps of the dense FFN and this layer in one process, so both see the
         # same machine state; the memory figures above were taken before the dense FFN existed.
         dense, dense_params = _build(args, "dense", args.method)
-        ratios = []
-        for step in range(1 + args.pair_steps):
-            pair = []
-            for fwd, prm in ((dense, dense_params), (forward, params)):
-                start = clock()
-                fwd(x).square().mean().backward()
-                pair.append(clock() - start)
-                for p in prm + [x]:
-                    p.grad = None
-            if step:
-                ratios.append(pair[1] / pair[0])
+        ratios = [timed(forward, params) / timed(dense, dense_params) for _ in range(1 + args.pair_steps)][1:]
         result["paired_ratio"] = statistics.median(ratios)
     return result
 
@@ -166,7 +173,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=1, help="curvature rank R")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op CPU threads")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="parameters and activations (bfloat16: as DeepSpeed's bf16 mode trains)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time (the real number); cpu: process CPU time (a low-noise proxy at 1 thread)")
     ap.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
@@ -246,12 +256,14 @@ def main(argv=None) -> int:
     policy = os.environ.get("OMP_WAIT_POLICY", "unset") if args.omp_wait_policy == "inherit" else args.omp_wait_policy
     result = {"shapes": {k: getattr(args, k) for k in SHAPE_KEYS}, "clock": args.clock, "omp_wait_policy": policy,
               "repeats": args.repeats,
-              "steps": args.steps, "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+              "steps": args.steps, "torch": torch.__version__, "machine": (torch.cuda.get_device_name() if args.device == "cuda"
+                                                                else f"{platform.machine()}, {os.cpu_count()} cpus"),
               "dense_time_ms": 1e3 * statistics.median(dense_t), "dense_time_ms_spread": [1e3 * v for v in _spread(dense_t)],
               "dense_peak_mib": dense_peak, "methods": rows}
     if not args.json:
         lo, hi = result["dense_time_ms_spread"]
-        print(f"dense FFN: {result['dense_time_ms']:.1f} ms fwd+bwd ({args.clock} clock, {args.threads} threads, "
+        print(f"dense FFN on {result['machine']} ({args.dtype}): {result['dense_time_ms']:.1f} ms fwd+bwd "
+              f"({args.clock} clock, {args.threads} threads, "
               f"OMP_WAIT_POLICY {policy}; rounds {lo:.1f}-{hi:.1f}), peak +{dense_peak:.0f} MiB")
         print("x dense: ratio to the dense FFN of the same round; paired: median of step-by-step ratios against a "
               "dense FFN in the same process (spreads: min-max over rounds)")

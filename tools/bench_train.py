@@ -9,6 +9,8 @@ DeepSpeed's MoE layer, outside that counter: only its analytic figure is given).
 
     python tools/bench_train.py                                   # dense, smoe, euclid, camex, camex-dynamic; 1 and 2 ranks
     python tools/bench_train.py --methods camex --ranks 2 --ep 1,2  # issue 3: ep=1 vs ep=2 at 2 ranks
+    python tools/bench_train.py --ranks 1 --model ds_configs/models/gpt2_small_camex.json \
+        --deepspeed_config ds_configs/gpu_zero2_bf16.json --peak_tflops 989   # one H100, bf16
 """
 from __future__ import annotations
 
@@ -24,51 +26,57 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from camex_ds.config import SMOE_BACKENDS  # noqa: E402
+
 METHODS = ("dense", "smoe", "euclid", "ties", "camex", "camex-ties", "camex-dynamic")
 
 
-def model_config(method: str, ep: int) -> dict:
-    from camex_ds.train.loop import DEFAULT_MODEL
-
-    cfg = json.loads(json.dumps(DEFAULT_MODEL))
+def model_config(base: dict, method: str, ep: int, smoe_backend: str) -> dict:
+    """`base` (a CAMEx model JSON) turned into `method`: same trunk, same expert count and MoE placement."""
+    cfg = json.loads(json.dumps(base))
+    moe = cfg["moe"]
     if method == "dense":
         cfg["moe"] = None
     elif method == "smoe":
-        cfg["moe"] = {"method": "smoe", "num_experts": 4, "top_k": 2, "every": 2, "ep_size": ep}
+        cfg["moe"] = {"method": "smoe", "num_experts": moe["num_experts"], "top_k": 2, "every": moe["every"],
+                      "ep_size": ep, "backend": smoe_backend}
     elif method == "camex-dynamic":
-        cfg["moe"].update(method="camex", num_experts=5, dynamic=True, ep_size=ep)
+        moe.update(method="camex", num_experts=moe["num_experts"] + 1, dynamic=True, ep_size=ep)
     else:
-        cfg["moe"].update(method=method, ep_size=ep)
+        moe.update(method=method, dynamic=False, ep_size=ep)
     return cfg
 
 
-def run_one(method: str, ranks: int, ep: int, steps: int, log_interval: int, work: Path) -> dict:
+def run_one(args, method: str, ranks: int, ep: int, work: Path) -> dict:
     from camex_ds.config import ModelConfig
     from camex_ds.flops import ep_bytes_per_step
     from camex_ds.parallel import free_port
 
     out = work / f"{method}-r{ranks}-ep{ep}"
     cfg_path = work / f"{method}-ep{ep}.json"
-    cfg = model_config(method, ep)
+    cfg = model_config(args.base_model, method, ep, args.smoe_backend)
     cfg_path.write_text(json.dumps(cfg))
-    args = ["--model_config", str(cfg_path), "--output_dir", str(out), "--max_steps", str(steps),
-            "--log_interval", str(log_interval), "--eval_interval", str(10 * steps), "--save_interval",
-            str(10 * steps), "--eval_batches", "1", "--no_progress"]
+    steps = args.steps
+    flags = ["--model_config", str(cfg_path), "--output_dir", str(out), "--max_steps", str(steps),
+             "--log_interval", str(args.log_interval), "--eval_interval", str(10 * steps), "--save_interval",
+             str(10 * steps), "--eval_batches", "1", "--no_progress", "--deepspeed_config", args.deepspeed_config]
+    if args.peak_tflops:
+        flags += ["--peak_tflops", str(args.peak_tflops)]
     launcher = str(ROOT / "launcher" / "pretrain.py")
     cmd = ([sys.executable, launcher] if ranks == 1 else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
             str(free_port()), launcher])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd + flags, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{method} on {ranks} rank(s) failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
     model = ModelConfig.from_dict(dict(cfg, vocab_size=4096))
-    micro = 8
+    micro = args.micro_batch
     # smoe's all-to-all runs inside DeepSpeed's MoE layer, which the trainer's byte counter does not see
     sent = None if method == "smoe" else statistics.median(r["ep_bytes_sent_per_step"] for r in rows)
-    return {"method": method, "ranks": ranks, "ep": ep,
+    return {"method": method, "backend": args.smoe_backend if method == "smoe" else None, "ranks": ranks, "ep": ep,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
             "step_time_s": statistics.median(r["step_time_s"] for r in rows),
             "ep_bytes_sent_per_step": sent,
@@ -85,8 +93,27 @@ def main(argv=None) -> int:
                                                 "(ep = R for MoE methods) (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=40, help="steps per run (default: %(default)s)")
     ap.add_argument("--log_interval", type=int, default=5, help="steps per timed window (default: %(default)s)")
+    ap.add_argument("--model", help="base model JSON whose trunk, expert count and MoE placement every method "
+                                    "shares (default: the launcher's small default model)")
+    ap.add_argument("--deepspeed_config", default=str(ROOT / "ds_configs" / "cpu.json"),
+                    help="DeepSpeed JSON of every run (default: %(default)s; on GPUs: ds_configs/gpu_zero2_bf16.json)")
+    ap.add_argument("--smoe_backend", choices=SMOE_BACKENDS, default="auto",
+                    help="smoe's implementation (default: %(default)s: MegaBlocks where CUDA and the package are "
+                         "present and ep is 1, else DeepSpeed's MoE)")
+    ap.add_argument("--peak_tflops", type=float, help="accelerator peak, for the launcher's MFU (e.g. 989 for an "
+                                                      "H100 SXM in bf16)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
+    try:
+        from camex_ds.train.loop import DEFAULT_MODEL
+
+        args.base_model = DEFAULT_MODEL if args.model is None else json.loads(Path(args.model).read_text())
+        ds_config = json.loads(Path(args.deepspeed_config).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        ap.error(f"cannot read --model/--deepspeed_config: {e}")
+    if not args.base_model.get("moe"):
+        ap.error(f"--model={args.model} is dense (moe is null): give a CAMEx model for the methods to share")
+    args.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -100,15 +127,17 @@ def main(argv=None) -> int:
                 eps = [1] if method == "dense" or ranks == 1 else (
                     [ranks] if args.ep == "max" else [int(e) for e in args.ep.split(",")])
                 for ep in eps:
-                    rows.append(run_one(method, ranks, ep, args.steps, args.log_interval, Path(tmp)))
+                    rows.append(run_one(args, method, ranks, ep, Path(tmp)))
                     if not args.json:
                         r = rows[-1]
                         sent = "n/a" if r["ep_bytes_sent_per_step"] is None else \
                             f"{r['ep_bytes_sent_per_step'] / 2**20:.2f}"
-                        print(f"{method:<14} ranks={ranks} ep={ep}  {r['tokens_per_s']:8.0f} tok/s  "
+                        mfu = "" if r["mfu"] is None else f"  MFU {100 * r['mfu']:.1f}%"
+                        print(f"{method:<14} ranks={ranks} ep={ep}  {r['tokens_per_s']:8.0f} tok/s{mfu}  "
                               f"step {1e3 * r['step_time_s']:7.1f} ms  EP sent {sent:>7} MiB/step "
                               f"(analytic {r['ep_bytes_analytic'] / 2**20:.2f})", flush=True)
-    print(json.dumps({"steps": args.steps, "rows": rows}))
+    print(json.dumps({"steps": args.steps, "model": args.model, "deepspeed_config": args.deepspeed_config,
+                      "rows": rows}))
     return 0
 
 

@@ -19,9 +19,11 @@ Factors = Sequence[Tensor]
 Mask = Union[str, Tensor, None]
 MASKS = ("none", "ties")
 
-# Segments are merged in chunks of at most this many weight elements, so the merged-weight
-# transient stays a few MiB whatever the batch; big enough that each chunk's GEMM is efficient.
+# Segments are merged in chunks of at most this many weight elements. On CPU the merged-weight transient
+# stays a few MiB (in cache) whatever the batch, big enough that each chunk's GEMM is efficient; on a GPU a
+# chunk is as many segments as fit in a few hundred MiB, since each kernel launch there needs a lot of work.
 MERGE_CHUNK_ELEMENTS = 1 << 21
+MERGE_CHUNK_ELEMENTS_GPU = 1 << 27
 
 
 _SCRATCH = threading.local()
@@ -318,16 +320,21 @@ def merge_rows(base: Tensor, task_flat: Tensor, gates: Tensor, alpha: float) -> 
     return merged.view(gates.shape[0], *base.shape)
 
 
-def _segment_chunk(num_segments: int, weight_numel: int) -> int:
-    return max(1, min(num_segments, MERGE_CHUNK_ELEMENTS // max(1, weight_numel)))
+def _segment_chunk(num_segments: int, weight_numel: int, like: Tensor) -> int:
+    limit = MERGE_CHUNK_ELEMENTS if like.device.type == "cpu" else MERGE_CHUNK_ELEMENTS_GPU
+    return max(1, min(num_segments, limit // max(1, weight_numel)))
 
 
 def _row_inner_products(a: Tensor, b: Tensor) -> Tensor:
-    """`a @ b.T` for short, very wide `a [m,P]`, `b [k,P]`: BLAS runs such a reduction on one core, so with
-    several threads split P into a few blocks per thread, batch them, and sum."""
-    width, blocks = a.shape[1], 2 * torch.get_num_threads()
-    if blocks == 2 or width % blocks:
-        return a @ b.t()
+    """`a @ b.T` for short, very wide `a [m,P]`, `b [k,P]`: BLAS runs such a reduction on one core (cuBLAS on a
+    few thread blocks), so split P into blocks (a few per CPU thread; up to 1024 on a GPU), batch, and sum."""
+    width = a.shape[1]
+    if a.device.type == "cpu":
+        blocks = 2 * torch.get_num_threads()
+        if blocks == 2 or width % blocks:
+            return a @ b.t()
+    else:
+        blocks = math.gcd(width, 1024)
     a3 = a.view(a.shape[0], blocks, -1).transpose(0, 1)
     b3 = b.view(b.shape[0], blocks, -1).transpose(0, 1)
     return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
@@ -359,7 +366,7 @@ class _MergedLinear(torch.autograd.Function):
         out_f, in_f = base.shape
         stacked, coef = _merge_operands(base, task, gates, alpha)
         out = x.new_empty(segments, tokens, out_f)
-        chunk = _segment_chunk(segments, base.numel())
+        chunk = _segment_chunk(segments, base.numel(), x)
         weight = _scratch("merged_weight", (chunk, out_f, in_f), x)
         for s in range(0, segments, chunk):
             e = min(s + chunk, segments)
@@ -385,7 +392,7 @@ class _MergedLinear(torch.autograd.Function):
         rows = slice(0 if need_task else num, num + 1 if need_base else num)
         need_stacked = rows.start < rows.stop
         grad_stacked = stacked.new_empty(rows.stop - rows.start, stacked.shape[1]) if need_stacked else None
-        chunk = _segment_chunk(segments, stacked.shape[1])
+        chunk = _segment_chunk(segments, stacked.shape[1], x)
         weight = _scratch("merged_weight", (chunk, out_f, in_f), x) if need_x else None
         grad_w = _scratch("merged_weight_grad", (chunk, out_f, in_f), x) if (need_stacked or need_gates) else None
         for s in range(0, segments, chunk):

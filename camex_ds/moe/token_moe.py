@@ -68,13 +68,16 @@ class MegaBlocksMoE(nn.Module):
                               moe_top_k=top_k, mlp_type="glu" if activation == "swiglu" else "mlp",
                               activation_fn=torch.nn.functional.silu if activation == "swiglu"
                               else torch.nn.functional.gelu, mlp_impl="grouped", init_method=
-                              lambda w: torch.nn.init.normal_(w, 0.0, init_std), bf16=bf16,
+                              lambda w: torch.nn.init.normal_(w, 0.0, init_std), fp16=False, bf16=bf16,
                               moe_loss_weight=aux_loss_coef, device=torch.cuda.current_device())
         self.dmoe = dMoE(self.args)
 
     def forward(self, hidden_states: Tensor, chain=None):
         from megablocks.layers.moe import batched_load_balancing_loss, clear_load_balancing_loss
 
+        if hidden_states.dtype != torch.bfloat16:  # its grouped GEMM would fail deep inside with a CHECK
+            raise TypeError(f"moe.backend='megablocks' runs in bfloat16 only (its grouped GEMM), got "
+                            f"{hidden_states.dtype}: enable bf16 in the DeepSpeed config or use moe.backend='deepspeed'")
         out = self.dmoe(hidden_states)
         out = out[0] if isinstance(out, tuple) else out
         aux = batched_load_balancing_loss(self.args) if self.training else hidden_states.new_zeros(())

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU-only checks, on one CUDA machine: the `gpu`-marked tests (MegaBlocks dMoE, the merge layer on CUDA
+# against float64), the merge layer's speed on the GPU, and bf16 training throughput per method.
+# CI never runs this (it has no GPU); docs/gpu.md records what it printed and where.
+#
+#   bash tools/gpu_check.sh setup test layer train     # all of it (the stages run in the order given)
+#
+# `setup` installs the `gpu` extra. With no network, put the wheels/sdists in $WHEELS (default .whl/):
+# deepspeed and its pure-Python needs as wheels, megablocks, grouped_gemm and stanford-stk as sdists, which
+# are compiled here for this GPU's architecture only (TORCH_CUDA_ARCH_LIST, default from the device).
+# Built wheels are copied to $OUT/wheels when $OUT is set, so a later machine can skip the compile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/camex_site}
+LOGS=${OUT:-/tmp/gpu_check}
+mkdir -p "$LOGS"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+# DeepSpeed's op builder reads TORCH_CUDA_ARCH_LIST as numbers: a '9.0a' (as some CUDA images set) breaks its JIT
+[ -z "${TORCH_CUDA_ARCH_LIST:-}" ] || export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9])[a-z]+/\1/g')
+
+stage_setup() {
+  if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check: torch sees no CUDA device" >&2; exit 1
+  fi
+  if [ ! -d "$WHEELS" ]; then
+    $PY -m pip install -q --target "$SITE" "deepspeed==0.19.8" "megablocks==0.10.0" "grouped_gemm==0.3.0"
+    return
+  fi
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
+  local built="$LOGS/wheels" src=/tmp/camex_sdists start=$SECONDS
+  mkdir -p "$built" "$src"
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c \
+    "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")} MAX_JOBS=${MAX_JOBS:-16}
+  for sdist in "$WHEELS"/*.tar.gz; do  # an sdist whose wheel is not already in $WHEELS
+    local name; name=$(basename "$sdist" .tar.gz)
+    ls "$WHEELS/$name"-*.whl >/dev/null 2>&1 || tar xzf "$sdist" -C "$src"
+  done
+  # megablocks 0.10.0 passes CUB's `debug_synchronous` argument, which CUDA 13's CUB no longer has
+  [ ! -f "$src"/megablocks-0.10.0/csrc/cumsum.h ] ||
+    sed -i -z 's/stream,\s*debug_synchronous))/stream))/g' "$src"/megablocks-0.10.0/csrc/cumsum.h
+  if [ -n "$(ls "$src")" ]; then
+    ls -d "$src"/*/ | xargs -P 3 -I{} $PY -m pip wheel -q --no-build-isolation --no-deps -w "$built" {}
+    echo "gpu_check: built $(ls "$built" | tr '\n' ' ')in $((SECONDS - start)) s (arch $TORCH_CUDA_ARCH_LIST)"
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$built"/*.whl
+  fi
+  $PY -c "import deepspeed, megablocks, grouped_gemm, torch; print('gpu_check: torch', torch.__version__,
+  'deepspeed', deepspeed.__version__, 'on', torch.cuda.get_device_name())"
+}
+
+stage_test() {
+  $PY -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$LOGS/test.log"
+}
+
+stage_layer() {
+  # the issue-2 shapes in fp32, then GPT-2-small shapes in bf16 (the shapes of ds_configs/models/gpt2_small_camex.json)
+  $PY tools/bench_layer.py --device cuda --methods euclid,camex,camex-ties --warmup 5 --steps 10 --repeats 2 \
+    --pair-steps 10 2>&1 | tee "$LOGS/layer_fp32.log"
+  $PY tools/bench_layer.py --device cuda --dtype bfloat16 --d 768 --h 3072 --T 256 --seq 1024 \
+    --methods euclid,camex,camex-ties --warmup 5 --steps 10 --repeats 2 --pair-steps 10 2>&1 | tee "$LOGS/layer_bf16.log"
+}
+
+stage_train() {
+  local common=(--ranks 1 --steps "${TRAIN_STEPS:-40}" --log_interval 5 --model ds_configs/models/gpt2_small_camex.json
+                --deepspeed_config ds_configs/gpu_zero2_bf16.json --peak_tflops "${PEAK_TFLOPS:-989}")
+  $PY tools/bench_train.py "${common[@]}" --methods "${TRAIN_METHODS:-dense,smoe,euclid,camex,camex-ties}" \
+    --smoe_backend megablocks 2>&1 | tee "$LOGS/train.log"
+  $PY tools/bench_train.py "${common[@]}" --methods smoe --smoe_backend deepspeed 2>&1 | tee "$LOGS/train_smoe_ds.log"
+}
+
+failed=()
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(setup test layer train)
+for stage in "${stages[@]}"; do
+  case $stage in
+    setup) stage_setup ;;  # the others need it
+    test | layer | train) "stage_$stage" || failed+=("$stage") ;;
+    *) echo "gpu_check: unknown stage '$stage' (choose from setup, test, layer, train)" >&2; exit 2 ;;
+  esac
+done
+[ ${#failed[@]} -eq 0 ] || { echo "gpu_check: failed: ${failed[*]}" >&2; exit 1; }
