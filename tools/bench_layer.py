@@ -15,6 +15,7 @@ reference code materialises; it is slow, so it runs in `--naive-repeats` rounds 
     python tools/bench_layer.py --methods camex --repeats 5 --no-naive
     python tools/bench_layer.py --threads 1 --clock cpu     # low-noise proxy: CPU time at one thread
     python tools/bench_layer.py --omp-wait-policy inherit   # OpenMP's default (spinning) wait policy
+    python tools/bench_layer.py --methods camex --no-naive --floor  # + what no merge strategy removes
     python tools/bench_layer.py --device cuda --dtype bfloat16 --d 768 --h 3072 --T 256 --seq 1024  # a GPU
 
 On CUDA the clock is wall time around a synchronised step and the memory is the peak allocated by the
@@ -117,6 +118,66 @@ def _build(args, impl, method):
     return (lambda x: layer(x)[0]), list(layer.parameters())
 
 
+def _floor_parts(args) -> dict:
+    """The parts of a camex step that no merge strategy removes, each timed alone without autograd overhead:
+    the FFN's six GEMMs and GELU on per-segment weights that are already merged (outputs and a chunk of
+    weight gradients preallocated, as the layer's backward keeps them), the same on one dense weight, and the
+    curvature forward + backward of both matrices. Their sum over the dense time is the ratio camex would
+    reach if the merge, the task/base reduction and the gate gradients cost nothing."""
+    import torch
+    import torch.nn.functional as F
+
+    from camex_ds.moe import functional as Fn
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    d, h, n, seg = args.d, args.h, args.experts, args.T
+    segments = args.batch * args.seq // seg
+    chunk = max(1, min(segments, Fn.MERGE_CHUNK_ELEMENTS // (d * h)))
+    def ffn(x, gy, w1, w2, g1, g2, step, pre, y, gh, gx):
+        """Forward and backward of GELU(x w1ᵀ) w2ᵀ into preallocated outputs, weight gradients `step` at a time."""
+        torch.matmul(x, w1.transpose(-1, -2), out=pre)
+        act = F.gelu(pre)
+        torch.matmul(act, w2.transpose(-1, -2), out=y)
+        torch.matmul(gy, w2, out=gh)
+        for s in range(0, x.shape[0], step):
+            torch.matmul(gy[s:s + step].transpose(-1, -2), act[s:s + step], out=g2)
+        g = torch.ops.aten.gelu_backward(gh, pre)
+        torch.matmul(g, w1, out=gx)
+        for s in range(0, x.shape[0], step):
+            torch.matmul(g[s:s + step].transpose(-1, -2), x[s:s + step], out=g1)
+
+    x, gy = torch.randn(segments, seg, d), torch.randn(segments, seg, d)
+    outputs = [torch.empty(segments, seg, k) for k in (h, d, h, d)]
+    per_segment = (x, gy, torch.randn(segments, h, d) * 0.02, torch.randn(segments, d, h) * 0.02,
+                   torch.empty(chunk, h, d), torch.empty(chunk, d, h), chunk, *outputs)
+    one_weight = (x.view(1, -1, d), gy.view(1, -1, d), torch.randn(1, h, d) * 0.02, torch.randn(1, d, h) * 0.02,
+                  torch.empty(1, h, d), torch.empty(1, d, h), 1, *(t.view(1, -1, t.shape[-1]) for t in outputs))
+
+    taus = [torch.randn(n, h, d, requires_grad=True), torch.randn(n, d, h, requires_grad=True)]
+    factors = [[f + 0.01 * torch.randn_like(f) for f in Fn.identity_factors(args.rank, n, *t.shape[1:])] for t in taus]
+    for fs in factors:
+        for f in fs:
+            f.requires_grad_(True)
+
+    def curvature():
+        for t, fs in zip(taus, factors):
+            Fn.apply_curvature(t, fs).backward(torch.ones_like(t))
+        for p in taus + [f for fs in factors for f in fs]:
+            p.grad = None
+
+    parts = {"dense_s": lambda: ffn(*one_weight), "segment_gemms_s": lambda: ffn(*per_segment),
+             "curvature_s": curvature}
+    times = {k: [] for k in parts}
+    for step in range(args.warmup + args.steps):
+        for k, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            if step >= args.warmup:
+                times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _run_one(args) -> dict:
     import torch
 
@@ -194,9 +255,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the parts no merge strategy removes (per-segment FFN GEMMs, curvature) and "
+                         "print the ratio camex would reach if merging, reductions and gate gradients were free")
     args = ap.parse_args(argv)
     if args.impl:
-        print(json.dumps(_run_one(args)))
+        print(json.dumps(_floor_parts(args) if args.impl == "floor" else _run_one(args)))
         return 0
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
@@ -204,6 +268,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
     if args.repeats < 1 or args.steps < 1:
         ap.error("--repeats and --steps must be at least 1")
+    if args.floor and args.device != "cpu":
+        ap.error("--floor times CPU kernels: use it with --device cpu")
 
     def measure(impl, method="euclid"):
         steps, warmup = (args.naive_steps, 1) if impl == "naive" else (args.steps, args.warmup)
@@ -219,9 +285,11 @@ def main(argv=None) -> int:
             sys.exit(f"benchmark of {impl}/{method} failed:\n{out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    dense_runs, ours, naive = [], {m: [] for m in methods}, {m: [] for m in methods}
+    dense_runs, ours, naive, floors = [], {m: [] for m in methods}, {m: [] for m in methods}, []
     for rnd in range(args.repeats):
         dense_runs.append(measure("dense"))
+        if args.floor:
+            floors.append(measure("floor"))
         for method in methods:
             ours[method].append(measure("camex_ds", method))
             if not args.no_naive and rnd < args.naive_repeats:
@@ -259,7 +327,11 @@ def main(argv=None) -> int:
               "steps": args.steps, "torch": torch.__version__, "machine": (torch.cuda.get_device_name() if args.device == "cuda"
                                                                 else f"{platform.machine()}, {os.cpu_count()} cpus"),
               "dense_time_ms": 1e3 * statistics.median(dense_t), "dense_time_ms_spread": [1e3 * v for v in _spread(dense_t)],
-              "dense_peak_mib": dense_peak, "methods": rows}
+              "dense_peak_mib": dense_peak, "methods": rows, "floor": None}
+    if floors:
+        ratios = [(f["segment_gemms_s"] + f["curvature_s"]) / f["dense_s"] for f in floors]
+        result["floor"] = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+        result["floor"].update(free_merge_vs_dense=statistics.median(ratios), free_merge_vs_dense_spread=_spread(ratios))
     if not args.json:
         lo, hi = result["dense_time_ms_spread"]
         print(f"dense FFN on {result['machine']} ({args.dtype}): {result['dense_time_ms']:.1f} ms fwd+bwd "
@@ -277,6 +349,13 @@ def main(argv=None) -> int:
                   if r["naive_time_ms"] is not None else f"{'-':>9} {'-':>6} {'-':>8}")
             print(f"{r['method']:<11} {r['time_ms']:>7.1f} {r['vs_dense_time']:>6.2f}x {f'({lo:.2f}-{hi:.2f})':>11} "
                   f"{pr} {r['peak_mib']:>6.0f} {r['vs_dense_peak']:>6.2f}x {nv}")
+    if result["floor"] and not args.json:
+        f = result["floor"]
+        print(f"floor (no autograd, preallocated outputs): dense GEMMs+GELU {1e3 * f['dense_s']:.1f} ms, per-segment "
+              f"GEMMs+GELU {1e3 * f['segment_gemms_s']:.1f} ms ({f['segment_gemms_s'] / f['dense_s']:.2f}x), curvature "
+              f"fwd+bwd {1e3 * f['curvature_s']:.1f} ms ({f['curvature_s'] / f['dense_s']:.2f}x): camex with a free "
+              f"merge, reduction and gate gradients would be {f['free_merge_vs_dense']:.2f}x dense "
+              "({:.2f}-{:.2f} over rounds; medians of each part)".format(*f["free_merge_vs_dense_spread"]))
     print(json.dumps(result))
     return 0
 
