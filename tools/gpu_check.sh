@@ -10,6 +10,9 @@
 # are compiled here for this GPU's architecture only (TORCH_CUDA_ARCH_LIST, default from the device).
 # Built wheels are copied to $OUT/wheels when $OUT is set, so a later machine can skip the compile.
 set -euo pipefail
+if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0
+fi
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/camex_site}
@@ -69,14 +72,16 @@ stage_train() {
   $PY tools/bench_train.py "${common[@]}" --methods smoe --smoe_backend deepspeed 2>&1 | tee "$LOGS/train_smoe_ds.log"
 }
 
-failed=()
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(setup test layer train)
 for stage in "${stages[@]}"; do
   case $stage in
-    setup) stage_setup ;;  # the others need it
-    test | layer | train) "stage_$stage" || failed+=("$stage") ;;
+    setup | test | layer | train) ;;
     *) echo "gpu_check: unknown stage '$stage' (choose from setup, test, layer, train)" >&2; exit 2 ;;
   esac
+done
+failed=()
+for stage in "${stages[@]}"; do
+  if [ "$stage" = setup ]; then stage_setup; else "stage_$stage" || failed+=("$stage"); fi  # the others need setup
 done
 [ ${#failed[@]} -eq 0 ] || { echo "gpu_check: failed: ${failed[*]}" >&2; exit 1; }
