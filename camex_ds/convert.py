@@ -860,6 +860,18 @@ def _dtype_name(dtype) -> str:
 # fold
 
 
+def _curvature_factors(state: dict, key: str, rank: int, shape) -> tuple:
+    """One expert matrix's four factors (float64) from a state dict: flat (`key.flat`) or, as older
+    checkpoints hold them, separately (`key.a` ... `key.d`)."""
+    from .moe import functional as Fn
+    from .moe.layer import split_factors
+
+    if key + ".flat" in state:
+        dims = Fn.kron_factor_shape(shape[0]) + Fn.kron_factor_shape(shape[1])
+        return split_factors(state[key + ".flat"].double(), [(rank, k, k) for k in dims])
+    return tuple(state[f"{key}.{f}"].double() for f in "abcd")
+
+
 def fold(input_dir: PathLike, output: PathLike) -> dict:
     """Fold each expert's (constant) curvature into its task vector: E'_i = B + m_i ⊙ M_i(E_i − B).
 
@@ -887,8 +899,9 @@ def fold(input_dir: PathLike, output: PathLike) -> dict:
             base = state[f"{prefix}.base.{mat}"].double()
             experts = torch.stack([state[f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{e}.{mat}"].double()
                                    for e in range(count)])
-            factors = [torch.stack([state[f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{e}.curvature.{mat}.{f}"]
-                                    .double() for e in range(count)], dim=1) for f in "abcd"]
+            factors = [torch.stack(fs, dim=1) for fs in zip(*(
+                _curvature_factors(state, f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{e}.curvature.{mat}",
+                                   cfg.moe.curvature_rank, base.shape) for e in range(count)))]
             tau = experts - base
             curved = Fn.apply_curvature(tau, factors)
             if cfg.moe.mask == "ties":

@@ -312,7 +312,7 @@ def test_load_state_into_and_global_expert_names(tmp_path):
     load_state_into(other, src)
     for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), n
-    name = "blocks.1.ffn.deepspeed_moe.experts.deepspeed_experts.1.curvature.w_in.a"
+    name = "blocks.1.ffn.deepspeed_moe.experts.deepspeed_experts.1.curvature.w_in.flat"
     assert global_expert_name(name, ep_rank=1, local_count=2) == name.replace("experts.1.", "experts.3.")
     assert global_expert_name("blocks.1.ffn.base.w_in", 1, 2) == "blocks.1.ffn.base.w_in"
 

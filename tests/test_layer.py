@@ -10,6 +10,7 @@ from torch.func import functional_call
 import reference as ref
 from camex_ds.config import ConfigError
 from camex_ds.moe import CAMExMoE, MergeChain
+from camex_ds.moe.layer import split_factors
 from camex_ds.moe import functional as Fn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -44,8 +45,8 @@ def params_of(layer):
     experts = {n: torch.stack([getattr(e, n) for e in experts_list]).detach() for n in names}
     factors = None
     if experts_list[0].curvature is not None:
-        factors = {n: tuple(torch.stack([getattr(e.curvature[n], a) for e in experts_list], 1).detach()
-                            for a in "abcd") for n in names}
+        factors = {n: tuple(torch.stack(fs, 1).detach() for fs in zip(*(e.curvature[n].tensors() for e in experts_list)))
+                   for n in names}
     base = None if layer.base is None else {n: layer.base[n].detach() for n in names}
     return base, experts, factors, layer.router.w_gate.detach()
 
@@ -330,7 +331,7 @@ def test_only_expert_container_names_contain_expert(method, variant, activation)
         if "expert" in name:
             assert name.startswith(EXPERT_PREFIX), name
     stored = 3 if variant == "static" else 2
-    per_matrix = 5 if method.startswith("camex") else 1  # the matrix and its four factors
+    per_matrix = 2 if method.startswith("camex") else 1  # the matrix and its factors, stored flat
     expert_params = [(n, p) for n, p in layer.named_parameters() if n.startswith(EXPERT_PREFIX)]
     assert len(expert_params) == stored * len(layer.shapes) * per_matrix
     assert {n[len(EXPERT_PREFIX):].split(".")[0] for n, _ in expert_params} == {str(i) for i in range(stored)}
@@ -339,6 +340,27 @@ def test_only_expert_container_names_contain_expert(method, variant, activation)
             assert p.allreduce is False and p.group_name == "ep_size_1", name
         else:
             assert getattr(p, "allreduce", True), name
+
+
+def test_factors_are_views_of_one_flat_parameter_and_old_checkpoints_load():
+    """Each expert matrix keeps its four factors in one parameter (one per matrix for the engine to track);
+    a state dict that holds them as `.a`..`.d` (older checkpoints) loads into it unchanged."""
+    layer = make("camex-ties", perturb=0.3, curvature_rank=2)
+    kron = layer.local_experts[0].curvature["w_in"]
+    a, b, c, d = kron.tensors()
+    assert [tuple(f.shape) for f in (a, b, c, d)] == [(2, 2, 2), (2, 5, 5), (2, 2, 2), (2, 3, 3)]
+    assert all(f.data_ptr() >= kron.flat.data_ptr() for f in (a, b, c, d))  # views, no copies
+    old = {}
+    for key, value in layer.state_dict().items():
+        if key.endswith(".flat"):
+            module = layer.get_submodule(key[:-len(".flat")])
+            old.update({key[:-len("flat")] + n: f.clone() for n, f in zip("abcd", split_factors(value, module.shapes))})
+        else:
+            old[key] = value
+    fresh = make("camex-ties", seed=5, curvature_rank=2)
+    fresh.load_state_dict(old, strict=True)
+    for (k, v), (_, w) in zip(layer.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(v, w), k
 
 
 # =========================================================================== gradchecks

@@ -6,6 +6,7 @@ them. Tokens never move between ranks: the owners' curved task vectors are all-g
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,15 +35,37 @@ class MergeChain:
 
 
 class KronFactors(nn.Module):
-    """One matrix's curvature factors `A [R,o1,o1], B [R,o2,o2], C [R,i1,i1], D [R,i2,i2]`, identity at start."""
+    """One matrix's curvature factors `A [R,o1,o1], B [R,o2,o2], C [R,i1,i1], D [R,i2,i2]`, identity at start.
+
+    They are stored as one flat parameter `flat = [A | B | C | D]` and read as views: a training engine pays
+    per parameter (gradient hooks, buckets, clipping, optimizer state), and on a GPU four tiny tensors per
+    matrix and expert cost more in that bookkeeping than the curvature's arithmetic. Checkpoints that hold
+    the four factors separately (`.a`, `.b`, `.c`, `.d`) still load.
+    """
 
     def __init__(self, rank: int, out_features: int, in_features: int):
         super().__init__()
-        for name, f in zip("abcd", Fn.identity_factors(rank, 1, out_features, in_features)):
-            setattr(self, name, nn.Parameter(f[:, 0].contiguous()))
+        eyes = [f[:, 0] for f in Fn.identity_factors(rank, 1, out_features, in_features)]
+        self.shapes = [tuple(f.shape) for f in eyes]
+        self.flat = nn.Parameter(torch.cat([f.flatten() for f in eyes]))
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return self.a, self.b, self.c, self.d
+        return split_factors(self.flat, self.shapes)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "flat" not in state_dict and all(prefix + k in state_dict for k in "abcd"):
+            state_dict[prefix + "flat"] = torch.cat([state_dict.pop(prefix + k).flatten() for k in "abcd"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def split_factors(flat: Tensor, shapes) -> tuple[Tensor, ...]:
+    """Views of the four factors in `flat [..., Σ R·k²]` (leading dims kept): `[..., R, k, k]` each."""
+    views, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[..., start:start + size].unflatten(-1, shape))
+        start += size
+    return tuple(views)
 
 
 class CurvedExpert(nn.Module):
@@ -149,10 +172,12 @@ class CAMExMoE(MoE):
         return torch.stack([getattr(e, name) for e in self.local_experts])
 
     def _stacked_factors(self, name: str) -> Optional[list[Tensor]]:
+        """The local experts' factors of matrix `name` as `[R, n, k, k]` views of one stacked tensor."""
         if not self.args.curved:
             return None
-        per_expert = [e.curvature[name].tensors() for e in self.local_experts]
-        return [torch.stack(fs, dim=1) for fs in zip(*per_expert)]
+        factors = [e.curvature[name] for e in self.local_experts]
+        stacked = torch.stack([f.flat for f in factors])  # [n, Σ R·k²]: one copy for all four factors
+        return [f.transpose(0, 1) for f in split_factors(stacked, factors[0].shapes)]
 
     def _local_mask(self, like: Tensor):
         if self.args.mask == "dare":
