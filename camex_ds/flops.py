@@ -99,11 +99,9 @@ def _factor_elements_per_expert(cfg: ModelConfig) -> int:
 
 def smoe_backend(cfg: ModelConfig, backend: Optional[str] = None) -> str:
     """The SMoE implementation the model would build: 'deepspeed' or 'megablocks' ('auto' resolved here)."""
-    backend = backend or cfg.moe.backend
-    if backend == "auto":
-        from .moe.token_moe import megablocks_available
-        backend = "megablocks" if megablocks_available() and cfg.moe.ep_size == 1 else "deepspeed"
-    return backend
+    from .moe.token_moe import resolve_backend
+
+    return resolve_backend(backend or cfg.moe.backend, cfg.moe.ep_size)
 
 
 def smoe_capacity(cfg: ModelConfig, tokens: int) -> int:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .config import ConfigError, ModelConfig, MoEConfig
 from .moe import CAMExMoE, MergeChain
 from .moe.ffn import FFN
-from .moe.token_moe import MegaBlocksMoE, TokenMoE, megablocks_available
+from .moe.token_moe import MegaBlocksMoE, TokenMoE, resolve_backend
 
 
 @dataclass
@@ -54,10 +54,7 @@ def build_moe_layer(cfg: ModelConfig, chain_start: bool) -> nn.Module:
                         curvature_rank=moe.curvature_rank, alpha=moe.alpha, activation=cfg.activation,
                         noisy_gating=moe.noisy_gating, aux_loss_coef=moe.aux_loss_coef, dare_p=moe.dare_p,
                         dynamic=moe.dynamic, chain_start=chain_start, init_std=cfg.init_std)
-    backend = moe.backend
-    if backend == "auto":
-        backend = "megablocks" if megablocks_available() and moe.ep_size == 1 else "deepspeed"
-    if backend == "megablocks":
+    if resolve_backend(moe.backend, moe.ep_size) == "megablocks":
         return MegaBlocksMoE(d, h, moe.num_experts, top_k=moe.k, activation=cfg.activation,
                              aux_loss_coef=moe.aux_loss_coef, init_std=cfg.init_std)
     return TokenMoE(d, h, moe.num_experts, top_k=moe.k, ep_size=moe.ep_size, activation=cfg.activation,

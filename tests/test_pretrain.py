@@ -105,7 +105,8 @@ def test_two_launchers_on_loopback_match_one_launcher(tmp_path, cache):
     assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in a)
 
 
-@pytest.mark.parametrize("case", ["missing_data", "empty_corpus", "segment_len", "method", "ep_size", "resume"])
+@pytest.mark.parametrize("case", ["missing_data", "empty_corpus", "segment_len", "method", "ep_size", "resume",
+                                  "megablocks_fp32"])
 def test_bad_input_is_one_line(tmp_path, cache, case):
     model = dict(TINY)
     extra = []
@@ -123,6 +124,8 @@ def test_bad_input_is_one_line(tmp_path, cache, case):
         extra = ["--ep_size", 3]
     elif case == "resume":
         extra = ["--resume"]
+    elif case == "megablocks_fp32":  # the default DeepSpeed config trains in fp32
+        model = dict(TINY, moe={"method": "smoe", "num_experts": 4, "every": 2, "backend": "megablocks"})
     args = ["--model_config", _write(tmp_path / "m.json", model), "--cache_dir", cache,
             "--output_dir", tmp_path / "out", "--max_steps", 2, "--no_progress", *extra]
     proc = distributed.python(LAUNCHER, *args, check=False)
@@ -130,7 +133,8 @@ def test_bad_input_is_one_line(tmp_path, cache, case):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     expected = {"missing_data": "does not exist", "empty_corpus": "no documents", "segment_len": "seq_len=72",
-                "method": "'camx'", "ep_size": "ep_size=3", "resume": "no checkpoint"}[case]
+                "method": "'camx'", "ep_size": "ep_size=3", "resume": "no checkpoint",
+                "megablocks_fp32": "runs in bf16 only"}[case]
     assert err[-1].startswith("error: ") and expected in err[-1], err[-1]
 
 

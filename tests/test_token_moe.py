@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from camex_ds.model import build_model
-from camex_ds.moe.token_moe import MegaBlocksMoE, TokenMoE, megablocks_available
+from camex_ds.moe import token_moe
+from camex_ds.moe.token_moe import MegaBlocksMoE, TokenMoE, megablocks_available, resolve_backend
 
 
 def _cfg(backend: str) -> dict:
@@ -26,6 +27,17 @@ def test_auto_backend_without_cuda_uses_deepspeed_moe():
     out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.aux_loss > 0
+
+
+def test_auto_backend_picks_megablocks_only_where_it_runs(monkeypatch):
+    """'auto' -> MegaBlocks only with CUDA + the package, ep_size 1 and bf16 (its grouped GEMM is bf16-only)."""
+    monkeypatch.setattr(token_moe, "megablocks_available", lambda: True)
+    assert resolve_backend("auto", 1, bf16=True) == "megablocks"
+    assert resolve_backend("auto", 1, bf16=False) == "deepspeed"
+    assert resolve_backend("auto", 2, bf16=True) == "deepspeed"
+    assert resolve_backend("deepspeed", 1, bf16=True) == "deepspeed"
+    monkeypatch.setattr(token_moe, "megablocks_available", lambda: False)
+    assert resolve_backend("auto", 1, bf16=True) == "deepspeed"
 
 
 def test_megablocks_backend_without_cuda_is_a_clear_error():

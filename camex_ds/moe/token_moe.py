@@ -19,6 +19,14 @@ def megablocks_available() -> bool:
     return True
 
 
+def resolve_backend(backend: str, ep_size: int, bf16: bool = True) -> str:
+    """`moe.backend` as built: 'auto' is MegaBlocks where it can run (CUDA, the package, ep_size 1, bf16:
+    its grouped GEMM is bf16-only), else DeepSpeed's MoE; an explicit choice is kept."""
+    if backend != "auto":
+        return backend
+    return "megablocks" if bf16 and ep_size == 1 and megablocks_available() else "deepspeed"
+
+
 class TokenMoE(MoE):
     """DeepSpeed's top-k gated MoE (capacity-padded, all-to-all under EP) with our FFN as the expert.
 

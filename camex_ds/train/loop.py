@@ -23,6 +23,7 @@ from ..flops import flops_per_token, peak_flops
 from ..data import BatchLoader, DataError, bits_per_byte, prepare_data, validation_batches
 from ..model import GPT, save_config
 from ..moe.comm import TRAFFIC
+from ..moe.token_moe import resolve_backend
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .metrics import MetricsLogger, curvature_stats, router_stats
@@ -113,6 +114,12 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
             raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
     cfg = load_model_config(args)
     ds = deepspeed_config(args)
+    if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
+        bf16 = bool(ds.get("bf16", {}).get("enabled"))
+        if cfg.moe.backend == "megablocks" and not bf16:
+            raise ConfigError("moe.backend='megablocks' runs in bf16 only (its grouped GEMM): enable bf16 in the "
+                              "DeepSpeed config (\"bf16\": {\"enabled\": true}) or use moe.backend 'deepspeed' or 'auto'")
+        cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16))
     if args.resume and checkpoint.latest_tag(Path(args.output_dir) / "checkpoints") is None:
         raise CheckpointError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'} "
                               "(no complete 'latest'); run without --resume to start fresh")
