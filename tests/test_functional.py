@@ -1,6 +1,7 @@
 """`camex_ds.moe.functional` (spec §5) against the independent float64 reference in `tests/reference.py`,
 plus dtype preservation, gradchecks and argument errors."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -312,6 +313,25 @@ def test_merged_linear_matches_reference(monkeypatch, chunk):
     got = Fn.merged_linear(x, base, task, gates, 0.8)
     w = base + 0.8 * torch.einsum("sn,noi->soi", gates, task)
     close(got, torch.stack([x[i] @ w[i].T for i in range(s)]))
+
+
+@pytest.mark.parametrize("policy", ["cpu", "gpu"])
+def test_merged_linear_gradients_with_each_device_policy(monkeypatch, policy):
+    """The chunk sizes and the blocked gate-gradient reduction a GPU uses, run here on the CPU: same gradients."""
+    s, t, out_f, in_f, n = 6, 3, 8, 4, 3
+    if policy == "gpu":
+        monkeypatch.setattr(Fn, "MERGE_CHUNK_ELEMENTS", Fn.MERGE_CHUNK_ELEMENTS_GPU)
+        monkeypatch.setattr(Fn, "_reduction_blocks", lambda a: math.gcd(a.shape[1], 1024))
+        assert Fn._reduction_blocks(rnd(2, out_f * in_f)) == 32
+    x, base, task = rnd(s, t, in_f), rnd(out_f, in_f), rnd(n, out_f, in_f)
+    gates = rand_gates(s, n)
+    leaves = [v.requires_grad_() for v in (x, base, task, gates)]
+    Fn.merged_linear(x, base, task, gates, 0.8).square().sum().backward()
+    want = [v.detach().requires_grad_() for v in leaves]
+    w = want[1] + 0.8 * torch.einsum("sn,noi->soi", want[3], want[2])
+    torch.einsum("sti,soi->sto", want[0], w).square().sum().backward()
+    for got, ref_leaf in zip(leaves, want):
+        close(got.grad, ref_leaf.grad)
 
 
 def _ffn_inputs(activation, n, d, h, dynamic, s, rank, mask_kind):

@@ -325,16 +325,21 @@ def _segment_chunk(num_segments: int, weight_numel: int, like: Tensor) -> int:
     return max(1, min(num_segments, limit // max(1, weight_numel)))
 
 
+def _reduction_blocks(a: Tensor) -> int:
+    """How many blocks `_row_inner_products` splits the width into: a few per CPU thread, up to 1024 on a GPU."""
+    width = a.shape[1]
+    if a.device.type != "cpu":
+        return math.gcd(width, 1024)
+    blocks = 2 * torch.get_num_threads()
+    return 1 if blocks == 2 or width % blocks else blocks
+
+
 def _row_inner_products(a: Tensor, b: Tensor) -> Tensor:
     """`a @ b.T` for short, very wide `a [m,P]`, `b [k,P]`: BLAS runs such a reduction on one core (cuBLAS on a
-    few thread blocks), so split P into blocks (a few per CPU thread; up to 1024 on a GPU), batch, and sum."""
-    width = a.shape[1]
-    if a.device.type == "cpu":
-        blocks = 2 * torch.get_num_threads()
-        if blocks == 2 or width % blocks:
-            return a @ b.t()
-    else:
-        blocks = math.gcd(width, 1024)
+    few thread blocks), so split P into `_reduction_blocks` blocks, batch them, and sum."""
+    blocks = _reduction_blocks(a)
+    if blocks == 1:
+        return a @ b.t()
     a3 = a.view(a.shape[0], blocks, -1).transpose(0, 1)
     b3 = b.view(b.shape[0], blocks, -1).transpose(0, 1)
     return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
