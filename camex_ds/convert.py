@@ -863,12 +863,10 @@ def _dtype_name(dtype) -> str:
 def _curvature_factors(state: dict, key: str, rank: int, shape) -> tuple:
     """One expert matrix's four factors (float64) from a state dict: flat (`key.flat`) or, as older
     checkpoints hold them, separately (`key.a` ... `key.d`)."""
-    from .moe import functional as Fn
-    from .moe.layer import split_factors
+    from .moe.layer import factor_shapes, split_factors
 
     if key + ".flat" in state:
-        dims = Fn.kron_factor_shape(shape[0]) + Fn.kron_factor_shape(shape[1])
-        return split_factors(state[key + ".flat"].double(), [(rank, k, k) for k in dims])
+        return split_factors(state[key + ".flat"].double(), factor_shapes(rank, *shape))
     return tuple(state[f"{key}.{f}"].double() for f in "abcd")
 
 

@@ -133,7 +133,7 @@ def _floor_parts(args) -> dict:
     torch.manual_seed(0)
     d, h, n, seg = args.d, args.h, args.experts, args.T
     segments = args.batch * args.seq // seg
-    chunk = max(1, min(segments, Fn.MERGE_CHUNK_ELEMENTS // (d * h)))
+
     def ffn(x, gy, w1, w2, g1, g2, step, pre, y, gh, gx):
         """Forward and backward of GELU(x w1ᵀ) w2ᵀ into preallocated outputs, weight gradients `step` at a time."""
         torch.matmul(x, w1.transpose(-1, -2), out=pre)
@@ -148,6 +148,7 @@ def _floor_parts(args) -> dict:
             torch.matmul(g[s:s + step].transpose(-1, -2), x[s:s + step], out=g1)
 
     x, gy = torch.randn(segments, seg, d), torch.randn(segments, seg, d)
+    chunk = Fn._segment_chunk(segments, d * h, x)  # the merged layer's weight-gradient chunk
     outputs = [torch.empty(segments, seg, k) for k in (h, d, h, d)]
     per_segment = (x, gy, torch.randn(segments, h, d) * 0.02, torch.randn(segments, d, h) * 0.02,
                    torch.empty(chunk, h, d), torch.empty(chunk, d, h), chunk, *outputs)

@@ -45,9 +45,9 @@ class KronFactors(nn.Module):
 
     def __init__(self, rank: int, out_features: int, in_features: int):
         super().__init__()
-        eyes = [f[:, 0] for f in Fn.identity_factors(rank, 1, out_features, in_features)]
-        self.shapes = [tuple(f.shape) for f in eyes]
-        self.flat = nn.Parameter(torch.cat([f.flatten() for f in eyes]))
+        self.shapes = factor_shapes(rank, out_features, in_features)
+        self.flat = nn.Parameter(torch.cat([f.flatten() for f in Fn.identity_factors(rank, 1, out_features,
+                                                                                      in_features)]))
 
     def tensors(self) -> tuple[Tensor, ...]:
         return split_factors(self.flat, self.shapes)
@@ -56,6 +56,12 @@ class KronFactors(nn.Module):
         if prefix + "flat" not in state_dict and all(prefix + k in state_dict for k in "abcd"):
             state_dict[prefix + "flat"] = torch.cat([state_dict.pop(prefix + k).flatten() for k in "abcd"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def factor_shapes(rank: int, out_features: int, in_features: int) -> list[tuple[int, int, int]]:
+    """`[R,k,k]` of A, B, C, D for one `[out, in]` matrix (§3)."""
+    dims = Fn.kron_factor_shape(out_features) + Fn.kron_factor_shape(in_features)
+    return [(rank, k, k) for k in dims]
 
 
 def split_factors(flat: Tensor, shapes) -> tuple[Tensor, ...]:

@@ -6,6 +6,7 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from .. import parallel
+from ..config import ConfigError
 from .ffn import FFN, matrix_shapes
 
 
@@ -21,7 +22,10 @@ def megablocks_available() -> bool:
 
 def resolve_backend(backend: str, ep_size: int, bf16: bool = True) -> str:
     """`moe.backend` as built: 'auto' is MegaBlocks where it can run (CUDA, the package, ep_size 1, bf16:
-    its grouped GEMM is bf16-only), else DeepSpeed's MoE; an explicit choice is kept."""
+    its grouped GEMM is bf16-only), else DeepSpeed's MoE; an explicit choice is kept, 'megablocks' only in bf16."""
+    if backend == "megablocks" and not bf16:
+        raise ConfigError("moe.backend='megablocks' runs in bf16 only (its grouped GEMM): enable bf16 in the "
+                          "DeepSpeed config (\"bf16\": {\"enabled\": true}) or use moe.backend 'deepspeed' or 'auto'")
     if backend != "auto":
         return backend
     return "megablocks" if bf16 and ep_size == 1 and megablocks_available() else "deepspeed"

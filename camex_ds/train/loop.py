@@ -116,9 +116,6 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
     ds = deepspeed_config(args)
     if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
         bf16 = bool(ds.get("bf16", {}).get("enabled"))
-        if cfg.moe.backend == "megablocks" and not bf16:
-            raise ConfigError("moe.backend='megablocks' runs in bf16 only (its grouped GEMM): enable bf16 in the "
-                              "DeepSpeed config (\"bf16\": {\"enabled\": true}) or use moe.backend 'deepspeed' or 'auto'")
         cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16))
     if args.resume and checkpoint.latest_tag(Path(args.output_dir) / "checkpoints") is None:
         raise CheckpointError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'} "
