@@ -1,6 +1,7 @@
 """Process-group set-up: under a DeepSpeed launcher, or as a single local rank for plain `python`."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -16,11 +17,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
+# How long a collective (or the set-up's rendezvous) waits for a peer before failing. torch's default is
+# 30 minutes: a rank that died or stopped would hold every other rank, and the job's GPUs, that long.
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Initialise `torch.distributed` through DeepSpeed (gloo on CPU, nccl on CUDA).
 
     Without a launcher's environment, becomes rank 0 of a world of one, so DeepSpeed's MoE layers,
-    `deepspeed.initialize` and checkpointing work the same in a plain `python` process.
+    `deepspeed.initialize` and checkpointing work the same in a plain `python` process. A collective that
+    waits longer than `timeout_s` for a peer raises instead of hanging, so one lost rank ends the job.
     """
     if dist.is_available() and dist.is_initialized():
         return
@@ -31,7 +38,7 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
     if backend == "gloo":
         _unlink_shm_workspace()
 
@@ -49,6 +56,13 @@ def _unlink_shm_workspace() -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
             f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def shutdown() -> None:
+    """Tear the process group down. A rank that exits with it still alive can abort in gloo's or NCCL's
+    destructors (`terminate called without an active exception`), turning a finished run into a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

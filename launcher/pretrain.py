@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from camex_ds.data import DATA_HELP  # noqa: E402
+from camex_ds.parallel import DEFAULT_TIMEOUT_S  # noqa: E402
 
 DEFAULT_DS_CONFIG = ROOT / "ds_configs" / "cpu.json"
 
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data_seed", type=int, default=1234, help="data-order seed, independent of --seed (%(default)s)")
     ap.add_argument("--peak_tflops", type=float, help="peak TFLOP/s per rank for MFU (default: known-GPU table, or a "
                                                        "CPU matmul probe)")
+    ap.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                    help="seconds a collective waits for a lost or stopped rank before the job fails, instead of "
+                         "torch's 30 minutes (%(default)s)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return ap.parse_args(argv)
@@ -70,9 +74,13 @@ def main(argv=None) -> int:
 
 
 def _train(train_args) -> int:
+    from camex_ds import parallel
     from camex_ds.train import run
 
-    final = run(train_args)
+    try:
+        final = run(train_args)
+    finally:
+        parallel.shutdown()
     if final.get("rank") == 0 and "val_ppl" in final:
         print(f"done: step {final['step']}  train loss {final['train_loss']:.4f}  val loss {final['val_loss']:.4f}  "
               f"val ppl {final['val_ppl']:.2f}  val bpb {final['val_bpb']:.4f}  {final['tokens_per_s']:.0f} tok/s")

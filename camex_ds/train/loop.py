@@ -57,6 +57,7 @@ class TrainArgs:
     progress: bool = True
     peak_tflops: Optional[float] = None
     init_from: Optional[str] = None
+    dist_timeout: float = parallel.DEFAULT_TIMEOUT_S
 
 
 def load_model_config(args: TrainArgs) -> ModelConfig:
@@ -112,6 +113,8 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
         value = getattr(args, name)
         if value < 1:
             raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
+    if not args.dist_timeout > 0:
+        raise ConfigError(f"--dist_timeout={args.dist_timeout} is invalid: expected a number of seconds > 0")
     cfg = load_model_config(args)
     ds = deepspeed_config(args)
     if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
@@ -210,7 +213,7 @@ def run(args: TrainArgs) -> dict:
 
     cfg, ds_config = validate(args)
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
-    parallel.init_distributed()
+    parallel.init_distributed(args.dist_timeout)
     rank, world = parallel.rank(), parallel.world_size()
     is_main = rank == 0
     if is_main:
