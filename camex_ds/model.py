@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError, ModelConfig, MoEConfig
-from .moe import CAMExMoE, MergeChain
+from .moe import CAMExMoE, MergeChain, MicroBatch
 from .moe.ffn import FFN
 from .moe.token_moe import MegaBlocksMoE, TokenMoE, resolve_backend
 
@@ -70,12 +70,13 @@ class Block(nn.Module):
         self.ffn = ffn
         self.is_moe = not isinstance(ffn, FFN)
 
-    def forward(self, x: Tensor, chain: MergeChain) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, x: Tensor, chain: MergeChain,
+                micro_batch: Optional[MicroBatch] = None) -> tuple[Tensor, Optional[Tensor]]:
         x = x + self.attn(self.ln_attn(x))
         h = self.ln_ffn(x)
         if not self.is_moe:
             return x + self.ffn(h), None
-        out, aux, _ = self.ffn(h, chain)
+        out, aux, _ = self.ffn(h, chain, micro_batch)
         return x + out, aux
 
 
@@ -105,7 +106,10 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.qkv.weight, 0.0, std)
             nn.init.normal_(block.attn.proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
 
-    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
+                micro_batch: Optional[MicroBatch] = None) -> ModelOutput:
+        """`micro_batch`: where a training forward sits in its optimizer step (the trainer passes it, from
+        DeepSpeed's engine), so merge layers do their per-step work once per optimizer step."""
         bsz, length = input_ids.shape
         if length > self.config.seq_len:
             raise ValueError(f"input length {length} exceeds the model's seq_len={self.config.seq_len}")
@@ -114,7 +118,7 @@ class GPT(nn.Module):
         chain = MergeChain()
         aux_loss = x.new_zeros(())
         for block in self.blocks:
-            x, aux = block(x, chain)
+            x, aux = block(x, chain, micro_batch)
             if aux is not None:
                 aux_loss = aux_loss + aux
         logits = F.linear(self.ln_f(x), self.wte.weight)

@@ -28,7 +28,7 @@ def results(tmp_path_factory):
 
     def merged(layout):
         parts = [torch.load(out / f"{layout}_rank{r}.pt") for r in range(2 if layout in ("ep2", "dp2") else 1)]
-        return {k: {n: {**parts[-1][k][n], **parts[0][k][n]} for n in parts[0][k] if n != "loss"} for k in parts[0]}
+        return {k: {n: {**parts[-1][k][n], **parts[0][k][n]} for n in parts[0][k] if n in ("before", "after")} for k in parts[0]}
 
     return {layout: merged(layout) for layout in ("ref", "ep2", "dp2", "load")}
 

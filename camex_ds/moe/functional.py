@@ -179,6 +179,20 @@ def _curve(t: Tensor, factors: Factors, mask: Optional[Tensor] = None, sign_tota
     return _Curvature.apply(t3, mask, sign_total, *flat).view(t.shape)
 
 
+def curvature_flops(out_features: int, in_features: int, rank: int) -> int:
+    """Matmul FLOPs of one `M_i` application to an `[out, in]` matrix: `2·R·(o1+o2+i1+i2)·out·in` (§3)."""
+    return 2 * rank * (sum(kron_factor_shape(out_features)) + sum(kron_factor_shape(in_features))) \
+        * out_features * in_features
+
+
+def curvature_backward_flops(out_features: int, in_features: int, rank: int) -> int:
+    """Matmul FLOPs of `_Curvature.backward` for one application: it recomputes the forward's first three
+    products (D, C, B), then runs two GEMMs per factor (the factor's gradient and the gradient flowing on):
+    `2·R·(2·(o1+o2+i1+i2) + i2+i1+o2)·out·in`."""
+    (o1, o2), (i1, i2) = kron_factor_shape(out_features), kron_factor_shape(in_features)
+    return 2 * rank * (2 * (o1 + o2 + i1 + i2) + i2 + i1 + o2) * out_features * in_features
+
+
 def _check_factors(tau: Tensor, factors: Factors) -> None:
     if len(factors) != 4:
         raise ValueError(f"factors must be the four Kronecker factors (A, B, C, D), got {len(factors)} tensors")
@@ -452,6 +466,29 @@ def dynamic_merge(base: Tensor, curved_experts: Tensor, gates: Tensor, factors: 
             raise ValueError(f"mask={mask!r} is invalid: expected one of {', '.join(MASKS)} or a tensor")
         merged = merged + gates[:, i, None, None] * term
     return base + alpha * merged
+
+
+def span_images(basis: Tensor, curved_experts: Tensor, factors: Optional[Factors], mask: Optional[Tensor]) -> Tensor:
+    """`Z_i = m_i ⊙ [M_i(E_i), M_i(V_1), …, M_i(V_K)]` `[n, K+1, out, in]`: a chain layer's images of its own
+    experts (`curved_experts` = `M_i(E_i)`, already computed) and of the chain's span basis `V [K, out, in]`
+    (§4 through the span, see `camex_ds.moe.chain`). `mask` is DARE's `[n, out, in]` multipliers or None."""
+    n, size = curved_experts.shape[0], basis.shape[0]
+    images = basis.unsqueeze(0).expand(n, size, *basis.shape[1:])
+    if factors is not None:
+        images = _curve(images, [f.unsqueeze(2) for f in factors])
+    z = torch.cat([curved_experts.unsqueeze(1), images], 1)
+    return z if mask is None else z * mask.unsqueeze(1)
+
+
+def span_merge(previous: Tensor, gates: Tensor, coef: Tensor, images: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """One chain layer through the span: `Ŵ^l_s = Ŵ^{l−1}_s + α Σ_i g_si (Z_i0 − Σ_j β_sj Z_ij)`, which equals the
+    §4 recursion when `Ŵ^{l−1}_s = Σ_j β_sj V_j` (`coef` = β `[S, K]`), as one GEMM with the coefficients
+    `α g_si · [1, −β_s]`. Returns `Ŵ^l [S,out,in]` and those coefficients `[S, n(K+1)]`."""
+    segments = gates.shape[0]
+    new = (alpha * gates).unsqueeze(2) * torch.cat([coef.new_ones(segments, 1), -coef], 1).unsqueeze(1)
+    new = new.reshape(segments, -1)
+    merged = torch.addmm(previous.reshape(segments, -1), new, images.reshape(new.shape[1], -1))
+    return merged.view_as(previous), new
 
 
 def merge_weights(base: Tensor, experts: Tensor, gates: Tensor, factors: Optional[Factors] = None,

@@ -7,7 +7,6 @@ them. Tokens never move between ranks: the owners' curved task vectors are all-g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,17 +20,9 @@ from .ffn import matrix_shapes
 from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
 from . import comm
 from . import functional as Fn
+from .chain import MergeChain, Span, prefer_span
 from .router import SegmentRouter
-
-
-@dataclass
-class MergeChain:
-    """Carries a dynamic chain's per-segment merged weights `Ŵ^{l-1}_s` to the next layer (§4).
-
-    Make one per forward pass and hand it to every MoE layer in order; static layers ignore it.
-    """
-
-    weights: Optional[dict] = None
+from .step_reuse import MicroBatch, StepReuse
 
 
 class KronFactors(nn.Module):
@@ -112,9 +103,11 @@ def _assumed_ep_rank(ep_size: int) -> int:
 class CAMExMoE(MoE):
     """Segment-routed soft merging of experts: `euclid`, `ties`, `dare` and their curvature-aware twins.
 
-    `forward(hidden_states [B,L,d], chain=None) -> (output, l_aux, exp_counts)`. Dynamic layers
-    (`dynamic=True`) read the previous layer's merged weights from `chain` (a `MergeChain`) and
-    write theirs; the first layer of a chain (`chain_start=True`) owns the base.
+    `forward(hidden_states [B,L,d], chain=None, micro_batch=None) -> (output, l_aux, exp_counts)`. Dynamic
+    layers (`dynamic=True`) read the previous layer's merged weights from `chain` (a `MergeChain`) and
+    write theirs; the first layer of a chain (`chain_start=True`) owns the base. With `micro_batch` (where a
+    training forward sits in its optimizer step), the work that depends on parameters alone is done once per
+    optimizer step (`StepReuse`).
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, method: str = "camex",
@@ -153,6 +146,11 @@ class CAMExMoE(MoE):
         self.router = SegmentRouter(hidden_size, self.args.routed_experts, self.args.k,
                                     causal=routing == "causal", first_segment=first_segment,
                                     noisy_gating=noisy_gating, aux_loss_coef=aux_loss_coef, init_std=init_std)
+        self.step_reuse = StepReuse()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.step_reuse.clear()  # values made from the old parameters
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def _init_experts(self, experts: Experts, init_std: float) -> None:
@@ -177,13 +175,20 @@ class CAMExMoE(MoE):
     def _stacked(self, name: str) -> Tensor:
         return torch.stack([getattr(e, name) for e in self.local_experts])
 
-    def _stacked_factors(self, name: str) -> Optional[list[Tensor]]:
-        """The local experts' factors of matrix `name` as `[R, n, k, k]` views of one stacked tensor."""
+    def _factor_stack(self, name: str, group=None) -> Tensor:
+        """The curvature factors of matrix `name` as one `[n, Σ R·k²]` stack: the local experts', or with `group`
+        every expert's (all-gathered, differentiable)."""
+        stacked = torch.stack([e.curvature[name].flat for e in self.local_experts])  # one copy for all four
+        return stacked if group is None else comm.gather_experts(stacked, group)
+
+    def _factor_views(self, name: str, stack: Tensor) -> list[Tensor]:
+        """`[R, n, k, k]` views of the factors A, B, C, D in a factor stack."""
+        return [f.transpose(0, 1) for f in split_factors(stack, self.local_experts[0].curvature[name].shapes)]
+
+    def _stacked_factors(self, name: str, group=None) -> Optional[list[Tensor]]:
         if not self.args.curved:
             return None
-        factors = [e.curvature[name] for e in self.local_experts]
-        stacked = torch.stack([f.flat for f in factors])  # [n, Σ R·k²]: one copy for all four factors
-        return [f.transpose(0, 1) for f in split_factors(stacked, factors[0].shapes)]
+        return self._factor_views(name, self._factor_stack(name, group))
 
     def _local_mask(self, like: Tensor):
         if self.args.mask == "dare":
@@ -199,31 +204,84 @@ class CAMExMoE(MoE):
         task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total)
         return comm.gather_experts(task, group)
 
-    def _dynamic_weights(self, name: str, previous: Tensor, gates: Tensor, group) -> Tensor:
-        """`Ŵ^l_s` from `Ŵ^{l-1}_s`: gather `M(E)` and the factors, then merge per segment (§4)."""
+    def _curved_experts(self, name: str, group) -> Tensor:
+        """Every expert's `M_i(E_i)`, curved by its owner and all-gathered (§4, §7)."""
         experts = self._stacked(name)
         factors = self._stacked_factors(name)
-        curved = experts if factors is None else Fn.apply_curvature(experts, factors)
-        curved = comm.gather_experts(curved, group)
-        if factors is not None:
-            factors = [comm.gather_experts(f, group, dim=1) for f in factors]
-        mask = self._local_mask(experts)
-        raw = None
-        if isinstance(mask, Tensor):
-            mask = comm.gather_experts(mask, group)
+        return comm.gather_experts(experts if factors is None else Fn.apply_curvature(experts, factors), group)
+
+    def _dare_mask(self, name: str, group) -> Optional[Tensor]:
+        """DARE's `[n, out, in]` multipliers of every expert (each owner draws its own), or None."""
+        mask = self._local_mask(self._stacked(name).detach())
+        return comm.gather_experts(mask, group) if isinstance(mask, Tensor) else None
+
+    def _reuse(self, key: str, compute, micro_batch: Optional[MicroBatch]) -> tuple[Tensor, Tensor]:
+        return self.step_reuse.get(key, compute, micro_batch)
+
+    def _segment_weights(self, name: str, previous: Tensor, gates: Tensor, group,
+                         micro_batch: Optional[MicroBatch]) -> Tensor:
+        """`Ŵ^l_s` from `Ŵ^{l-1}_s` segment by segment (§4); what depends on parameters alone is reused per step."""
+        curved = self._reuse(f"curved.{name}", lambda: self._curved_experts(name, group), micro_batch)[0]
+        factors = None
+        if self.args.curved:
+            stack = self._reuse(f"factors.{name}", lambda: self._factor_stack(name, group), micro_batch)[0]
+            factors = self._factor_views(name, stack)
+        mask, raw = self.args.mask, None
+        if mask == "dare":
+            mask = self._reuse(f"mask.{name}", lambda: self._dare_mask(name, group), micro_batch)[0] \
+                if self.training else "none"
         elif mask == "ties":
-            raw = comm.gather_experts(experts.detach(), group)
+            raw = self._reuse(f"raw.{name}", lambda: comm.gather_experts(self._stacked(name).detach(), group),
+                              micro_batch)[0]
         return Fn.dynamic_merge(previous, curved, gates, factors, mask, self.args.alpha, raw_experts=raw)
 
-    def _chain_weights(self, chain: Optional[MergeChain], gates: Tensor, group) -> dict:
-        """Per-segment merged weights of a dynamic layer: from its own base at the chain's start, else from `chain`."""
+    def _span_images(self, name: str, span: Span, group) -> Tensor:
+        """This layer's images `Z [n, K+1, out, in]` of its experts and of the chain's span basis (per step)."""
+        mask = self._dare_mask(name, group) if self.args.mask == "dare" else None
+        return Fn.span_images(torch.cat(span.blocks), self._curved_experts(name, group),
+                              self._stacked_factors(name, group), mask)
+
+    def _takes_span(self, name: str, span: Optional[Span], segments: int, micro_batch: Optional[MicroBatch]) -> bool:
+        """Whether matrix `name` goes through the span: decided at the step's first micro-batch, kept for the step."""
+        if self.step_reuse.holds(f"span.{name}", micro_batch):
+            return True
+        if self.step_reuse.holds(f"curved.{name}", micro_batch):
+            return False
+        out_f, in_f = self.shapes[name]
+        rank = self.args.curvature_rank
+        curvature = Fn.curvature_flops(out_f, in_f, rank) + Fn.curvature_backward_flops(out_f, in_f, rank) \
+            if self.args.curved else 0
+        return prefer_span(None if span is None else span.size, self.args.routed_experts, segments,
+                           1 if micro_batch is None else micro_batch.accumulation, out_f * in_f, curvature)
+
+    def _chain_weights(self, chain: Optional[MergeChain], gates: Tensor, group,
+                       micro_batch: Optional[MicroBatch]) -> tuple[dict, dict]:
+        """Per-segment merged weights of a dynamic layer and their spans: from its own base at the chain's start,
+        else from `chain`, each matrix through the span or segment by segment, whichever is cheaper."""
+        alpha, segments = self.args.alpha, gates.shape[0]
+        spannable = self.args.mask != "ties"  # a per-segment election is not linear in Ŵ
+        weights, spans = {}, {}
         if self.base is not None:
-            return {n: Fn.merge_rows(self.base[n], self._task_vectors(n, group).flatten(1), gates, self.args.alpha)
-                    for n in self.shapes}
+            coef = torch.cat([gates.new_ones(segments, 1), alpha * gates], 1)
+            for n in self.shapes:
+                task, task_kept = self._reuse(f"task.{n}", lambda n=n: self._task_vectors(n, group), micro_batch)
+                weights[n] = Fn.merge_rows(self.base[n], task.flatten(1), gates, alpha)
+                if spannable:
+                    spans[n] = Span([self.base[n].unsqueeze(0), task_kept], coef)
+            return weights, spans
         if chain is None or chain.weights is None:
             raise ValueError("this dynamic layer continues a chain (chain_start=False): pass the MergeChain "
                              "that the previous dynamic layer filled")
-        return {n: self._dynamic_weights(n, chain.weights[n], gates, group) for n in self.shapes}
+        for n in self.shapes:
+            span = chain.spans.get(n) if spannable else None
+            if self._takes_span(n, span, segments, micro_batch):
+                images, images_kept = self._reuse(f"span.{n}", lambda n=n, span=span: self._span_images(n, span, group),
+                                                  micro_batch)
+                weights[n], coef = Fn.span_merge(chain.weights[n], gates, span.coef, images, alpha)
+                spans[n] = Span(span.blocks + [images_kept.flatten(0, 1)], torch.cat([span.coef, coef], 1))
+            else:
+                weights[n] = self._segment_weights(n, chain.weights[n], gates, group, micro_batch)
+        return weights, spans
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
@@ -237,7 +295,8 @@ class CAMExMoE(MoE):
     def segment_len_for(self, seq_len: int) -> int:
         return seq_len if self.args.routing == "sequence" else self.args.segment_len
 
-    def forward(self, hidden_states: Tensor, chain: Optional[MergeChain] = None):
+    def forward(self, hidden_states: Tensor, chain: Optional[MergeChain] = None,
+                micro_batch: Optional[MicroBatch] = None):
         x = hidden_states
         self._check_input(x)
         bsz, length, dim = x.shape
@@ -248,14 +307,15 @@ class CAMExMoE(MoE):
         group = self.deepspeed_moe.ep_group
 
         if self.args.dynamic:
-            weights = self._chain_weights(chain, gates, group)
+            weights, spans = self._chain_weights(chain, gates, group, micro_batch)
             if chain is not None:
-                chain.weights = weights
+                chain.weights, chain.spans = weights, spans
 
             def linear(name, inp):
                 return torch.bmm(inp, weights[name].transpose(1, 2))
         else:
-            tasks = {n: self._task_vectors(n, group) for n in self.shapes}
+            tasks = {n: self._reuse(f"task.{n}", lambda n=n: self._task_vectors(n, group), micro_batch)[0]
+                     for n in self.shapes}
 
             def linear(name, inp):
                 return Fn.merged_linear(inp, self.base[name], tasks[name], gates, self.args.alpha)

@@ -55,7 +55,7 @@ class TokenMoE(MoE):
                 for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
                     getattr(expert, name).copy_(full[ep_rank * self.num_local_experts + j])
 
-    def forward(self, hidden_states: Tensor, chain=None):
+    def forward(self, hidden_states: Tensor, chain=None, micro_batch=None):
         if self.deepspeed_moe.ep_group is None:  # used outside deepspeed.initialize: set up groups ourselves
             parallel.init_distributed()
             self.set_deepspeed_parallelism()
@@ -84,7 +84,7 @@ class MegaBlocksMoE(nn.Module):
                               moe_loss_weight=aux_loss_coef, device=torch.cuda.current_device())
         self.dmoe = dMoE(self.args)
 
-    def forward(self, hidden_states: Tensor, chain=None):
+    def forward(self, hidden_states: Tensor, chain=None, micro_batch=None):
         from megablocks.layers.moe import batched_load_balancing_loss, clear_load_balancing_loss
 
         if hidden_states.dtype != torch.bfloat16:  # its grouped GEMM would fail deep inside with a CHECK

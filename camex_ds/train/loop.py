@@ -22,6 +22,7 @@ from ..config import ConfigError, ModelConfig
 from ..flops import flops_per_token, peak_flops
 from ..data import BatchLoader, DataError, bits_per_byte, prepare_data, validation_batches
 from ..model import GPT, save_config
+from ..moe import MicroBatch
 from ..moe.comm import TRAFFIC
 from ..moe.token_moe import resolve_backend
 from . import checkpoint
@@ -135,6 +136,12 @@ def _param_groups(model: torch.nn.Module) -> list:
         (decay if p.dim() >= 2 and ".curvature." not in name else no_decay).append(p)
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
     return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def micro_batch_of(engine) -> MicroBatch:
+    """Where the engine's next forward sits in its optimizer step, by DeepSpeed's own accumulation counters."""
+    return MicroBatch(step=engine.global_steps, last=engine.is_gradient_accumulation_boundary(),
+                      accumulation=engine.gradient_accumulation_steps())
 
 
 class _StopFlag:
@@ -266,7 +273,7 @@ def run(args: TrainArgs) -> dict:
     while step < args.max_steps:
         for _ in range(accum):
             x, y = next(loader)
-            out = engine(x.to(engine.device), labels=y.to(engine.device))
+            out = engine(x.to(engine.device), labels=y.to(engine.device), micro_batch=micro_batch_of(engine))
             engine.backward(out.loss + out.aux_loss)
             engine.step()
             window_loss += out.loss.detach().item() / accum

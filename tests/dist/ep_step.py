@@ -1,9 +1,11 @@
 """One DeepSpeed optimizer step per (method, ZeRO stage, layout); writes every parameter by global name.
 
 Run under `deepspeed --num_gpus 2` (layouts ep2 and dp2, each rank on its half of a fixed global batch)
-or as plain `python` (layout ref: one rank, ep_size 1, the whole batch). tests/test_expert_parallel.py
-compares the files. Curvature factors are moved away from identity by a seed that depends only on the
-global expert id, so every layout starts from the same model.
+or as plain `python` (layout ref: one rank, ep_size 1, the whole batch). With `--accum K` each rank's part
+of the batch goes through K micro-batches of DeepSpeed's gradient accumulation. tests/test_expert_parallel.py
+and tests/test_step_reuse.py compare the files. Curvature factors are moved away from identity by a seed
+that depends only on the global expert id, so every layout starts from the same model. `camex-dynamic` is a
+dynamic chain of camex layers.
 """
 import argparse
 import json
@@ -17,19 +19,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from camex_ds import parallel  # noqa: E402
 from camex_ds.model import build_model  # noqa: E402
 from camex_ds.moe import CAMExMoE  # noqa: E402
+from camex_ds.moe.comm import TRAFFIC  # noqa: E402
+from camex_ds.train.loop import micro_batch_of  # noqa: E402
 
-GLOBAL_BATCH, SEQ, VOCAB = 4, 32, 64
+GLOBAL_BATCH, SEQ, VOCAB = 8, 32, 64
 
 
 def model_config(method: str, ep_size: int) -> dict:
+    dynamic = method.endswith("-dynamic")
     return {"vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 64, "seq_len": SEQ,
-            "moe": {"method": method, "num_experts": 4, "every": 1, "segment_len": 8, "ep_size": ep_size,
-                    "curvature_rank": 2, "noisy_gating": False, "aux_loss_coef": 0.0,
-                    "alpha": 0.5}}
+            "moe": {"method": method.removesuffix("-dynamic"), "num_experts": 5 if dynamic else 4, "every": 1,
+                    "segment_len": 8, "ep_size": ep_size, "curvature_rank": 2, "noisy_gating": False,
+                    "aux_loss_coef": 0.0, "alpha": 0.5, "dynamic": dynamic}}
 
 
-def ds_config(zero: int, bf16: bool) -> dict:
-    return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // parallel.world_size(), "gradient_accumulation_steps": 1,
+def ds_config(zero: int, bf16: bool, accum: int = 1) -> dict:
+    return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // (parallel.world_size() * accum),
+            "gradient_accumulation_steps": accum,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "eps": 1e-6, "weight_decay": 0.0, "torch_adam": True}},
             "zero_optimization": {"stage": zero}, "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9}
 
@@ -61,7 +67,7 @@ def global_state(model) -> dict:
     return out
 
 
-def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None) -> dict:
+def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, accum: int = 1) -> dict:
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -70,16 +76,20 @@ def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None) ->
     curve_factors(model)
     before = global_state(model)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "p"})
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(zero, bf16))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(zero, bf16, accum))
     data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     per_rank = GLOBAL_BATCH // parallel.world_size()
     local = data[parallel.rank() * per_rank:(parallel.rank() + 1) * per_rank]
-    out = engine(local[:, :-1], labels=local[:, 1:])
-    engine.backward(out.loss)
-    engine.step()
+    sent, losses = TRAFFIC["bytes_sent"], []
+    for micro in local.chunk(accum):
+        out = engine(micro[:, :-1], labels=micro[:, 1:], micro_batch=micro_batch_of(engine))
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.detach().item())
     if save_dir:
         engine.save_checkpoint(save_dir, tag="step1")
-    return {"before": before, "after": global_state(model), "loss": out.loss.detach().item()}
+    return {"before": before, "after": global_state(model), "loss": sum(losses) / accum,
+            "ep_bytes": TRAFFIC["bytes_sent"] - sent}
 
 
 def load_into_ep1(method: str, zero: int, ckpt: str) -> dict:
@@ -102,6 +112,7 @@ def main() -> None:
     ap.add_argument("--methods", default="camex-ties,euclid")
     ap.add_argument("--zero", default="0,1,2")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (micro-batches per step)")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     parallel.init_distributed()
@@ -114,8 +125,9 @@ def main() -> None:
                     results[key] = load_into_ep1(method, zero, os.path.join(args.ckpt, key))
                     continue
                 save = os.path.join(args.ckpt, key) if layout == "ep2" and args.ckpt else None
-                results[key] = one_step(method, zero, 2 if layout == "ep2" else 1, args.bf16, save)
-        torch.save(results, os.path.join(args.out, f"{layout}_rank{parallel.rank()}.pt"))
+                results[key] = one_step(method, zero, 2 if layout == "ep2" else 1, args.bf16, save, args.accum)
+        torch.save(results, os.path.join(args.out, f"{layout}{'' if args.accum == 1 else f'_accum{args.accum}'}"
+                                                   f"_rank{parallel.rank()}.pt"))
         if parallel.rank() == 0:
             print(json.dumps({layout: {k: v.get("loss") for k, v in results.items()}}))
 
