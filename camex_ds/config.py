@@ -68,6 +68,7 @@ class MoEConfig:
     alpha: float = 1.0
     ep_size: int = 1
     dynamic: bool = False
+    chain_length: Optional[int] = None
     noisy_gating: bool = True
     aux_loss_coef: float = 1e-2
     dare_p: float = 0.1
@@ -96,6 +97,10 @@ class MoEConfig:
         check_choice(p + "backend", self.backend, SMOE_BACKENDS)
         if self.backend == "megablocks" and (self.method != "smoe" or self.ep_size != 1):
             _fail(p + "backend", self.backend, "'megablocks' only with method 'smoe' and ep_size 1")
+        if self.chain_length is not None:
+            check_int(p + "chain_length", self.chain_length)
+            if not self.dynamic:
+                _fail(p + "chain_length", self.chain_length, "null unless dynamic is true (it sets the dynamic chains' length)")
         if self.dynamic and self.method == "smoe":
             _fail(p + "dynamic", self.dynamic, "false for method 'smoe' (dynamic merging needs a merging method)")
         n = self.stored_experts
@@ -174,6 +179,14 @@ class ModelConfig:
         if self.moe is None:
             return []
         return [i for i in range(self.n_layers) if (i + 1) % self.moe.every == 0]
+
+    @property
+    def chain_starts(self) -> list[bool]:
+        """For each MoE layer, whether it starts a dynamic chain (owns a base): the first one, and with
+        `moe.chain_length` every `chain_length`-th one; all of them in static models."""
+        moe = self.moe
+        length = (moe.chain_length or len(self.moe_layers)) if moe is not None and moe.dynamic else 1
+        return [idx % length == 0 for idx in range(len(self.moe_layers))]
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":

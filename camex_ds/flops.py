@@ -7,14 +7,15 @@ really executes, op by op, so `FlopCounterMode` on the real model agrees with th
 `tests/test_flops.py`); `docs/flops.md` derives every term.
 
     from camex_ds.flops import flops_per_token, param_counts, peak_flops, mfu
-    f = flops_per_token(cfg, tokens_per_step=8 * cfg.seq_len)   # micro-batch of 8 sequences per rank
+    f = flops_per_token(cfg, micro_batch_tokens=8 * cfg.seq_len, accumulation=4)  # 8 sequences, 4 micro-batches
     f["forward"], f["train"], f["components"]["curvature"]["train"]
     mfu(tokens_per_s, f["train"], peak_flops(dtype="bf16"))
 
-`tokens_per_step` is the number of tokens one rank runs through one forward pass (micro-batch ×
-seq_len). It is *not* multiplied by gradient accumulation: every forward recomputes the curved task
-vectors `M_i(τ_i)`, so the curvature cost is amortised over one micro-batch only; it also sets
-DeepSpeed's SMoE capacity, which is computed from the tokens of one forward call.
+`micro_batch_tokens` is the number of tokens one rank runs through one forward pass (micro-batch × seq_len); it
+sets the per-forward terms and DeepSpeed's SMoE capacity. `accumulation` is DeepSpeed's
+`gradient_accumulation_steps`: in training, merge layers compute what depends on parameters alone (the
+curvature, the dynamic chain's span images) once per optimizer step (`camex_ds.moe.step_reuse`), so those
+terms are shared by `micro_batch_tokens × accumulation` tokens. The eval `forward` computes them every forward.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import torch
 
 from .config import ConfigError, ModelConfig, MoEConfig
 from .moe.ffn import matrix_shapes
-from .moe.functional import kron_factor_shape
+from .moe.chain import next_span_size, prefer_span, start_span_size
+from .moe.functional import curvature_backward_flops, curvature_flops, kron_factor_shape
 
 # DeepSpeed's `TokenMoE` settings (camex_ds/moe/token_moe.py): min_capacity=4, drop_tokens=True.
 SMOE_MIN_CAPACITY = 4
@@ -67,34 +69,27 @@ def _segment_len(cfg: ModelConfig) -> int:
 
 def _ffn_elements(cfg: ModelConfig) -> int:
     """P: elements of one expert FFN (2·d·h for gelu, 3·d·h for swiglu)."""
-    return sum(o * i for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values())
+    return sum(o * i for o, i in _matrices(cfg).values())
+
+
+def _matrices(cfg: ModelConfig) -> dict:
+    return matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
 
 
 def curvature_flops_per_expert(cfg: ModelConfig) -> int:
     """`2·R·Σ_mat (o1+o2+i1+i2)·out·in`: one application of `M_i` to one expert's matrices (§3)."""
-    r = cfg.moe.curvature_rank
-    total = 0
-    for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values():
-        total += 2 * r * (sum(kron_factor_shape(o)) + sum(kron_factor_shape(i))) * o * i
-    return total
+    return sum(curvature_flops(o, i, cfg.moe.curvature_rank) for o, i in _matrices(cfg).values())
 
 
 def curvature_backward_flops_per_expert(cfg: ModelConfig) -> int:
-    """Backward of one `M_i` application (`_Curvature.backward` in moe/functional.py), per expert: it
-    recomputes the forward's first three products (D, C, B: `i2+i1+o2`), then runs two GEMMs per factor
-    (the factor's gradient and the gradient flowing on): `2·R·Σ_mat (2·(o1+o2+i1+i2) + i2+i1+o2)·out·in`."""
-    r = cfg.moe.curvature_rank
-    total = 0
-    for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values():
-        (o1, o2), (i1, i2) = kron_factor_shape(o), kron_factor_shape(i)
-        total += 2 * r * (2 * (o1 + o2 + i1 + i2) + i2 + i1 + o2) * o * i
-    return total
+    """The backward of one `M_i` application to one expert's matrices (`_Curvature.backward`)."""
+    return sum(curvature_backward_flops(o, i, cfg.moe.curvature_rank) for o, i in _matrices(cfg).values())
 
 
 def _factor_elements_per_expert(cfg: ModelConfig) -> int:
     r = cfg.moe.curvature_rank
     return r * sum(sum(k * k for k in kron_factor_shape(o) + kron_factor_shape(i))
-                   for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values())
+                   for o, i in _matrices(cfg).values())
 
 
 def smoe_backend(cfg: ModelConfig, backend: Optional[str] = None) -> str:
@@ -140,14 +135,16 @@ class _Components:
         return out
 
 
-def flops_per_token(cfg: CfgLike, seq_len: Optional[int] = None, tokens_per_step: Optional[int] = None, *,
-                    vocab_size: Optional[int] = None, backend: Optional[str] = None) -> dict:
+def flops_per_token(cfg: CfgLike, seq_len: Optional[int] = None, micro_batch_tokens: Optional[int] = None, *,
+                    accumulation: int = 1, vocab_size: Optional[int] = None, backend: Optional[str] = None) -> dict:
     """Matmul FLOPs per token of the GPT model `cfg` describes, forward and training step.
 
     - `seq_len`: the length of the sequences (default `cfg.seq_len`); sets the attention-score cost.
-    - `tokens_per_step`: tokens one rank processes in one forward pass, micro-batch × seq_len (default:
-      one sequence, `seq_len`). The curvature transform (computed once per forward on each rank for its
-      N/ep experts) is divided by it, and DeepSpeed's SMoE capacity is computed from it.
+    - `micro_batch_tokens`: tokens one rank processes in one forward pass, micro-batch × seq_len (default:
+      one sequence, `seq_len`). DeepSpeed's SMoE capacity and the number of segments come from it.
+    - `accumulation`: micro-batches per optimizer step. In training, the curvature transform (each rank for its
+      N/ep experts) and the dynamic chain's span images are computed once per optimizer step, so they are
+      divided by `micro_batch_tokens × accumulation`; the eval forward divides them by `micro_batch_tokens`.
     - `backend`: override `moe.backend` for smoe ('deepspeed' or 'megablocks').
 
     Returns `forward` (eval-mode forward), `forward_train` (training-mode forward: adds the router's
@@ -159,10 +156,13 @@ def flops_per_token(cfg: CfgLike, seq_len: Optional[int] = None, tokens_per_step
     """
     cfg = _with_seq_len(_as_config(cfg), seq_len)
     length = cfg.seq_len
-    tokens = length if tokens_per_step is None else tokens_per_step
+    tokens = length if micro_batch_tokens is None else micro_batch_tokens
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < length or tokens % length:
-        raise ConfigError(f"tokens_per_step={tokens!r} is invalid: expected a positive multiple of "
+        raise ConfigError(f"micro_batch_tokens={tokens!r} is invalid: expected a positive multiple of "
                           f"seq_len={length} (micro-batch × seq_len tokens per rank per forward)")
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+        raise ConfigError(f"accumulation={accumulation!r} is invalid: expected an integer >= 1 "
+                          "(DeepSpeed's gradient_accumulation_steps)")
     vocab = _vocab(cfg, vocab_size)
     d, n_layers = cfg.d_model, cfg.n_layers
     p = _ffn_elements(cfg)
@@ -186,7 +186,7 @@ def flops_per_token(cfg: CfgLike, seq_len: Optional[int] = None, tokens_per_step
         if moe.method == "smoe":
             _smoe_components(cfg, c, tokens, len(moe_layers), backend, notes)
         else:
-            _merge_components(cfg, c, tokens, moe_layers, notes, elementwise)
+            _merge_components(cfg, c, tokens, accumulation, moe_layers, notes, elementwise)
 
     comps = c.result()
     forward = sum(r["forward"] for r in comps.values())
@@ -202,7 +202,8 @@ def flops_per_token(cfg: CfgLike, seq_len: Optional[int] = None, tokens_per_step
         "elementwise": elementwise,
         "notes": notes,
         "seq_len": length,
-        "tokens_per_step": tokens,
+        "micro_batch_tokens": tokens,
+        "accumulation": accumulation,
         "method": cfg.method,
     }
     for name, row in comps.items():
@@ -234,8 +235,8 @@ def _smoe_components(cfg: ModelConfig, c: _Components, tokens: int, layers: int,
                  "gathers (index_select) in this DeepSpeed, no einsum GEMMs")
 
 
-def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, moe_layers: list, notes: list,
-                      elementwise: dict) -> None:
+def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, accumulation: int, moe_layers: list,
+                      notes: list, elementwise: dict) -> None:
     moe = cfg.moe
     d, p = cfg.d_model, _ffn_elements(cfg)
     seg = _segment_len(cfg)
@@ -243,17 +244,20 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, moe_layers:
     curve = curvature_flops_per_expert(cfg) if moe.curved else 0
     curve_back = curvature_backward_flops_per_expert(cfg) if moe.curved else 0
     noise = 2.0 if moe.noisy_gating else 1.0
-    for idx, _layer in enumerate(moe_layers):
-        chain_start = idx == 0
+    step_tokens = tokens * accumulation  # what a per-step term is shared by in training
+    # The dynamic chain's span size per matrix, for the eval forward (one forward per step) and for training.
+    spans = {plan: {} for plan in ("eval", "train")}
+    for chain_start in cfg.chain_starts:
         # Router on segment means: summary w_g (2·d·N per segment); training adds summary w_noise.
         c.add("router", 2 * d * n / seg, 2.0, train_forward=noise * 2 * d * n / seg)
         # The merged FFN applied to every token: 2P; backward grad x + grad W (2×).
         c.add("experts", 2 * p, 2.0)
-        # Curvature M_i for this rank's N/ep experts, once per forward (4 mode-product GEMMs per matrix);
-        # backward: see curvature_backward_flops_per_expert (≈2.8× forward: recompute, then 2 GEMMs per factor).
+        # Curvature M_i for this rank's N/ep experts, once per forward in eval and once per optimizer step in
+        # training (4 mode-product GEMMs per matrix); backward: see curvature_backward_flops.
         if curve:
             local = n // moe.ep_size
-            c.add("curvature", local * curve / tokens, backward=local * curve_back / tokens)
+            c.add("curvature", local * curve / tokens, train_forward=local * curve / step_tokens,
+                  backward=local * curve_back / step_tokens)
         if not moe.dynamic:
             # _MergedLinear folds the base into the merge GEMM: W = [α g, 1] · [τ̃; B], (S×(N+1))·((N+1)×P)
             # forward. Backward: the same GEMM recomputed, [α g, 1]ᵀ · G for the task and base gradients
@@ -262,16 +266,48 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, moe_layers:
         elif chain_start:
             # Chain start: merge_rows (addmm of N rows, base as the bias) under plain autograd: backward 2×.
             c.add("merge", 2 * n * p / seg, 2.0)
+            for plan in spans.values():
+                plan.update({name: start_span_size(n) if moe.mask != "ties" else None for name in _matrices(cfg)})
         else:
-            # Layer l>1: Ŵ^l_s = Ŵ^{l-1}_s + α Σ_i g (M(E_i) - M(Ŵ^{l-1}_s)) is an elementwise sum over experts:
-            # no GEMM. Its per-segment curvature M_i(Ŵ^{l-1}_s) is 4 GEMMs per segment and expert (§4).
-            elementwise["dynamic_merge"] = elementwise.get("dynamic_merge", 0.0) + 2 * n * p / seg
-            if curve:
-                c.add("dynamic", n * curve / seg, backward=n * curve_back / seg)
+            _chain_layer(cfg, c, tokens, accumulation, spans, elementwise)
     if moe.mask != "none":
         notes.append(f"{moe.mask} masks are elementwise: 0 matmul FLOPs")
     if moe.dynamic and len(moe_layers) > 1:
-        notes.append("dynamic layers l>1 merge elementwise (see 'elementwise'), not by GEMM")
+        notes.append("dynamic layers l>1 take, per matrix, the cheaper exact evaluation of M(Ŵ^{l-1}_s) "
+                     "(camex_ds.moe.chain): through the chain's span (per-step images + one merge GEMM) or "
+                     "segment by segment (4 GEMMs per segment and expert, elementwise merge)")
+
+
+def _chain_layer(cfg: ModelConfig, c: _Components, tokens: int, accumulation: int, spans: dict,
+                 elementwise: dict) -> None:
+    """A dynamic layer l>1 (§4), each matrix as `CAMExMoE._takes_span` evaluates it, for the eval forward (one
+    micro-batch per step) and for training (`accumulation` of them); updates `spans` for the next layer."""
+    moe = cfg.moe
+    n, seg, rank = moe.routed_experts, _segment_len(cfg), moe.curvature_rank
+    segments = tokens // seg
+    rows = {}  # plan -> component -> [forward, backward] per token
+    for plan, acc in (("eval", 1), ("train", accumulation)):
+        rows[plan] = {"dynamic": [0.0, 0.0], "merge": [0.0, 0.0]}
+        for name, (o, i) in _matrices(cfg).items():
+            fwd, back = (curvature_flops(o, i, rank), curvature_backward_flops(o, i, rank)) if moe.curved else (0, 0)
+            size = spans[plan][name]
+            if prefer_span(size, n, segments, acc, o * i, fwd + back):
+                # n·K images once per step; the merge GEMM [S, n(K+1)]·[n(K+1), P] and its two backward GEMMs.
+                rows[plan]["dynamic"][0] += n * size * fwd / (tokens * acc)
+                rows[plan]["dynamic"][1] += n * size * back / (tokens * acc)
+                rows[plan]["merge"][0] += 2 * n * (size + 1) * o * i / seg
+                rows[plan]["merge"][1] += 4 * n * (size + 1) * o * i / seg
+                spans[plan][name] = next_span_size(size, n)
+            else:
+                # M_i(Ŵ^{l-1}_s): 4 GEMMs per segment and expert; the merge itself is elementwise.
+                rows[plan]["dynamic"][0] += n * fwd / seg
+                rows[plan]["dynamic"][1] += n * back / seg
+                if plan == "train":
+                    elementwise["dynamic_merge"] = elementwise.get("dynamic_merge", 0.0) + 2 * n * o * i / seg
+                spans[plan][name] = None
+    for component in ("dynamic", "merge"):
+        c.add(component, rows["eval"][component][0], train_forward=rows["train"][component][0],
+              backward=rows["train"][component][1])
 
 
 def param_counts(cfg: CfgLike, *, vocab_size: Optional[int] = None, backend: Optional[str] = None) -> dict:
@@ -300,8 +336,8 @@ def param_counts(cfg: CfgLike, *, vocab_size: Optional[int] = None, backend: Opt
             n = moe.stored_experts
             router = d * n * (2 if moe.noisy_gating else 1)
             expert = p + (_factor_elements_per_expert(cfg) if moe.curved else 0)
-            for idx, _ in enumerate(moe_layers):
-                base = p if (not moe.dynamic or idx == 0) else 0
+            for chain_start in cfg.chain_starts:
+                base = p if chain_start else 0
                 total += router + base + n * expert
                 per_rank += router + base + (n // moe.ep_size) * expert
                 active += router + p
@@ -309,31 +345,33 @@ def param_counts(cfg: CfgLike, *, vocab_size: Optional[int] = None, backend: Opt
             "total_non_embedding": total - embed, "active_non_embedding": active - embed}
 
 
-def ep_bytes_per_step(cfg: CfgLike, tokens_per_step: Optional[int] = None, bytes_per_element: int = 4,
-                      gloo: bool = False) -> int:
-    """Expert-parallel bytes one rank sends (≈ receives) per forward+backward, summed over MoE layers.
+def ep_bytes_per_step(cfg: CfgLike, micro_batch_tokens: Optional[int] = None, bytes_per_element: int = 4,
+                      gloo: bool = False, accumulation: int = 1) -> int:
+    """Expert-parallel bytes one rank sends (≈ receives) per optimizer step, summed over MoE layers.
 
-    Merge methods: `camex_ds.moe.comm.ep_bytes_per_step` per layer. smoe (DeepSpeed): four all-to-alls
-    (dispatch and combine, forward and backward) of the `[N, C, d]` capacity buffer, `(ep-1)/ep` of it each.
+    Merge methods: `camex_ds.moe.comm.ep_bytes_per_layer`, once per optimizer step whatever the accumulation
+    (the gathered task vectors are reused by every micro-batch). smoe (DeepSpeed): four all-to-alls
+    (dispatch and combine, forward and backward) of the `[N, C, d]` capacity buffer, `(ep-1)/ep` of it each,
+    every micro-batch.
     """
-    from .moe.comm import ep_bytes_per_step as layer_bytes
+    from .moe.comm import ep_bytes_per_layer
 
     cfg = _as_config(cfg)
     if cfg.moe is None or cfg.moe.ep_size == 1:
         return 0
     moe = cfg.moe
-    tokens = cfg.seq_len if tokens_per_step is None else tokens_per_step
+    tokens = cfg.seq_len if micro_batch_tokens is None else micro_batch_tokens
     if moe.method == "smoe":
         cap = smoe_capacity(cfg, tokens)
         share = (moe.ep_size - 1) / moe.ep_size
-        return int(round(len(cfg.moe_layers) * 4 * share * moe.num_experts * cap * cfg.d_model * bytes_per_element))
-    shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
+        return int(round(accumulation * len(cfg.moe_layers) * 4 * share * moe.num_experts * cap * cfg.d_model
+                         * bytes_per_element))
     total = 0
-    for idx, _ in enumerate(cfg.moe_layers):
-        total += layer_bytes(num_experts=moe.stored_experts, ep_size=moe.ep_size, matrix_shapes=shapes,
-                             curvature_rank=moe.curvature_rank, curved=moe.curved, mask=moe.mask,
-                             dynamic=moe.dynamic, chain_start=idx == 0, bytes_per_element=bytes_per_element,
-                             backend_reduce_scatter=not gloo)["total"]
+    for chain_start in cfg.chain_starts:
+        total += ep_bytes_per_layer(num_experts=moe.stored_experts, ep_size=moe.ep_size, matrix_shapes=_matrices(cfg),
+                                    curvature_rank=moe.curvature_rank, curved=moe.curved, mask=moe.mask,
+                                    dynamic=moe.dynamic, chain_start=chain_start, bytes_per_element=bytes_per_element,
+                                    backend_reduce_scatter=not gloo)["total"]
     return total
 
 
@@ -375,13 +413,16 @@ def flop_counter_mapping() -> dict:
 
 
 def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int] = None, *, train: bool = False,
-                            model: Optional[torch.nn.Module] = None, seed: int = 0) -> dict:
-    """FlopCounterMode's count per token on the real model (`build_model`), eval forward or, with `train`,
-    a training-mode forward and backward of `loss + aux_loss`. Returns `forward`, `backward`, `train`
-    (when `train`) and `by_op`. Analytic counterpart: `flops_per_token(cfg, seq_len, batch·seq_len)`."""
+                            accumulation: int = 1, model: Optional[torch.nn.Module] = None, seed: int = 0) -> dict:
+    """FlopCounterMode's count per token on the real model (`build_model`), eval forward or, with `train`, one
+    optimizer step's training-mode forwards and backwards of `loss + aux_loss`: `accumulation` micro-batches of
+    `batch` sequences, each told its place in the step as DeepSpeed's trainer tells it. Returns `forward`,
+    `backward`, `train` (when `train`) and `by_op`. Analytic counterpart:
+    `flops_per_token(cfg, seq_len, batch·seq_len, accumulation=accumulation)`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .model import build_model
+    from .moe import MicroBatch
 
     cfg = _with_seq_len(_as_config(cfg), seq_len)
     if model is None:
@@ -390,19 +431,27 @@ def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int]
     model.train(train)
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
     tokens = batch * cfg.seq_len
     mapping = flop_counter_mapping()
     if train:
         model.zero_grad(set_to_none=True)
-        with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
-            out = model(ids, labels=ids)
-            loss = out.loss + out.aux_loss
-        with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
-            loss.backward()
-        f, b = fwd.get_total_flops(), bwd.get_total_flops()
-        by_op = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}
-        return {"forward": f / tokens, "backward": b / tokens, "train": (f + b) / tokens, "by_op": by_op}
+        f = b = 0
+        by_op: dict = {}
+        for i in range(accumulation):
+            ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
+            micro_batch = MicroBatch(step=0, last=i == accumulation - 1, accumulation=accumulation)
+            with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
+                out = model(ids, labels=ids, micro_batch=micro_batch)
+                loss = out.loss + out.aux_loss
+            with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
+                loss.backward()
+            f, b = f + fwd.get_total_flops(), b + bwd.get_total_flops()
+            for k, v in fwd.get_flop_counts()["Global"].items():
+                by_op[str(k)] = by_op.get(str(k), 0) + v
+        step_tokens = tokens * accumulation
+        return {"forward": f / step_tokens, "backward": b / step_tokens, "train": (f + b) / step_tokens,
+                "by_op": by_op}
+    ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
         model(ids)
     by_op = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}

@@ -88,9 +88,9 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
-        moe_layers = cfg.moe_layers
+        starts = dict(zip(cfg.moe_layers, cfg.chain_starts))
         self.blocks = nn.ModuleList(
-            Block(cfg, build_moe_layer(cfg, chain_start=i == moe_layers[0]) if i in moe_layers
+            Block(cfg, build_moe_layer(cfg, chain_start=starts[i]) if i in starts
                   else FFN(cfg.d_model, cfg.ffn_hidden_size, cfg.activation, cfg.init_std))
             for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)

@@ -10,7 +10,7 @@ gradient is rounding noise, and Adam's first step turns noise into ±lr).
 import pytest
 import torch
 
-from camex_ds.moe.comm import ep_bytes_per_step
+from camex_ds.moe.comm import ep_bytes_per_layer as ep_bytes_per_step
 
 from . import distributed
 

@@ -33,6 +33,7 @@ CONFIGS = {
     "euclid": dict(BASE, moe=moe(method="euclid", every=1)),
     "camex-R2-every2": dict(BASE, moe=moe(method="camex", curvature_rank=2)),
     "camex-dynamic": dict(BASE, moe=moe(method="camex", dynamic=True, every=1)),
+    "camex-dare-dynamic-chains-of-2": dict(BASE, moe=moe(method="camex-dare", dynamic=True, every=1, chain_length=2)),
     "swiglu-camex-ties": dict(BASE, activation="swiglu", moe=moe(method="camex-ties")),
     "camex-dare-sequence-top2": dict(BASE, moe=moe(method="camex-dare", routing="sequence", top_k=2)),
 }
@@ -45,7 +46,7 @@ def rel(a, b):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_forward_flops_match_flop_counter(name):
     cfg = ModelConfig.from_dict(CONFIGS[name])
-    analytic = fl.flops_per_token(cfg, tokens_per_step=BATCH * cfg.seq_len)
+    analytic = fl.flops_per_token(cfg, micro_batch_tokens=BATCH * cfg.seq_len)
     measured = fl.measure_flops_per_token(cfg, batch=BATCH)
     assert rel(analytic["forward"], measured["forward"]) < 0.02, (analytic["components"], measured["by_op"])
     # The accounting follows the code op by op, so in fact it is exact.
@@ -60,7 +61,7 @@ def test_train_flops_match_flop_counter(name):
     if raw["moe"]["method"] != "smoe":
         raw["moe"]["noisy_gating"] = True
     cfg = ModelConfig.from_dict(raw)
-    analytic = fl.flops_per_token(cfg, tokens_per_step=BATCH * cfg.seq_len)
+    analytic = fl.flops_per_token(cfg, micro_batch_tokens=BATCH * cfg.seq_len)
     measured = fl.measure_flops_per_token(cfg, batch=BATCH, train=True)
     assert rel(analytic["forward_train"], measured["forward"]) < 0.02
     assert rel(analytic["backward"], measured["backward"]) < 0.02
@@ -76,13 +77,13 @@ def test_static_merge_and_curvature_backward_terms():
     then the task+base gradient ((N+1) rows) and the gate gradient (N rows). _Curvature: backward recomputes
     three mode products (D, C, B) and runs two GEMMs per factor."""
     cfg = ModelConfig.from_dict(CONFIGS["euclid"])
-    merge = fl.flops_per_token(cfg, tokens_per_step=64)["components"]["merge"]
+    merge = fl.flops_per_token(cfg, micro_batch_tokens=64)["components"]["merge"]
     d, h, n, t, layers = 32, 96, 4, 8, 4
     p = 2 * d * h
     assert merge["forward"] == pytest.approx(layers * 2 * (n + 1) * p / t)
     assert merge["backward"] == pytest.approx(layers * (2 * (n + 1) + 2 * (n + 1) + 2 * n) * p / t)
     curved = ModelConfig.from_dict(CONFIGS["camex-R2-every2"])
-    curv = fl.flops_per_token(curved, tokens_per_step=64)["components"]["curvature"]
+    curv = fl.flops_per_token(curved, micro_batch_tokens=64)["components"]["curvature"]
     (o1, o2), (i1, i2) = fl.kron_factor_shape(h), fl.kron_factor_shape(d)
     # w_in is [h, d], w_out is [d, h]: out/in factor roles swap.
     # w_in recomputes D, C, B = i2, i1, o2; w_out (in = h) recomputes o2, o1, i2.
@@ -110,28 +111,47 @@ def test_param_counts_match_model(name):
 
 def test_curvature_scales_with_rank_experts_ep_and_tokens():
     cfg = ModelConfig.from_dict(dict(BASE, moe=moe(method="camex", num_experts=4)))
-    one = fl.flops_per_token(cfg, tokens_per_step=64)["curvature"]
+    one = fl.flops_per_token(cfg, micro_batch_tokens=64)["curvature"]
     d, h = 32, 96
     sums = sum(sum(fl.kron_factor_shape(o)) + sum(fl.kron_factor_shape(i)) for o, i in ((h, d), (d, h)))
     assert one == pytest.approx(len(cfg.moe_layers) * 4 * 2 * 1 * sums * d * h / 64)
-    assert fl.flops_per_token(cfg.with_moe(curvature_rank=3), tokens_per_step=64)["curvature"] == \
+    assert fl.flops_per_token(cfg.with_moe(curvature_rank=3), micro_batch_tokens=64)["curvature"] == \
         pytest.approx(3 * one)
-    assert fl.flops_per_token(cfg.with_moe(ep_size=2), tokens_per_step=64)["curvature"] == pytest.approx(one / 2)
-    assert fl.flops_per_token(cfg, tokens_per_step=128)["curvature"] == pytest.approx(one / 2)
-    assert fl.flops_per_token(cfg.with_moe(method="euclid"), tokens_per_step=64)["curvature"] == 0
+    assert fl.flops_per_token(cfg.with_moe(ep_size=2), micro_batch_tokens=64)["curvature"] == pytest.approx(one / 2)
+    assert fl.flops_per_token(cfg, micro_batch_tokens=128)["curvature"] == pytest.approx(one / 2)
+    assert fl.flops_per_token(cfg.with_moe(method="euclid"), micro_batch_tokens=64)["curvature"] == 0
 
 
-def test_dynamic_term_is_per_segment():
-    cfg = ModelConfig.from_dict(CONFIGS["camex-dynamic"])
-    a = fl.flops_per_token(cfg, tokens_per_step=64)
-    b = fl.flops_per_token(cfg, tokens_per_step=256)
+def test_dynamic_term_per_segment_or_through_the_span():
+    """Segment by segment (TIES, whose election is per segment): n·curvature per segment, not amortised over the
+    batch. Through the span (camex here): per-step images, so accumulation divides that part."""
+    ties = ModelConfig.from_dict(dict(CONFIGS["camex-dynamic"], moe=moe(method="camex-ties", dynamic=True, every=1)))
+    a = fl.flops_per_token(ties, micro_batch_tokens=64)
+    b = fl.flops_per_token(ties, micro_batch_tokens=256, accumulation=4)
     assert a["dynamic"] == pytest.approx(b["dynamic"])  # not amortised over the batch
-    per_expert = fl.curvature_flops_per_expert(cfg)
-    layers_after_first = len(cfg.moe_layers) - 1
+    per_expert = fl.curvature_flops_per_expert(ties)
+    layers_after_first = len(ties.moe_layers) - 1
     assert a["dynamic"] == pytest.approx(layers_after_first * 3 * per_expert / 8)  # N-1 = 3 experts, T = 8
-    assert fl.flops_per_token(cfg.with_moe(segment_len=16), tokens_per_step=64)["dynamic"] == \
+    assert fl.flops_per_token(ties.with_moe(segment_len=16), micro_batch_tokens=64)["dynamic"] == \
         pytest.approx(a["dynamic"] / 2)
-    assert a["elementwise"]["dynamic_merge"] > 0  # the l>1 merge is elementwise: reported, not counted
+    assert a["elementwise"]["dynamic_merge"] > 0  # the per-segment merge is elementwise: reported, not counted
+    camex = ModelConfig.from_dict(CONFIGS["camex-dynamic"])
+    one, four = (fl.flops_per_token(camex, micro_batch_tokens=64, accumulation=k)["components"]["dynamic"]
+                 for k in (1, 4))
+    assert 0 < four["train"] < one["train"] and four["forward"] == one["forward"]  # eval: every forward
+    assert one["train"] < fl.flops_per_token(ties, micro_batch_tokens=64)["components"]["dynamic"]["train"]
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_training_step_flops_match_flop_counter_with_accumulation(name, accumulation):
+    """One optimizer step of `accumulation` micro-batches: the per-step work (curvature, span images) is counted
+    once, at the step's first micro-batch, and its backward once, at the boundary."""
+    cfg = ModelConfig.from_dict(CONFIGS[name])
+    analytic = fl.flops_per_token(cfg, micro_batch_tokens=BATCH * cfg.seq_len, accumulation=accumulation)
+    measured = fl.measure_flops_per_token(cfg, batch=BATCH, train=True, accumulation=accumulation)
+    assert analytic["forward_train"] == pytest.approx(measured["forward"], rel=1e-9)
+    assert analytic["train"] == pytest.approx(measured["train"], rel=1e-9)
 
 
 def test_smoe_capacity_follows_deepspeed():
@@ -147,7 +167,7 @@ def test_smoe_capacity_follows_deepspeed():
 def test_components_sum_and_result_shape():
     cfg = ModelConfig.from_dict(CONFIGS["camex-dynamic"])
     f = fl.flops_per_token(cfg)
-    assert f["tokens_per_step"] == cfg.seq_len  # default: one sequence per forward
+    assert f["micro_batch_tokens"] == cfg.seq_len and f["accumulation"] == 1  # default: one sequence, one forward
     comps = f["components"]
     assert f["forward"] == pytest.approx(sum(c["forward"] for c in comps.values()))
     assert f["train"] == pytest.approx(sum(c["train"] for c in comps.values()))
@@ -158,10 +178,19 @@ def test_components_sum_and_result_shape():
     assert fl.flops_per_token(cfg.replace(moe=None))["merge"] == 0
 
 
+def test_chain_length_restarts_the_chain():
+    cfg = ModelConfig.from_dict(CONFIGS["camex-dare-dynamic-chains-of-2"])
+    assert cfg.chain_starts == [True, False, True, False]
+    model = build_model(cfg)
+    assert [layer.base is not None for _, layer in model.moe_layers()] == cfg.chain_starts
+    with pytest.raises(ConfigError, match="chain_length"):
+        ModelConfig.from_dict(dict(BASE, moe=moe(method="camex", chain_length=2)))
+
+
 def test_bad_arguments_raise_config_errors():
     cfg = ModelConfig.from_dict(CONFIGS["euclid"])
-    with pytest.raises(ConfigError, match="tokens_per_step"):
-        fl.flops_per_token(cfg, tokens_per_step=40)
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        fl.flops_per_token(cfg, micro_batch_tokens=40)
     with pytest.raises(ConfigError, match="segment_len"):
         fl.flops_per_token(cfg, seq_len=36)
     with pytest.raises(ConfigError, match="vocab_size"):
@@ -171,7 +200,7 @@ def test_bad_arguments_raise_config_errors():
 
 
 def test_ep_bytes_use_the_layer_formula():
-    from camex_ds.moe.comm import ep_bytes_per_step as layer_bytes
+    from camex_ds.moe.comm import ep_bytes_per_layer as layer_bytes
 
     cfg = ModelConfig.from_dict(dict(BASE, moe=moe(method="camex", ep_size=2)))
     one = layer_bytes(num_experts=4, ep_size=2, matrix_shapes={"w_in": (96, 32), "w_out": (32, 96)})["total"]
@@ -222,14 +251,14 @@ def test_tool_json_and_table(tmp_path, capsys):
     tool = _tool()
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(CONFIGS["camex-R2-every2"]))
-    assert tool.main(["--model_config", str(path), "--tokens_per_step", "64", "--json", "--sweep", "N=2,4"]) == 0
+    assert tool.main(["--model_config", str(path), "--micro_batch_tokens", "64", "--json", "--sweep", "N=2,4"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = [r["variant"] for r in out["variants"]]
     assert names[1:] == ["dense", "smoe top-2", "euclid", "dynamic camex"]
     dense = out["variants"][1]
     assert dense["overhead_pct"] == 0 and dense["params_active"] == dense["params_total"]
     cfg = ModelConfig.from_dict(CONFIGS["camex-R2-every2"])
-    assert out["variants"][0]["train"] == pytest.approx(fl.flops_per_token(cfg, tokens_per_step=64)["train"])
+    assert out["variants"][0]["train"] == pytest.approx(fl.flops_per_token(cfg, micro_batch_tokens=64)["train"])
     assert [r["N"] for r in out["sweeps"][0]["rows"]] == [2, 4]
     assert tool.main(["--model_config", json.dumps(CONFIGS["smoe-top2"]), "--sweep", "ep=1,2,3"]) == 0
     text = capsys.readouterr().out

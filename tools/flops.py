@@ -3,15 +3,16 @@
 variants at equal width (spec §8; formulas in docs/flops.md, library in camex_ds.flops).
 
     python tools/flops.py --model_config cfg.json
-    python tools/flops.py --model_config cfg.json --seq_len 1024 --tokens_per_step 8192 --json
+    python tools/flops.py --model_config cfg.json --seq_len 1024 --micro_batch_tokens 8192 --accumulation 4 --json
     python tools/flops.py --model_config '{"d_model": 768, ...}' --sweep N=4,8,16 --sweep R=1,2,4
 
 Variants: the config itself; `dense` (no MoE); `smoe top-2` (DeepSpeed token routing, same N and
 layers); `euclid` (static soft merging, same N, T, layers); `dynamic` (the config's merge method, or
 camex, as a dynamic chain). FLOPs are matmul FLOPs per token (FlopCounterMode's convention), `train` =
 forward + backward of a training step. Percentages are of the dense variant's train FLOPs per token.
-`tokens_per_step` = tokens one rank runs through one forward pass (micro-batch × seq_len; gradient
-accumulation does not amortise the curvature, which every forward recomputes).
+`micro_batch_tokens` = tokens one rank runs through one forward pass (micro-batch × seq_len); `accumulation` =
+DeepSpeed's gradient_accumulation_steps: training computes the curvature (and the dynamic chain's span images)
+once per optimizer step, so it is shared by micro_batch_tokens × accumulation tokens.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ with contextlib.redirect_stdout(io.StringIO()):
 PROG = "flops.py"
 DEFAULT_VOCAB = 4096  # launcher/pretrain.py's default tokenizer size, for configs that leave vocab_size out
 SWEEP_KEYS = {"N": "num_experts", "R": "curvature_rank", "T": "segment_len", "ep": "ep_size",
-              "tokens": "tokens_per_step"}
+              "tokens": "micro_batch_tokens", "accum": "accumulation"}
 OVERHEAD_PARTS = ("router", "merge", "curvature", "dynamic")
 
 
@@ -91,9 +92,9 @@ def variants(cfg: ModelConfig) -> list[tuple[str, ModelConfig, str]]:
     return rows
 
 
-def row_for(label: str, cfg: ModelConfig, dense_train: float, tokens: int, vocab, bytes_per_element: int,
-            note: str = "") -> dict:
-    f = flops_per_token(cfg, tokens_per_step=tokens, vocab_size=vocab, backend="deepspeed"
+def row_for(label: str, cfg: ModelConfig, dense_train: float, tokens: int, accumulation: int, vocab,
+            bytes_per_element: int, note: str = "") -> dict:
+    f = flops_per_token(cfg, micro_batch_tokens=tokens, accumulation=accumulation, vocab_size=vocab, backend="deepspeed"
                         if cfg.moe is not None and cfg.moe.method == "smoe" else None)
     p = param_counts(cfg, vocab_size=vocab)
     comps = f["components"]
@@ -101,7 +102,7 @@ def row_for(label: str, cfg: ModelConfig, dense_train: float, tokens: int, vocab
            "forward": f["forward"], "train": f["train"], "backward_multiplier": f["backward_multiplier"],
            "overhead_pct": 100.0 * (f["train"] - dense_train) / dense_train,
            "ep_size": cfg.moe.ep_size if cfg.moe else 1,
-           "ep_bytes_per_step": ep_bytes_per_step(cfg, tokens, bytes_per_element),
+           "ep_bytes_per_step": ep_bytes_per_step(cfg, tokens, bytes_per_element, accumulation=accumulation),
            "components_train": {k: v["train"] for k, v in comps.items()}, "note": note}
     for part in OVERHEAD_PARTS:
         row[f"{part}_pct"] = 100.0 * comps.get(part, {"train": 0.0})["train"] / dense_train
@@ -130,9 +131,9 @@ def markdown_table(header: list, rows: list) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def comparison(cfg: ModelConfig, tokens: int, vocab, bytes_per_element: int) -> list[dict]:
-    dense_train = flops_per_token(cfg.replace(moe=None), tokens_per_step=tokens, vocab_size=vocab)["train"]
-    return [row_for(label, c, dense_train, tokens, vocab, bytes_per_element, note)
+def comparison(cfg: ModelConfig, tokens: int, accumulation: int, vocab, bytes_per_element: int) -> list[dict]:
+    dense_train = flops_per_token(cfg.replace(moe=None), micro_batch_tokens=tokens, vocab_size=vocab)["train"]
+    return [row_for(label, c, dense_train, tokens, accumulation, vocab, bytes_per_element, note)
             for label, c, note in variants(cfg)]
 
 
@@ -160,7 +161,8 @@ def parse_sweep(spec: str) -> tuple[str, list[int]]:
     return key, vals
 
 
-def sweep(cfg: ModelConfig, key: str, values: list[int], tokens: int, vocab, bytes_per_element: int) -> list[dict]:
+def sweep(cfg: ModelConfig, key: str, values: list[int], tokens: int, accumulation: int, vocab,
+          bytes_per_element: int) -> list[dict]:
     """One row per value of `key`: the static merge variant (the config's merge method, or camex) and its
     dynamic twin, with their router/merge/curvature/dynamic costs as % of the dense train FLOPs."""
     moe = _base_moe(cfg)
@@ -168,18 +170,20 @@ def sweep(cfg: ModelConfig, key: str, values: list[int], tokens: int, vocab, byt
     rows = []
     dense_train = None
     for value in values:
-        toks, changes = tokens, {}
+        toks, accum, changes = tokens, accumulation, {}
         if key == "tokens":
             toks = value
+        elif key == "accum":
+            accum = value
         else:
             changes[SWEEP_KEYS[key]] = value
-        dense = flops_per_token(cfg.replace(moe=None), tokens_per_step=toks, vocab_size=vocab)["train"]
+        dense = flops_per_token(cfg.replace(moe=None), micro_batch_tokens=toks, vocab_size=vocab)["train"]
         row = {key: value}
         for tag, dyn in (("static", False), ("dynamic", True)):
             try:
                 c = cfg.replace(moe=dataclasses.replace(moe, method=method, dynamic=dyn, backend="auto",
                                                         top_k=None, **changes))
-                row[tag] = row_for(tag, c, dense, toks, vocab, bytes_per_element)
+                row[tag] = row_for(tag, c, dense, toks, accum, vocab, bytes_per_element)
             except ConfigError as e:
                 row[tag] = {"error": str(e)}
         rows.append(row)
@@ -210,9 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_config", required=True,
                    help="model config: a JSON file (as launcher/pretrain.py takes) or the JSON object inline")
     p.add_argument("--seq_len", type=int, default=None, help="sequence length (default: the config's seq_len)")
-    p.add_argument("--tokens_per_step", type=int, default=None,
+    p.add_argument("--micro_batch_tokens", type=int, default=None,
                    help="tokens one rank runs through one forward pass, micro-batch x seq_len (default: seq_len, "
-                        "one sequence); divides the curvature cost and sets the SMoE capacity")
+                        "one sequence); sets the SMoE capacity and the segments per forward")
+    p.add_argument("--accumulation", type=int, default=1,
+                   help="gradient_accumulation_steps: training computes the curvature once per optimizer step, "
+                        "over micro_batch_tokens x accumulation tokens (default: %(default)s)")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="vocabulary size (the LM head's FLOPs and the embeddings); overrides the config's. Without "
                         f"it, --tokenizer or a vocab_size in the config, {DEFAULT_VOCAB} (launcher/pretrain.py's "
@@ -246,29 +253,32 @@ def main(argv=None) -> int:
         if cfg.vocab_size is None:
             cfg = cfg.replace(vocab_size=DEFAULT_VOCAB)
             vocab_note = f" (not in the config: launcher default {DEFAULT_VOCAB}; set --vocab_size)"
-        tokens = args.tokens_per_step if args.tokens_per_step is not None else cfg.seq_len
+        tokens = args.micro_batch_tokens if args.micro_batch_tokens is not None else cfg.seq_len
         sweeps = [parse_sweep(s) for s in args.sweep]
-        rows = comparison(cfg, tokens, None, args.bytes_per_element)
-        sweep_results = [(key, *sweep(cfg, key, vals, tokens, None, args.bytes_per_element)) for key, vals in sweeps]
+        rows = comparison(cfg, tokens, args.accumulation, None, args.bytes_per_element)
+        sweep_results = [(key, *sweep(cfg, key, vals, tokens, args.accumulation, None, args.bytes_per_element))
+                         for key, vals in sweeps]
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        out = {"config": cfg.to_dict(), "seq_len": cfg.seq_len, "tokens_per_step": tokens,
+        out = {"config": cfg.to_dict(), "seq_len": cfg.seq_len, "micro_batch_tokens": tokens,
+               "accumulation": args.accumulation,
                "vocab_size_assumed": bool(vocab_note), "variants": rows,
                "sweeps": [{"key": key, "method": method, "rows": srows} for key, srows, method, _ in sweep_results]}
         print(json.dumps(out, indent=2))
         return 0
     moe = _base_moe(cfg)
     print(f"d_model={cfg.d_model} n_layers={cfg.n_layers} ffn_hidden={cfg.ffn_hidden_size} "
-          f"activation={cfg.activation} vocab={cfg.vocab_size}{vocab_note} seq_len={cfg.seq_len} tokens_per_step={tokens} "
+          f"activation={cfg.activation} vocab={cfg.vocab_size}{vocab_note} seq_len={cfg.seq_len} micro_batch_tokens={tokens} "
+          f"accumulation={args.accumulation} "
           f"| MoE: N={moe.num_experts} every={moe.every} T={moe.segment_len} R={moe.curvature_rank} "
           f"ep={moe.ep_size}")
     print()
     print(comparison_table(rows))
     print()
     print("FLOPs: matmul FLOPs per token (2mnk). router/merge/curvature/dynamic: that component's train FLOPs "
-          "as % of the dense variant's train FLOPs. EP: bytes one rank sends per forward+backward.")
+          "as % of the dense variant's train FLOPs. EP: bytes one rank sends per optimizer step.")
     for key, srows, method, _ in sweep_results:
         print()
         print(f"Sweep over {key} ({SWEEP_KEYS[key]}), method {method}:")

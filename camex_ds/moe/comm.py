@@ -13,7 +13,7 @@ from .functional import kron_factor_shape
 
 # Bytes this rank has sent through the collectives below, counted as a ring algorithm moves them
 # (all-gather and reduce-scatter: (ep-1)/ep of the full tensor; all-reduce: twice that); the trainer
-# logs its growth per step next to the analytic `ep_bytes_per_step`.
+# logs its growth per step next to the analytic `camex_ds.flops.ep_bytes_per_step`.
 TRAFFIC = {"bytes_sent": 0}
 
 
@@ -84,10 +84,11 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
     return t
 
 
-def ep_bytes_per_step(*, num_experts: int, ep_size: int, matrix_shapes: dict, curvature_rank: int = 1,
+def ep_bytes_per_layer(*, num_experts: int, ep_size: int, matrix_shapes: dict, curvature_rank: int = 1,
                       curved: bool = True, mask: str = "none", dynamic: bool = False, chain_start: bool = True,
                       bytes_per_element: int = 4, backend_reduce_scatter: bool = True) -> dict:
-    """Bytes one rank sends and receives per MoE layer per optimizer step (one forward and backward).
+    """Bytes one rank sends and receives per MoE layer per optimizer step (the per-step work is done once per
+    optimizer step, however many micro-batches it has).
 
     Ring collectives: an all-gather or reduce-scatter of a tensor of `n` elements moves `(ep-1)/ep·n`
     each way; an all-reduce moves twice that. `matrix_shapes` maps matrix name to `(out, in)`.
@@ -116,4 +117,4 @@ def ep_bytes_per_step(*, num_experts: int, ep_size: int, matrix_shapes: dict, cu
             "elements_per_expert": p}
 
 
-__all__ = ["gather_experts", "all_reduce_sum", "ep_bytes_per_step", "group_size", "group_rank"]
+__all__ = ["gather_experts", "all_reduce_sum", "ep_bytes_per_layer", "group_size", "group_rank"]
