@@ -518,3 +518,22 @@ def test_report_only_rewrites_report_without_training(fake):
     assert len(fake.calls()) == 4
     res = json.loads((fake.out / "results.json").read_text())
     assert res["methods"]["camex"]["max_steps"] == 4 and res["pairs"][0]["n"] == 2
+
+
+def test_flops_budget_counts_the_curvature_per_rank_and_optimizer_step(fake, tmp_path):
+    """`--budget flops` with 2 ranks, micro-batch 2 and 4 accumulation steps: each rank curves its experts once per
+    optimizer step over its own 2·4 sequences, so camex's FLOPs per token are flops_per_token(cfg, seq_len,
+    2·seq_len, accumulation=4), not the whole step's tokens (2·4·2 sequences) taken as one forward."""
+    from camex_ds.flops import flops_per_token
+
+    ds, model = tmp_path / "ds.json", tmp_path / "model.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}))
+    model.write_text(json.dumps(dict(cm.DEFAULT_BASE_CONFIG, vocab_size=4096)))
+    assert fake.run("--budget", "flops", "--reference", "euclid", "--deepspeed_config", str(ds), "--num_gpus", "2",
+                    "--model_config", str(model), "--dry_run", methods="euclid,camex", max_steps=10) == 0
+    grid = json.loads((fake.out / "grid.json").read_text())
+    camex = cm.build_method_config(dict(cm.DEFAULT_BASE_CONFIG, vocab_size=4096), "camex")
+    seq = camex["seq_len"]
+    want = flops_per_token(camex, seq, 2 * seq, accumulation=4)["train"]
+    assert grid["flops_per_token_train"]["camex"] == pytest.approx(want, rel=1e-12)
+    assert grid["tokens_per_step"] == 2 * 4 * 2 * seq
