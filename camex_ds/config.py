@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 MERGE_METHODS = ("euclid", "ties", "dare", "camex", "camex-ties", "camex-dare")
@@ -233,6 +234,44 @@ class ModelConfig:
         return "dense" if self.moe is None else self.moe.method
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The pretraining run
+
+# How long a collective (or the set-up's rendezvous) waits for a peer before failing. torch's default is
+# 30 minutes: a rank that died or stopped would hold every other rank, and the job's GPUs, that long.
+DEFAULT_TIMEOUT_S = 300.0
+
+# The DeepSpeed config a run uses when none is given: one CPU rank, fp32, ZeRO 0, no accumulation.
+DEFAULT_DEEPSPEED_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json")
+
+
+@dataclass
+class TrainArgs:
+    """A pretraining run's arguments (`launcher/pretrain.py`'s flags); `camex_ds.train.run` validates them."""
+
+    deepspeed_config: str = DEFAULT_DEEPSPEED_CONFIG
+    output_dir: str = "runs/default"
+    model_config: Optional[str] = None
+    data: Optional[str] = None
+    tokenizer: Optional[str] = None
+    vocab_size: int = 4096
+    cache_dir: Optional[str] = None
+    max_steps: int = 300
+    eval_interval: int = 100
+    eval_batches: int = 16
+    save_interval: int = 100
+    log_interval: int = 10
+    ep_size: Optional[int] = None
+    resume: bool = False
+    stop_at_step: Optional[int] = None
+    seed: int = 1234
+    data_seed: int = 1234
+    progress: bool = True
+    peak_tflops: Optional[float] = None
+    init_from: Optional[str] = None
+    dist_timeout: float = DEFAULT_TIMEOUT_S
+
+
 def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:
     known = {f.name for f in dataclasses.fields(cls)} - set(exclude)
     for key in raw:
@@ -240,4 +279,4 @@ def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:
             raise ConfigError(f"unknown config key {prefix}{key!r}: valid keys are {', '.join(sorted(known))}")
 
 
-__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "METHODS", "MERGE_METHODS", "ROUTINGS", "ACTIVATIONS"]
+__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "TrainArgs", "METHODS", "MERGE_METHODS", "ROUTINGS", "ACTIVATIONS"]

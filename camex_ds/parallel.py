@@ -17,9 +17,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# How long a collective (or the set-up's rendezvous) waits for a peer before failing. torch's default is
-# 30 minutes: a rank that died or stopped would hold every other rank, and the job's GPUs, that long.
-DEFAULT_TIMEOUT_S = 300.0
+from .config import DEFAULT_TIMEOUT_S
 
 
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:

@@ -19,14 +19,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from camex_ds.data import DATA_HELP  # noqa: E402
-from camex_ds.parallel import DEFAULT_TIMEOUT_S  # noqa: E402
-
-DEFAULT_DS_CONFIG = ROOT / "ds_configs" / "cpu.json"
+from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, DEFAULT_TIMEOUT_S  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deepspeed_config", default=str(DEFAULT_DS_CONFIG),
+    ap.add_argument("--deepspeed_config", default=DEFAULT_DEEPSPEED_CONFIG,
                     help="DeepSpeed JSON (batch size, optimizer, scheduler, ZeRO stage, bf16, TensorBoard); "
                          "'auto' values are filled from this run (default: %(default)s)")
     ap.add_argument("--model_config", help="model JSON (see README: config reference); default: a small CAMEx model")

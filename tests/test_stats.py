@@ -387,23 +387,23 @@ def test_grid_flops_budget(fake, monkeypatch):
     fpt = {"dense": 1000.0, "euclid": 3000.0, "camex": 2000.0}
     seen = []
 
-    def flops_per_token(cfg, seq_len, tokens_per_step):
-        seen.append((seq_len, tokens_per_step))
+    def flops_per_token(cfg, seq_len, micro_batch_tokens, accumulation, vocab_size):
+        seen.append((seq_len, micro_batch_tokens, accumulation, vocab_size))
         m = cfg["moe"]["method"] if cfg["moe"] else "dense"
         return {"train": fpt[m], "forward": fpt[m] / 3}
 
     # the tool imports camex_ds.flops lazily; substitute a fake module
     monkeypatch.setitem(sys.modules, "camex_ds.flops", types.SimpleNamespace(flops_per_token=flops_per_token))
-    # tokens/step unknown up front -> measured from the reference run (fake logs 100 tokens/step)
+    # the batch of the launcher's default DeepSpeed config: micro-batch 8, no accumulation, one rank
     assert fake.run("--budget", "flops", "--reference", "camex", methods="dense,euclid,camex", max_steps=9) == 0
     calls = fake.calls()
     assert calls[0]["method"] == "camex"  # the reference trains first
     steps = {c["method"]: c["max_steps"] for c in calls}
     assert steps == {"camex": 9, "dense": 18, "euclid": 6}  # floor(9 * 2000 / fpt)
-    assert seen and all(s == (256, 100) for s in seen)
+    assert seen and all(s == (256, 8 * 256, 1, 4096) for s in seen)
     grid = json.loads((fake.out / "grid.json").read_text())
-    assert grid["flops_budget"] == pytest.approx(9 * 100 * 2000.0)
-    assert grid["tokens_per_step_source"].startswith("measured from camex")
+    assert grid["flops_budget"] == pytest.approx(9 * 8 * 256 * 2000.0)
+    assert grid["step_batch"] == {"micro": 8, "accumulation": 1, "ranks": 1}
     res = json.loads((fake.out / "results.json").read_text())
     assert res["methods"]["dense"]["max_steps"] == 18
 
@@ -412,11 +412,11 @@ def test_flops_budget_steps_floor():
     cfgs = {m: cm.build_method_config(cm.DEFAULT_BASE_CONFIG, m) for m in ("dense", "camex", "smoe")}
     vals = {"dense": 3.0, "camex": 7.0, "smoe": 3.0}
 
-    def fn(cfg, seq_len, tps):
+    def fn(cfg, seq_len, micro_batch_tokens, accumulation, vocab_size):
         return {"train": vals[cfg["moe"]["method"] if cfg["moe"] else "dense"]}
 
-    steps, fpt, budget = cm.flops_budget_steps(cfgs, "dense", 10, 64.0, fn)
-    assert budget == 10 * 64 * 3.0
+    steps, fpt, budget = cm.flops_budget_steps(cfgs, "dense", 10, cm.StepBatch(1, 2, 1), fn)
+    assert budget == 10 * 2 * 256 * 3.0
     assert steps == {"dense": 10, "camex": 4, "smoe": 10}  # floor(30/7) = 4; equal cost keeps 10 exactly
 
 
@@ -501,11 +501,13 @@ def test_cli_help_and_error_as_subprocess(tmp_path):
     ]
 
 
-def test_tokens_per_step_from_deepspeed_config():
-    assert cm._tokens_per_step_from_ds({"train_batch_size": 8}, 256, None) == 8 * 256
-    assert cm._tokens_per_step_from_ds({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2},
-                                       128, 2) == 4 * 2 * 2 * 128
-    assert cm._tokens_per_step_from_ds({"train_batch_size": "auto"}, 128, 1) is None
+def test_step_batch_from_deepspeed_config():
+    assert cm.step_batch({"train_batch_size": 8}, 2, "ds") == cm.StepBatch(4, 1, 2)
+    assert cm.step_batch({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2, "ds") == \
+        cm.StepBatch(4, 2, 2)
+    assert cm.StepBatch(4, 2, 2).tokens(128) == 4 * 2 * 2 * 128
+    with pytest.raises(cm.UsageError, match="ds.json: cannot read the batch"):
+        cm.step_batch({"train_batch_size": "auto"}, 1, "ds.json")
 
 
 def test_report_only_rewrites_report_without_training(fake):

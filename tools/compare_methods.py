@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,9 +49,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from camex_ds.cli import run_cli  # noqa: E402
 from camex_ds.stats import METHODS  # noqa: E402
+from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, TrainArgs  # noqa: E402
 
 PROG = "compare_methods.py"
 DEFAULT_LAUNCHER = REPO_ROOT / "launcher" / "pretrain.py"
+LAUNCHER_VOCAB_SIZE = TrainArgs.vocab_size  # the tokenizer the launcher trains when a config leaves vocab_size out
 DEFAULT_METHODS = "dense,smoe,euclid,ties,camex,camex-ties"
 DEFAULT_DATA_SEED = 1234
 DEFAULT_MOE = {
@@ -106,12 +109,12 @@ budget:
              budget = max_steps * tokens_per_step * flops_per_token_train(reference)
          are given to every other method as
              max_steps(m) = floor(budget / (flops_per_token_train(m) * tokens_per_step))
-         with flops_per_token_train from camex_ds.flops.flops_per_token(cfg,
-         seq_len, tokens_per_step)["train"].  tokens_per_step comes from
-         --tokens_per_step, else from --deepspeed_config (train_batch_size, or
-         micro batch x grad accumulation x GPUs, times seq_len), else it is
-         measured from the reference run's metrics.jsonl (tokens / step), in
-         which case the reference runs first.
+         with tokens_per_step = micro batch x grad accumulation x GPUs x seq_len
+         and flops_per_token_train = camex_ds.flops.flops_per_token(cfg, seq_len,
+         micro batch x seq_len, accumulation=grad accumulation)["train"]: each
+         rank curves its experts once per optimizer step over its own tokens.
+         The batch comes from --deepspeed_config (the launcher's default
+         ds_configs/cpu.json without it) and --num_gpus.
 
 resuming:
   Rerun the same command.  OUT/runs/<method>/seed<k>/final_metrics.json marks a
@@ -176,8 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="equal training steps or equal training FLOPs across methods (default: steps)")
     g.add_argument("--reference", metavar="METHOD",
                    help="reference method of --budget flops (default: first of --methods)")
-    g.add_argument("--tokens_per_step", type=int, metavar="T",
-                   help="tokens per optimizer step, used by --budget flops (default: derived, see below)")
     g.add_argument("--output", required=True, metavar="DIR", help="output folder (created; reused to resume)")
 
     r = p.add_argument_group("launcher")
@@ -287,8 +288,7 @@ class Grid:
     eval_interval: Optional[int]
     budget: str
     reference: str
-    tokens_per_step: Optional[float]
-    tokens_per_step_source: Optional[str]
+    step_batch: "StepBatch"
     deepspeed_config: Optional[str]
     num_gpus: Optional[int]
     launcher: Path
@@ -299,18 +299,35 @@ class Grid:
     flops_budget: Optional[float] = None
 
 
-def _tokens_per_step_from_ds(ds: dict, seq_len: int, num_gpus: Optional[int]) -> Optional[int]:
-    def _int(v):
+@dataclass(frozen=True)
+class StepBatch:
+    """One optimizer step's batch: `micro` sequences per rank and forward, `accumulation` forwards, `ranks` ranks."""
+
+    micro: int
+    accumulation: int
+    ranks: int
+
+    def tokens(self, seq_len: int) -> int:
+        return self.micro * self.accumulation * self.ranks * seq_len
+
+
+def step_batch(ds: dict, ranks: int, source: str) -> StepBatch:
+    """The batch DeepSpeed derives from its config: `train_micro_batch_size_per_gpu` and
+    `gradient_accumulation_steps`, or `train_batch_size` = micro × accumulation × ranks."""
+    def positive(key, default=None):
+        v = ds.get(key, default)
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
-    tbs = _int(ds.get("train_batch_size"))
-    if tbs:
-        return tbs * seq_len
-    mbs = _int(ds.get("train_micro_batch_size_per_gpu"))
-    if mbs:
-        gas = _int(ds.get("gradient_accumulation_steps")) or 1
-        return mbs * gas * (num_gpus or 1) * seq_len
-    return None
+    accumulation = positive("gradient_accumulation_steps", 1)
+    micro = positive("train_micro_batch_size_per_gpu")
+    total = positive("train_batch_size")
+    if micro is None and total is not None and accumulation and total % (accumulation * ranks) == 0:
+        micro = total // (accumulation * ranks)
+    if micro is None or accumulation is None:
+        raise UsageError(f"{source}: cannot read the batch for --budget flops: expected integer "
+                         "train_micro_batch_size_per_gpu (or train_batch_size divisible by accumulation x GPUs) and "
+                         "gradient_accumulation_steps")
+    return StepBatch(micro, accumulation, ranks)
 
 
 def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
@@ -328,8 +345,6 @@ def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
         raise UsageError(f"--eval_interval must be >= 1, got {args.eval_interval}")
     if args.num_gpus is not None and args.num_gpus < 1:
         raise UsageError(f"--num_gpus must be >= 1, got {args.num_gpus}")
-    if args.tokens_per_step is not None and args.tokens_per_step < 1:
-        raise UsageError(f"--tokens_per_step must be >= 1, got {args.tokens_per_step}")
     if args.bootstrap_resamples < 1:
         raise UsageError(f"--bootstrap_resamples must be >= 1, got {args.bootstrap_resamples}")
     is_hub = args.data is None or args.data.startswith("hf:")
@@ -351,24 +366,14 @@ def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
         raise UsageError(f"model config needs a positive integer 'seq_len', got {seq_len!r}")
     configs = {m: build_method_config(base, m) for m in methods}
     _validate_configs(configs)
-    ds_cfg = None
-    if args.deepspeed_config:
-        ds_cfg = _load_json(args.deepspeed_config, "--deepspeed_config")
+    ds_path = args.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG
+    batch = step_batch(_load_json(ds_path, "--deepspeed_config"), args.num_gpus or 1, ds_path)
 
     launcher = Path(args.launcher_script).resolve()
     if not args.report_only and not args.dry_run and not launcher.is_file():
         raise UsageError(f"launcher script {str(launcher)!r} does not exist")
     if args.num_gpus is not None and not args.report_only and not args.dry_run and shutil.which("deepspeed") is None:
         raise UsageError("--num_gpus needs the 'deepspeed' launcher on PATH, which was not found")
-
-    tps: Optional[float] = None
-    tps_src: Optional[str] = None
-    if args.tokens_per_step is not None:
-        tps, tps_src = float(args.tokens_per_step), "--tokens_per_step"
-    elif ds_cfg is not None:
-        v = _tokens_per_step_from_ds(ds_cfg, seq_len, args.num_gpus)
-        if v is not None:
-            tps, tps_src = float(v), "--deepspeed_config"
 
     grid = Grid(
         methods=methods,
@@ -382,8 +387,7 @@ def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
         eval_interval=args.eval_interval or (max(1, args.max_steps // 10) if args.max_steps else None),
         budget=args.budget,
         reference=reference,
-        tokens_per_step=tps,
-        tokens_per_step_source=tps_src,
+        step_batch=batch,
         deepspeed_config=str(Path(args.deepspeed_config).resolve()) if args.deepspeed_config else None,
         num_gpus=args.num_gpus,
         launcher=launcher,
@@ -413,7 +417,7 @@ def flops_budget_steps(
     configs: Dict[str, dict],
     reference: str,
     reference_steps: int,
-    tokens_per_step: float,
+    batch: StepBatch,
     flops_fn: Callable,
 ) -> Tuple[Dict[str, int], Dict[str, float], float]:
     """max_steps per method under the reference's FLOPs budget.
@@ -421,39 +425,27 @@ def flops_budget_steps(
     Returns ``(steps, flops_per_token_train, budget)`` with
     ``budget = reference_steps * tokens_per_step * fpt(reference)`` and
     ``steps[m] = floor(budget / (fpt(m) * tokens_per_step))`` (``steps[reference]
-    = reference_steps`` exactly).
+    = reference_steps`` exactly), where ``fpt`` counts one rank's forward of ``batch.micro`` sequences and
+    its per-step work once per ``batch.accumulation`` forwards.
     """
-    tps_int = int(round(tokens_per_step))
     fpt: Dict[str, float] = {}
     for m, cfg in configs.items():
-        val = float(flops_fn(cfg, cfg["seq_len"], tps_int)["train"])
+        seq_len = cfg["seq_len"]
+        val = float(flops_fn(cfg, seq_len, batch.micro * seq_len, accumulation=batch.accumulation,
+                             vocab_size=cfg.get("vocab_size") or LAUNCHER_VOCAB_SIZE)["train"])
         if not (math.isfinite(val) and val > 0):
             raise ValueError(f"flops_per_token(...)['train'] for {m} is {val!r}; expected a positive number")
         fpt[m] = val
-    budget = reference_steps * tokens_per_step * fpt[reference]
+    tokens = batch.tokens(configs[reference]["seq_len"])
+    budget = reference_steps * tokens * fpt[reference]
     steps: Dict[str, int] = {}
     for m in configs:
         if m == reference:
             steps[m] = reference_steps
         else:
             # tiny relative slack so exact ratios do not lose a step to rounding
-            steps[m] = int(math.floor(budget / (fpt[m] * tokens_per_step) * (1 + 1e-12)))
+            steps[m] = int(math.floor(budget / (fpt[m] * tokens) * (1 + 1e-12)))
     return steps, fpt, budget
-
-
-def measured_tokens_per_step(run_path: Path) -> Optional[float]:
-    """tokens / step of the last training row with both (from a finished run)."""
-    from camex_ds.report import read_metrics
-
-    rows = read_metrics(run_path)
-    for row in reversed(rows["train"] + rows["eval"]):
-        try:
-            step, tokens = int(row.get("step")), float(row.get("tokens"))
-        except (TypeError, ValueError):
-            continue
-        if step > 0 and tokens > 0:
-            return tokens / step
-    return None
 
 
 # --------------------------------------------------------------------------- runs
@@ -666,8 +658,8 @@ def _grid_meta(grid: Grid) -> dict:
         "reference": grid.reference if grid.budget == "flops" else None,
         "max_steps": grid.max_steps,
         "max_steps_per_method": grid.method_steps,
-        "tokens_per_step": grid.tokens_per_step,
-        "tokens_per_step_source": grid.tokens_per_step_source,
+        "tokens_per_step": grid.step_batch.tokens(grid.base_config["seq_len"]),
+        "step_batch": dataclasses.asdict(grid.step_batch),
         "flops_per_token_train": grid.flops_per_token_train or None,
         "flops_budget": grid.flops_budget,
         "eval_interval": grid.eval_interval,
@@ -724,19 +716,7 @@ def run_grid(grid: Grid, progress: bool = True, dry_run: bool = False,
     def resolve_flops_budget() -> None:
         if grid.budget != "flops" or all(v is not None for v in grid.method_steps.values()):
             return
-        if grid.tokens_per_step is None:
-            for s in grid.seeds:
-                rp = run_path(grid, grid.reference, s)
-                if (rp / "final_metrics.json").exists():
-                    v = measured_tokens_per_step(rp)
-                    if v:
-                        grid.tokens_per_step = v
-                        grid.tokens_per_step_source = f"measured from {grid.reference}/seed{s}"
-                        break
-        if grid.tokens_per_step is None:
-            return
-        steps, fpt, budget = flops_budget_steps(grid.configs, grid.reference, grid.max_steps,
-                                                grid.tokens_per_step, flops_fn)
+        steps, fpt, budget = flops_budget_steps(grid.configs, grid.reference, grid.max_steps, grid.step_batch, flops_fn)
         for m, n in steps.items():
             if n < 1:
                 raise UsageError(f"the FLOPs budget of {grid.reference} ({budget:.3e}) buys {m} less than one "
@@ -776,17 +756,7 @@ def run_grid(grid: Grid, progress: bool = True, dry_run: bool = False,
             rp = run_path(grid, m, s)
             label = f"{m}/seed{s}"
             if (rp / "final_metrics.json").exists():
-                if grid.method_steps[m] is None:
-                    resolve_flops_budget()
                 continue
-            if grid.method_steps[m] is None:
-                resolve_flops_budget()
-                if grid.method_steps[m] is None:
-                    bar.close()
-                    print(f"{PROG}: error: cannot determine tokens per step for --budget flops: the reference "
-                          f"runs of {grid.reference} logged no 'tokens'; pass --tokens_per_step", file=err)
-                    return 1
-                _write_json(grid.output / "grid.json", _grid_meta(grid))
             spec = run_spec(grid, m, s)
             check_spec(rp, spec, label)
             rp.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,14 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .. import parallel
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, TrainArgs
 from ..flops import flops_per_token, peak_flops
 from ..data import BatchLoader, DataError, bits_per_byte, prepare_data, validation_batches
 from ..model import GPT, save_config
@@ -34,31 +34,6 @@ DEFAULT_MODEL = {
     "moe": {"method": "camex", "num_experts": 4, "every": 2, "segment_len": 64, "routing": "causal",
             "curvature_rank": 1, "alpha": 1.0, "ep_size": 1, "dynamic": False},
 }
-
-
-@dataclass
-class TrainArgs:
-    deepspeed_config: str
-    output_dir: str = "runs/default"
-    model_config: Optional[str] = None
-    data: Optional[str] = None
-    tokenizer: Optional[str] = None
-    vocab_size: int = 4096
-    cache_dir: Optional[str] = None
-    max_steps: int = 300
-    eval_interval: int = 100
-    eval_batches: int = 16
-    save_interval: int = 100
-    log_interval: int = 10
-    ep_size: Optional[int] = None
-    resume: bool = False
-    stop_at_step: Optional[int] = None
-    seed: int = 1234
-    data_seed: int = 1234
-    progress: bool = True
-    peak_tflops: Optional[float] = None
-    init_from: Optional[str] = None
-    dist_timeout: float = parallel.DEFAULT_TIMEOUT_S
 
 
 def load_model_config(args: TrainArgs) -> ModelConfig:
