@@ -17,6 +17,11 @@ reference code materialises; it is slow, so it runs in `--naive-repeats` rounds 
     python tools/bench_layer.py --omp-wait-policy inherit   # OpenMP's default (spinning) wait policy
     python tools/bench_layer.py --methods camex --no-naive --floor  # + what no merge strategy removes
     python tools/bench_layer.py --device cuda --dtype bfloat16 --d 768 --h 3072 --T 256 --seq 1024  # a GPU
+    python tools/bench_layer.py --methods euclid,camex,camex-ties --no-naive --grad_accum 4  # time per micro-batch
+                                                    # when the curvature is computed once per optimizer step
+
+With `--grad_accum K` every timed step is one optimizer step of K micro-batches of `--batch` sequences, each told
+its place in the step (as DeepSpeed's trainer tells the model), and times are per micro-batch.
 
 On CUDA the clock is wall time around a synchronised step and the memory is the peak allocated by the
 caching allocator above what the inputs and parameters already held.
@@ -34,7 +39,7 @@ import sys
 import time
 
 METHODS = ["euclid", "ties", "dare", "camex", "camex-ties", "camex-dare"]
-SHAPE_KEYS = ("d", "h", "experts", "T", "rank", "batch", "seq", "threads", "device", "dtype")
+SHAPE_KEYS = ("d", "h", "experts", "T", "rank", "batch", "seq", "threads", "device", "dtype", "grad_accum")
 
 
 def _naive_curvature(tau, factors, rank):
@@ -104,9 +109,10 @@ def _build(args, impl, method):
     if impl == "dense":
         net = torch.nn.Sequential(torch.nn.Linear(args.d, args.h, bias=False), torch.nn.GELU(),
                                   torch.nn.Linear(args.h, args.d, bias=False))
-        return net, list(net.parameters())
+        return (lambda x, micro_batch: net(x)), list(net.parameters())
     if impl == "naive":
-        return _naive_layer(args, method)
+        forward, params = _naive_layer(args, method)
+        return (lambda x, micro_batch: forward(x)), params
     from camex_ds.moe import CAMExMoE
 
     layer = CAMExMoE(args.d, args.h, args.experts, method=method, segment_len=args.T,
@@ -115,7 +121,7 @@ def _build(args, impl, method):
         for name, p in layer.named_parameters():
             if "curvature" in name:
                 p.add_(0.01 * torch.randn_like(p))
-    return (lambda x: layer(x)[0]), list(layer.parameters())
+    return (lambda x, micro_batch: layer(x, None, micro_batch)[0]), list(layer.parameters())
 
 
 def _floor_parts(args) -> dict:
@@ -188,17 +194,25 @@ def _run_one(args) -> dict:
     cuda = args.device == "cuda"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
+    from camex_ds.moe import MicroBatch
+
+    steps = iter(range(10 ** 9))
+
     def timed(fn, prm):
+        """Seconds per micro-batch of one optimizer step of `--grad_accum` micro-batches."""
+        step, accum = next(steps), args.grad_accum
         if cuda:
             torch.cuda.synchronize()
         start = clock()
-        fn(x).float().square().mean().backward()
+        for j in range(accum):
+            micro_batch = MicroBatch(step=step, last=j == accum - 1, accumulation=accum) if accum > 1 else None
+            fn(x, micro_batch).float().square().mean().backward()
         if cuda:
             torch.cuda.synchronize()
         elapsed = clock() - start
         for p in prm + [x]:
             p.grad = None
-        return elapsed
+        return elapsed / accum
 
     forward, params = _build(args, args.impl, args.method)
     x = torch.randn(args.batch, args.seq, args.d, requires_grad=True)
@@ -236,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2, help="intra-op CPU threads")
+    ap.add_argument("--grad_accum", type=int, default=1,
+                    help="micro-batches per optimizer step; times are per micro-batch (default: %(default)s)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="parameters and activations (bfloat16: as DeepSpeed's bf16 mode trains)")
@@ -267,8 +283,8 @@ def main(argv=None) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
-    if args.repeats < 1 or args.steps < 1:
-        ap.error("--repeats and --steps must be at least 1")
+    if args.repeats < 1 or args.steps < 1 or args.grad_accum < 1:
+        ap.error("--repeats, --steps and --grad_accum must be at least 1")
     if args.floor and args.device != "cpu":
         ap.error("--floor times CPU kernels: use it with --device cpu")
 
@@ -313,7 +329,9 @@ def main(argv=None) -> int:
                "vs_dense_paired": statistics.median(paired) if paired else None,
                "vs_dense_paired_spread": _spread(paired) if paired else None, "vs_dense_paired_rounds": paired,
                "peak_mib": peak, "vs_dense_peak": peak / max(dense_peak, 1e-9),
-               "naive_time_ms": None, "naive_peak_mib": None, "speedup_vs_naive": None}
+               "naive_time_ms": None, "naive_peak_mib": None, "speedup_vs_naive": None,
+               "vs_euclid_time": statistics.median(a / b for a, b in zip(t, (r["time_s"] for r in ours["euclid"])))
+               if "euclid" in ours else None}
         if naive[method]:
             nt = statistics.median(r["time_s"] for r in naive[method])
             row.update(naive_time_ms=1e3 * nt, naive_peak_mib=statistics.median(r["peak_mib"] for r in naive[method]),
@@ -350,6 +368,9 @@ def main(argv=None) -> int:
                   if r["naive_time_ms"] is not None else f"{'-':>9} {'-':>6} {'-':>8}")
             print(f"{r['method']:<11} {r['time_ms']:>7.1f} {r['vs_dense_time']:>6.2f}x {f'({lo:.2f}-{hi:.2f})':>11} "
                   f"{pr} {r['peak_mib']:>6.0f} {r['vs_dense_peak']:>6.2f}x {nv}")
+    if "euclid" in ours and not args.json:
+        print(f"x euclid (median of per-round ratios, time per micro-batch at grad_accum {args.grad_accum}): " +
+              ", ".join(f"{r['method']} {r['vs_euclid_time']:.3f}" for r in rows))
     if result["floor"] and not args.json:
         f = result["floor"]
         print(f"floor (no autograd, preallocated outputs): dense GEMMs+GELU {1e3 * f['dense_s']:.1f} ms, per-segment "

@@ -232,7 +232,7 @@ def run(args: TrainArgs) -> dict:
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
     tokens_per_step = micro * accum * world * cfg.seq_len
-    train_flops_per_token = flops_per_token(cfg, cfg.seq_len, micro * cfg.seq_len)["train"]
+    train_flops_per_token = flops_per_token(cfg, cfg.seq_len, micro * cfg.seq_len, accumulation=accum)["train"]
     peak = _peak(args, ds_config) if is_main else None
     logger = MetricsLogger(out_dir, engine, is_main, is_main and args.progress, args.max_steps, step)
     stop = _StopFlag()
