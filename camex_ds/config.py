@@ -270,6 +270,7 @@ class TrainArgs:
     peak_tflops: Optional[float] = None
     init_from: Optional[str] = None
     dist_timeout: float = DEFAULT_TIMEOUT_S
+    compile: bool = False
 
 
 def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:

@@ -127,6 +127,12 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 
+    def compile_blocks(self, **kwargs) -> None:
+        """`torch.compile` every block in place: parameter and checkpoint names stay those of the eager model.
+        Merge layers trace whole (no host synchronisation); their per-step reuse bookkeeping stays eager."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+
     def moe_layers(self) -> list[tuple[int, nn.Module]]:
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if b.is_moe]
 

@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
                     help="seconds a collective waits for a lost or stopped rank before the job fails, instead of "
                          "torch's 30 minutes (%(default)s)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every transformer block (inductor). Off by default: not faster on CPUs, "
+                         "not yet measured on GPUs")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return ap.parse_args(argv)

@@ -35,9 +35,9 @@ def _scratch(slot: str, shape, like: Tensor) -> Tensor:
     The CPU allocator hands blocks of this size back to the OS when freed, so a fresh one page-faults on
     every step, which costs more than the arithmetic of the skinny GEMMs writing it. Other devices have a
     caching allocator: they get a plain new tensor. Buffers made under `torch.inference_mode` cannot be
-    written outside it, so each mode has its own.
+    written outside it, so each mode has its own. Under `torch.compile` the compiler owns memory planning.
     """
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or torch.compiler.is_compiling():  # a compiled graph plans its own buffers
         return like.new_empty(shape)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     numel, key = math.prod(shape), (slot, like.dtype, torch.is_inference_mode_enabled())
@@ -342,6 +342,8 @@ def _segment_chunk(num_segments: int, weight_numel: int, like: Tensor) -> int:
 def _reduction_blocks(a: Tensor) -> int:
     """How many blocks `_row_inner_products` splits the width into: a few per CPU thread, up to 1024 on a GPU."""
     width = a.shape[1]
+    if torch.compiler.is_compiling():  # the compiler schedules the reduction itself
+        return 1
     if a.device.type != "cpu":
         return math.gcd(width, 1024)
     blocks = 2 * torch.get_num_threads()

@@ -92,13 +92,23 @@ class StepReuse:
 
     def holds(self, key: str, micro_batch: Optional[MicroBatch]) -> bool:
         """Whether `key` was made earlier in this micro-batch's optimizer step."""
-        kept = self._kept.get(key)
-        return micro_batch is not None and kept is not None and kept.step == micro_batch.step
+        return micro_batch is not None and micro_batch.accumulation > 1 and self._holds(key, micro_batch.step)
 
     def get(self, key: str, compute: Callable[[], Tensor], micro_batch: Optional[MicroBatch]) -> tuple[Tensor, Tensor]:
         if micro_batch is None or micro_batch.accumulation == 1 or not torch.is_grad_enabled():
             value = compute()
             return value, value
+        return self._reused(key, compute, micro_batch)
+
+    # The kept values live across compiled graphs and their gradient sums are Python side effects of a backward,
+    # which a compiler would trace once and replay wrongly: this bookkeeping always runs eagerly.
+    @torch.compiler.disable
+    def _holds(self, key: str, step: int) -> bool:
+        kept = self._kept.get(key)
+        return kept is not None and kept.step == step
+
+    @torch.compiler.disable
+    def _reused(self, key: str, compute: Callable[[], Tensor], micro_batch: MicroBatch) -> tuple[Tensor, Tensor]:
         kept = self._kept.get(key)
         if kept is None or kept.step != micro_batch.step:
             value = compute()

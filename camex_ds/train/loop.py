@@ -210,6 +210,8 @@ def run(args: TrainArgs) -> dict:
 
     torch.manual_seed(args.seed)  # the same initial model on every rank, whatever the EP layout
     model = GPT(cfg)
+    if args.compile:
+        model.compile_blocks()
     if args.init_from and not args.resume:
         from ..pretrained import load_state_into
 
@@ -251,13 +253,14 @@ def run(args: TrainArgs) -> dict:
             out = engine(x.to(engine.device), labels=y.to(engine.device), micro_batch=micro_batch_of(engine))
             engine.backward(out.loss + out.aux_loss)
             engine.step()
-            window_loss += out.loss.detach().item() / accum
-            window_aux += out.aux_loss.detach().item() / accum
+            # summed on the device: reading a loss every micro-batch would stall the host on the GPU each time
+            window_loss = window_loss + out.loss.detach().float() / accum
+            window_aux = window_aux + out.aux_loss.detach().float() / accum
         step += 1
         window_steps += 1
         if step % args.log_interval == 0 or step == args.max_steps:
             elapsed = time.perf_counter() - window_start
-            loss, aux = parallel.all_reduce_mean([window_loss / window_steps, window_aux / window_steps])
+            loss, aux = parallel.all_reduce_mean([float(window_loss) / window_steps, float(window_aux) / window_steps])
             tokens_per_s = tokens_per_step * window_steps / elapsed
             run_tokens, run_time = run_tokens + tokens_per_step * window_steps, run_time + elapsed
             last_train_loss = loss
