@@ -16,7 +16,10 @@ MERGE_METHODS = ("euclid", "ties", "dare", "camex", "camex-ties", "camex-dare")
 METHODS = ("dense", "smoe") + MERGE_METHODS
 ROUTINGS = ("causal", "segment", "sequence")
 FIRST_SEGMENT = ("uniform", "self-detached")
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ARCHITECTURES = ("gpt", "llama")
+BIASES = ("none", "qkv", "all")
+ROPE_SCALINGS = ("llama3",)
 SMOE_BACKENDS = ("auto", "deepspeed", "megablocks")
 
 
@@ -146,9 +149,48 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """A GPT-style decoder; every `moe.every`-th FFN (1-based: layers every-1, 2*every-1, ...) is a MoE layer."""
+class RopeScaling:
+    """Llama 3's frequency-dependent rotary scaling: the `rope_scaling` of a Llama 3.1+ config.json."""
 
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        p = "rope_scaling."
+        check_choice(p + "rope_type", self.rope_type, ROPE_SCALINGS)
+        check_number(p + "factor", self.factor, 0.0, 1e6, open_low=True)
+        check_number(p + "low_freq_factor", self.low_freq_factor, 0.0, 1e6, open_low=True)
+        check_number(p + "high_freq_factor", self.high_freq_factor, 0.0, 1e6, open_low=True)
+        if self.high_freq_factor <= self.low_freq_factor:
+            _fail(p + "high_freq_factor", self.high_freq_factor, f"more than low_freq_factor={self.low_freq_factor}")
+        check_int(p + "original_max_position_embeddings", self.original_max_position_embeddings)
+
+    @classmethod
+    def from_dict(cls, raw) -> "RopeScaling":
+        if not isinstance(raw, dict):
+            _fail("rope_scaling", raw, "null or a JSON object")
+        _check_keys("rope_scaling.", raw, cls)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw and f.name != "rope_type"]
+        if missing:
+            raise ConfigError(f"rope_scaling lacks {', '.join(missing)}: a llama3 scaling needs factor, "
+                              "low_freq_factor, high_freq_factor and original_max_position_embeddings")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder of one of two families; every `moe.every`-th FFN (1-based: layers every-1, 2*every-1, ...) is a
+    MoE layer.
+
+    `gpt`: LayerNorm, learned positions (GPT-2's shape). `llama`: RMSNorm, rotary positions, SwiGLU,
+    grouped-query attention (`n_kv_heads`). Both take `bias` (`qkv`: Qwen2's q/k/v biases; `all`: every
+    linear layer, GPT-2), `norm_eps` and `tie_embeddings`.
+    """
+
+    architecture: str = "gpt"
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -158,8 +200,15 @@ class ModelConfig:
     vocab_size: Optional[int] = None
     moe: Optional[MoEConfig] = None
     init_std: float = 0.02
+    n_kv_heads: Optional[int] = None
+    bias: str = "none"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[RopeScaling] = None
 
     def __post_init__(self) -> None:
+        check_choice("architecture", self.architecture, ARCHITECTURES)
         for name in ("d_model", "n_layers", "n_heads", "ffn_hidden_size", "seq_len"):
             check_int(name, getattr(self, name))
         if self.vocab_size is not None:
@@ -168,12 +217,61 @@ class ModelConfig:
         check_number("init_std", self.init_std, 0.0, 10.0, open_low=True)
         if self.d_model % self.n_heads:
             _fail("n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        check_choice("bias", self.bias, BIASES)
+        check_number("norm_eps", self.norm_eps, 0.0, 1.0, open_low=True)
+        if not isinstance(self.tie_embeddings, bool):
+            _fail("tie_embeddings", self.tie_embeddings, "true or false")
+        self._check_family()
         if self.moe is not None:
             seg = self.seq_len if self.moe.routing == "sequence" else self.moe.segment_len
             if self.seq_len % seg:
                 _fail("moe.segment_len", seg, f"a divisor of seq_len={self.seq_len} (L must be a multiple of T)")
             if self.moe.every > self.n_layers:
                 _fail("moe.every", self.moe.every, f"at most n_layers={self.n_layers}, or no layer would be MoE")
+            if self.ffn_bias and self.moe.backend == "megablocks":
+                _fail("moe.backend", self.moe.backend, "'deepspeed' or 'auto' for bias='all' (MegaBlocks experts "
+                      "have no biases)")
+
+    def _check_family(self) -> None:
+        """The options only one family has: rotary positions, grouped-query attention and SwiGLU are llama's."""
+        if self.architecture == "gpt":
+            for name in ("n_kv_heads", "rope_theta", "rope_scaling"):
+                if getattr(self, name) is not None:
+                    _fail(name, getattr(self, name), "null for architecture 'gpt' (a llama-family option)")
+            return
+        if self.activation != "swiglu":
+            _fail("activation", self.activation, "'swiglu' for architecture 'llama'")
+        if self.n_kv_heads is not None:
+            check_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                _fail("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}")
+        if self.rope_theta is not None:
+            check_number("rope_theta", self.rope_theta, 0.0, 1e12, open_low=True)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            _fail("rope_scaling", self.rope_scaling, "a RopeScaling (from_dict parses the JSON object)")
+        if (self.d_model // self.n_heads) % 2:
+            _fail("n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving an even head size "
+                  "(rotary embeddings rotate pairs)")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: `n_kv_heads`, or one per query head (plain multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rope_base(self) -> float:
+        """The rotary base θ (llama family): `rope_theta`, 10000 by default as in Llama 1 and 2."""
+        return 10000.0 if self.rope_theta is None else float(self.rope_theta)
+
+    @property
+    def ffn_bias(self) -> bool:
+        """Biases in the FFN matrices (bias='all'): dense FFNs and smoe experts own them, merge layers share one
+        per matrix outside the merge."""
+        return self.bias == "all"
 
     @property
     def moe_layers(self) -> list[int]:
@@ -196,6 +294,8 @@ class ModelConfig:
         raw = dict(raw)
         moe_raw = raw.pop("moe", None)
         _check_keys("", raw, cls, exclude={"moe"})
+        if raw.get("rope_scaling") is not None:
+            raw["rope_scaling"] = RopeScaling.from_dict(raw["rope_scaling"])
         moe = None
         if moe_raw is not None:
             if not isinstance(moe_raw, dict):
@@ -219,6 +319,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "moe"}
         d["moe"] = self.moe.to_dict() if self.moe else None
+        d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
         return d
 
     def replace(self, **changes) -> "ModelConfig":
@@ -280,4 +381,5 @@ def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:
             raise ConfigError(f"unknown config key {prefix}{key!r}: valid keys are {', '.join(sorted(known))}")
 
 
-__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "TrainArgs", "METHODS", "MERGE_METHODS", "ROUTINGS", "ACTIVATIONS"]
+__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "TrainArgs", "RopeScaling", "METHODS", "MERGE_METHODS",
+           "ROUTINGS", "ACTIVATIONS", "ARCHITECTURES", "BIASES"]

@@ -51,6 +51,7 @@ from .pretrained import (
     PretrainedError,
     atomic_output_dir,
     check_state_dict,
+    find_tokenizer,
     meta_model,
     read_config,
     read_weights,
@@ -509,7 +510,7 @@ def find_run_data(ref: CheckpointRef, states: dict) -> tuple:
         for source in (states, args):
             value = source.get(key)
             if isinstance(value, str) and value:
-                if not Path(value).is_file():
+                if not Path(value).exists():
                     _fail(f"the run's tokenizer '{value}' (recorded as '{key}') does not exist; pass --tokenizer")
                 return Path(value), None
     if not args:
@@ -818,8 +819,10 @@ def upcycle(input_dir: PathLike, moe_config: PathLike, output: PathLike, noise: 
         if name in dense:
             out[name] = dense[name].clone()
             continue
-        m = re.match(r"^blocks\.(\d+)\.ffn\.(?:base\.|deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.)(\w+)$", name)
-        if m and m[3] in matrices:
+        # an expert's matrix or bias (smoe experts own GPT-2's FFN biases; merge layers share the dense ones)
+        m = re.match(r"^blocks\.(\d+)\.ffn\.(?:base\.|deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.)"
+                     r"((?:bias\.)?(\w+))$", name)
+        if m and m[4] in matrices:
             src = dense.get(f"blocks.{m[1]}.ffn.{m[3]}")
             if src is None:
                 _fail(f"'{input_dir}' lacks the dense FFN 'blocks.{m[1]}.ffn.{m[3]}' needed for '{name}'")
@@ -840,8 +843,7 @@ def upcycle(input_dir: PathLike, moe_config: PathLike, output: PathLike, noise: 
     info = {"command": "upcycle", "source": str(Path(input_dir).resolve()), "dataset": _dataset_of(raw_cfg),
             "noise": noise, "seed": seed, "fresh": len(fresh), "notes": notes}
     with atomic_output_dir(output) as work:
-        tok = Path(input_dir) / "tokenizer.model"
-        save_pretrained(work, out, new_cfg, tok if tok.is_file() else None, dtype=_dtype_name(dtype),
+        save_pretrained(work, out, new_cfg, find_tokenizer(input_dir), dtype=_dtype_name(dtype),
                         conversion=info)
     return {"output": str(output), "method": moe.method, "moe_layers": new_cfg.moe_layers, **info}
 
@@ -915,9 +917,8 @@ def fold(input_dir: PathLike, output: PathLike) -> dict:
             "folded_from": cfg.moe.method,
             "mask": "ties mask folded into the experts" if cfg.moe.mask == "ties" else cfg.moe.mask}
     with atomic_output_dir(output) as work:
-        tok = Path(input_dir) / "tokenizer.model"
         dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-        save_pretrained(work, out, new_cfg, tok if tok.is_file() else None, dtype=_dtype_name(dtype),
+        save_pretrained(work, out, new_cfg, find_tokenizer(input_dir), dtype=_dtype_name(dtype),
                         conversion=info)
     return {"output": str(output), "method": twin, **info}
 

@@ -96,7 +96,7 @@ def smoe_backend(cfg: ModelConfig, backend: Optional[str] = None) -> str:
     """The SMoE implementation the model would build: 'deepspeed' or 'megablocks' ('auto' resolved here)."""
     from .moe.token_moe import resolve_backend
 
-    return resolve_backend(backend or cfg.moe.backend, cfg.moe.ep_size)
+    return resolve_backend(backend or cfg.moe.backend, cfg.moe.ep_size, ffn_bias=cfg.ffn_bias)
 
 
 def smoe_capacity(cfg: ModelConfig, tokens: int) -> int:
@@ -170,12 +170,13 @@ def flops_per_token(cfg: CfgLike, seq_len: Optional[int] = None, micro_batch_tok
     notes: list[str] = []
     elementwise: dict[str, float] = {}
 
-    # Attention: qkv (6d²) and proj (2d²) GEMMs, backward 2×; SDPA's QKᵀ and AV over the full L×L
-    # (FlopCounterMode does not discount the causal mask), backward 2.5× (flash-style recompute).
-    c.add("attention", n_layers * 8 * d * d, 2.0)
+    # Attention: qkv and proj GEMMs (8d² without grouped-query attention), backward 2×; SDPA's QKᵀ and AV over
+    # the full L×L (FlopCounterMode does not discount the causal mask, and counts query heads under GQA),
+    # backward 2.5× (flash-style recompute).
+    c.add("attention", n_layers * _attention_projection_flops(cfg), 2.0)
     c.add("attention", n_layers * 4 * length * d, SDPA_BACKWARD_MULTIPLIER)
     c.add("lm_head", 2 * d * vocab, 2.0)
-    # Embeddings (token and position look-ups) are not matmuls: 0; the tied LM head is counted above.
+    # Embeddings (token and position look-ups) are not matmuls: 0; the LM head (tied or not) is counted above.
 
     moe_layers = cfg.moe_layers
     dense_layers = n_layers - len(moe_layers)
@@ -310,37 +311,72 @@ def _chain_layer(cfg: ModelConfig, c: _Components, tokens: int, accumulation: in
               backward=rows["train"][component][1])
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The blocks' shapes in both families (gpt, llama): grouped-query attention, norms, biases, untied LM head.
+# Norms, biases and rotary embeddings are elementwise, 0 FLOPs; they only count as parameters.
+
+
+def _attention_projection_flops(cfg: ModelConfig) -> int:
+    """Forward GEMM FLOPs per token of one block's attention projections: the fused q/k/v projection
+    (d -> d + 2·kv_heads·head_dim) and the output projection (d -> d); 8d² without grouped-query attention."""
+    d = cfg.d_model
+    return 2 * d * (d + 2 * cfg.kv_heads * cfg.head_dim) + 2 * d * d
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    return 2 * cfg.d_model if cfg.architecture == "gpt" else cfg.d_model  # LayerNorm: weight and bias; RMSNorm
+
+
+def _block_params(cfg: ModelConfig) -> int:
+    """One block outside its FFN: two norms, the attention projections and their biases."""
+    d, qkv = cfg.d_model, cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim
+    biases = (qkv if cfg.bias != "none" else 0) + (d if cfg.bias == "all" else 0)
+    return 2 * _norm_params(cfg) + d * qkv + d * d + biases
+
+
+def _embedding_params(cfg: ModelConfig, vocab: int) -> int:
+    """wte, the gpt family's learned positions wpe, and an untied lm_head."""
+    positions = cfg.seq_len * cfg.d_model if cfg.architecture == "gpt" else 0
+    return vocab * cfg.d_model * (1 if cfg.tie_embeddings else 2) + positions
+
+
+def _ffn_bias_elements(cfg: ModelConfig) -> int:
+    """An FFN's biases (bias='all'): one per matrix output."""
+    shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
+    return sum(o for o, _ in shapes.values()) if cfg.ffn_bias else 0
+
+
 def param_counts(cfg: CfgLike, *, vocab_size: Optional[int] = None, backend: Optional[str] = None) -> dict:
     """Parameters of the model: `total` (the whole model, as `GPT.num_parameters()` at ep_size=1),
     `active` (those a token's computation uses: everything but the expert storage, plus per MoE layer
     one merged FFN (P) for merge methods or top_k experts (k·P) for smoe), `per_rank` (experts and their
-    factors divided by ep), and the same without the embeddings (`*_non_embedding`: wte, wpe)."""
+    factors divided by ep), and the same without the embeddings (`*_non_embedding`: wte, wpe, an untied
+    lm_head)."""
     cfg = _as_config(cfg)
     vocab = _vocab(cfg, vocab_size)
-    d, p = cfg.d_model, _ffn_elements(cfg)
-    embed = vocab * d + cfg.seq_len * d
-    block_common = 4 * d + 4 * d * d  # two LayerNorms and attention
-    shared = embed + cfg.n_layers * block_common + 2 * d  # + ln_f
+    d, p, fb = cfg.d_model, _ffn_elements(cfg), _ffn_bias_elements(cfg)
+    embed = _embedding_params(cfg, vocab)
+    shared = embed + cfg.n_layers * _block_params(cfg) + _norm_params(cfg)  # + ln_f
     moe_layers = cfg.moe_layers
-    shared += (cfg.n_layers - len(moe_layers)) * p
+    shared += (cfg.n_layers - len(moe_layers)) * (p + fb)
     total = active = per_rank = shared
     if moe_layers:
         moe = cfg.moe
         if moe.method == "smoe":
             router = d * moe.num_experts  # DeepSpeed's wg (bias-free) or MegaBlocks' router
-            experts = moe.num_experts * p
+            experts = moe.num_experts * (p + fb)
             total += len(moe_layers) * (router + experts)
             per_rank += len(moe_layers) * (router + experts // moe.ep_size)
-            active += len(moe_layers) * (router + moe.k * p)
+            active += len(moe_layers) * (router + moe.k * (p + fb))
         else:
             n = moe.stored_experts
             router = d * n * (2 if moe.noisy_gating else 1)
             expert = p + (_factor_elements_per_expert(cfg) if moe.curved else 0)
             for chain_start in cfg.chain_starts:
                 base = p if chain_start else 0
-                total += router + base + n * expert
-                per_rank += router + base + (n // moe.ep_size) * expert
-                active += router + p
+                total += router + base + fb + n * expert  # fb: the layer's shared FFN biases
+                per_rank += router + base + fb + (n // moe.ep_size) * expert
+                active += router + p + fb
     return {"total": total, "active": active, "per_rank": per_rank,
             "total_non_embedding": total - embed, "active_non_embedding": active - embed}
 

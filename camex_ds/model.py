@@ -1,9 +1,11 @@
-"""A GPT-style decoder whose FFN in every `moe.every`-th layer is a MoE layer of any method.
+"""A decoder whose FFN in every `moe.every`-th layer is a MoE layer of any method, in two families.
 
-Pre-norm blocks, causal self-attention, learned positions, tied input/output embeddings (nanoGPT's
-shape). `build_model(cfg)` takes a dict or a `ModelConfig`; `model(input_ids, labels=None)` returns
-`.logits`, `.loss` (mean next-token cross-entropy, None without labels) and `.aux_loss` (the MoE
-load-balancing losses summed over layers; train on `loss + aux_loss`).
+Pre-norm blocks and causal self-attention in both. `gpt` (nanoGPT's shape, GPT-2's with `bias='all'` and
+`gelu_tanh`): LayerNorm, learned positions. `llama` (Llama, Mistral, Qwen2): RMSNorm, rotary positions,
+SwiGLU, grouped-query attention. The input and output embeddings are tied unless `tie_embeddings` is false.
+`build_model(cfg)` takes a dict or a `ModelConfig`; `model(input_ids, labels=None)` returns `.logits`,
+`.loss` (mean next-token cross-entropy, None without labels) and `.aux_loss` (the MoE load-balancing losses
+summed over layers; train on `loss + aux_loss`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .config import ConfigError, ModelConfig, MoEConfig
 from .moe import CAMExMoE, MergeChain, MicroBatch
 from .moe.ffn import FFN
 from .moe.token_moe import MegaBlocksMoE, TokenMoE, resolve_backend
+from .rope import apply_rotary, rotary_tables
 
 
 @dataclass
@@ -31,17 +34,30 @@ class ModelOutput:
 
 
 class CausalSelfAttention(nn.Module):
+    """One fused q/k/v projection (rows: q, then k, then v), with `kv_heads` key/value heads shared by groups of
+    query heads (grouped-query attention when fewer than `n_heads`); rotary positions when given tables."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        kv_dim = self.kv_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias != "none")
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias == "all")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         bsz, length, dim = x.shape
-        q, k, v = self.qkv(x).view(bsz, length, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        kv_dim = self.kv_heads * self.head_dim
+        q, k, v = (t.view(bsz, length, -1, self.head_dim).transpose(1, 2)
+                   for t in self.qkv(x).split([dim, kv_dim, kv_dim], dim=-1))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
         return self.proj(y.transpose(1, 2).reshape(bsz, length, dim))
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.architecture == "gpt" else \
+        nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 def build_moe_layer(cfg: ModelConfig, chain_start: bool) -> nn.Module:
@@ -53,26 +69,27 @@ def build_moe_layer(cfg: ModelConfig, chain_start: bool) -> nn.Module:
                         routing=moe.routing, first_segment=moe.first_segment, top_k=moe.top_k,
                         curvature_rank=moe.curvature_rank, alpha=moe.alpha, activation=cfg.activation,
                         noisy_gating=moe.noisy_gating, aux_loss_coef=moe.aux_loss_coef, dare_p=moe.dare_p,
-                        dynamic=moe.dynamic, chain_start=chain_start, init_std=cfg.init_std)
-    if resolve_backend(moe.backend, moe.ep_size) == "megablocks":
+                        dynamic=moe.dynamic, chain_start=chain_start, init_std=cfg.init_std, bias=cfg.ffn_bias)
+    if resolve_backend(moe.backend, moe.ep_size, ffn_bias=cfg.ffn_bias) == "megablocks":
         return MegaBlocksMoE(d, h, moe.num_experts, top_k=moe.k, activation=cfg.activation,
                              aux_loss_coef=moe.aux_loss_coef, init_std=cfg.init_std)
     return TokenMoE(d, h, moe.num_experts, top_k=moe.k, ep_size=moe.ep_size, activation=cfg.activation,
-                    capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, init_std=cfg.init_std)
+                    capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, init_std=cfg.init_std,
+                    bias=cfg.ffn_bias)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.ln_attn = build_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_ffn = nn.LayerNorm(cfg.d_model)
+        self.ln_ffn = build_norm(cfg)
         self.ffn = ffn
         self.is_moe = not isinstance(ffn, FFN)
 
-    def forward(self, x: Tensor, chain: MergeChain,
-                micro_batch: Optional[MicroBatch] = None) -> tuple[Tensor, Optional[Tensor]]:
-        x = x + self.attn(self.ln_attn(x))
+    def forward(self, x: Tensor, chain: MergeChain, micro_batch: Optional[MicroBatch] = None,
+                rotary=None) -> tuple[Tensor, Optional[Tensor]]:
+        x = x + self.attn(self.ln_attn(x), rotary)
         h = self.ln_ffn(x)
         if not self.is_moe:
             return x + self.ffn(h), None
@@ -87,24 +104,29 @@ class GPT(nn.Module):
             raise ConfigError("vocab_size is not set: give it in the config or take it from the tokenizer")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.architecture == "gpt" else None
         starts = dict(zip(cfg.moe_layers, cfg.chain_starts))
         self.blocks = nn.ModuleList(
             Block(cfg, build_moe_layer(cfg, chain_start=starts[i]) if i in starts
-                  else FFN(cfg.d_model, cfg.ffn_hidden_size, cfg.activation, cfg.init_std))
+                  else FFN(cfg.d_model, cfg.ffn_hidden_size, cfg.activation, cfg.init_std, cfg.ffn_bias))
             for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = build_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_dense_weights()
 
     @torch.no_grad()
     def _init_dense_weights(self) -> None:
         """GPT-2 init; residual projections scaled by 1/sqrt(2·layers). MoE layers initialise themselves."""
         std = self.config.init_std
-        nn.init.normal_(self.wte.weight, 0.0, std)
-        nn.init.normal_(self.wpe.weight, 0.0, std)
+        for embedding in (self.wte, self.wpe, self.lm_head):
+            if embedding is not None:
+                nn.init.normal_(embedding.weight, 0.0, std)
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, 0.0, std)
             nn.init.normal_(block.attn.proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            for linear in (block.attn.qkv, block.attn.proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 micro_batch: Optional[MicroBatch] = None) -> ModelOutput:
@@ -113,15 +135,19 @@ class GPT(nn.Module):
         bsz, length = input_ids.shape
         if length > self.config.seq_len:
             raise ValueError(f"input length {length} exceeds the model's seq_len={self.config.seq_len}")
-        pos = torch.arange(length, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(pos)
+        x = self.wte(input_ids)
+        rotary = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(length, device=input_ids.device))
+        else:
+            rotary = rotary_tables(self.config, length, x.dtype, input_ids.device)
         chain = MergeChain()
         aux_loss = x.new_zeros(())
         for block in self.blocks:
-            x, aux = block(x, chain, micro_batch)
+            x, aux = block(x, chain, micro_batch, rotary)
             if aux is not None:
                 aux_loss = aux_loss + aux
-        logits = F.linear(self.ln_f(x), self.wte.weight)
+        logits = F.linear(self.ln_f(x), self.wte.weight if self.lm_head is None else self.lm_head.weight)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))

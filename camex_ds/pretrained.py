@@ -6,7 +6,7 @@ Layout of a folder written by `save_pretrained` (format ``camex_ds-pretrained``,
                         layer under `deepspeed_experts.<global id>` (0..N-1), fp32 or bf16
     config.json         the ModelConfig dict (moe.ep_size = 1) plus the reserved keys
                         `format`, `format_version` and `conversion` (provenance, free form)
-    tokenizer.model     the SentencePiece model the token ids refer to
+    tokenizer.model     the SentencePiece model the token ids refer to (or tokenizer.json, a Hugging Face one)
 
 `load_pretrained(path)` returns the model in eval mode; `load_state_into(model, path)` copies the
 weights into an existing model of any expert-parallel layout (each rank takes its own experts), which
@@ -31,7 +31,7 @@ FORMAT = "camex_ds-pretrained"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece, or Hugging Face's (an imported model's)
 RESERVED_KEYS = ("format", "format_version", "conversion")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -173,7 +173,10 @@ def save_pretrained(work_dir: PathLike, state: dict, cfg, tokenizer: Optional[Pa
                conversion={"dtype": DTYPES.get(dtype, dtype), **(conversion or {})})
     (work_dir / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, work_dir / TOKENIZER_FILE)
+        from .data import Tokenizer
+
+        tok = Tokenizer.load(tokenizer)  # a file or a Hugging Face folder; checked before it is copied
+        shutil.copyfile(tok.path, work_dir / tok.file_name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,10 +233,15 @@ def read_weights(path: PathLike, cfg=None) -> dict:
     return state
 
 
+def find_tokenizer(path: PathLike) -> Optional[Path]:
+    """The tokenizer file of a consolidated folder, or None if it has none."""
+    return next((Path(path) / name for name in TOKENIZER_FILES if (Path(path) / name).is_file()), None)
+
+
 def tokenizer_path(path: PathLike) -> Path:
-    file = Path(path) / TOKENIZER_FILE
-    if not file.is_file():
-        raise PretrainedError(f"'{path}' has no {TOKENIZER_FILE}")
+    file = find_tokenizer(path)
+    if file is None:
+        raise PretrainedError(f"'{path}' has no {' or '.join(TOKENIZER_FILES)}")
     return file
 
 
@@ -310,4 +318,4 @@ def load_state_into(model, path: PathLike, strict: bool = True) -> None:
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PretrainedError", "atomic_output_dir", "load_pretrained", "load_state_into",
-           "read_config", "read_weights", "save_pretrained", "tokenizer_path"]
+           "find_tokenizer", "read_config", "read_weights", "save_pretrained", "tokenizer_path"]

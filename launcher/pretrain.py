@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "'auto' values are filled from this run (default: %(default)s)")
     ap.add_argument("--model_config", help="model JSON (see README: config reference); default: a small CAMEx model")
     ap.add_argument("--data", help="a preprocessed dataset folder, " + DATA_HELP)
-    ap.add_argument("--tokenizer", help="SentencePiece .model; default: train one on the data (cached)")
+    ap.add_argument("--tokenizer", help="SentencePiece .model, or a Hugging Face tokenizer.json or the folder holding "
+                                        "it; default: the --init_from model's own, else train one on the data (cached)")
     ap.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of a tokenizer trained here (%(default)s)")
     ap.add_argument("--cache_dir", help="where prepared datasets are cached (default: $CAMEX_DS_CACHE or "
                                         "~/.cache/camex_ds)")

@@ -16,6 +16,9 @@ from camex_ds.model import build_model
 REPO = Path(__file__).resolve().parent.parent
 BASE = dict(d_model=32, n_layers=4, n_heads=2, ffn_hidden_size=96, seq_len=32, vocab_size=97)
 BATCH = 2
+LLAMA = dict(BASE, architecture="llama", activation="swiglu", n_heads=4, n_kv_heads=2, norm_eps=1e-6,
+             rope_theta=5e5, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=16))
 
 
 def moe(**kw):
@@ -36,6 +39,14 @@ CONFIGS = {
     "camex-dare-dynamic-chains-of-2": dict(BASE, moe=moe(method="camex-dare", dynamic=True, every=1, chain_length=2)),
     "swiglu-camex-ties": dict(BASE, activation="swiglu", moe=moe(method="camex-ties")),
     "camex-dare-sequence-top2": dict(BASE, moe=moe(method="camex-dare", routing="sequence", top_k=2)),
+    # The llama family: grouped-query attention (4 query heads over 2 key/value heads), rotary positions,
+    # RMSNorm, an untied head, Qwen2's q/k/v biases; and GPT-2's biases and tanh GELU in the gpt family.
+    "llama-gqa-dense": dict(LLAMA),
+    "llama-gqa-camex-untied-qkv-bias": dict(LLAMA, tie_embeddings=False, bias="qkv", moe=moe(method="camex")),
+    "llama-gqa-smoe-top2": dict(LLAMA, moe=moe(method="smoe", top_k=2, backend="deepspeed")),
+    "llama-gqa-dynamic": dict(LLAMA, moe=moe(method="camex-ties", dynamic=True, every=1)),
+    "gpt2-biases-camex": dict(BASE, bias="all", activation="gelu_tanh", moe=moe(method="camex")),
+    "gpt2-biases-smoe-top1": dict(BASE, bias="all", activation="gelu_tanh", moe=moe(method="smoe", top_k=1)),
 }
 
 
@@ -53,7 +64,8 @@ def test_forward_flops_match_flop_counter(name):
     assert analytic["forward"] == pytest.approx(measured["forward"], rel=1e-9)
 
 
-@pytest.mark.parametrize("name", ["camex-R2-every2", "camex-dynamic", "smoe-top2", "swiglu-camex-ties"])
+@pytest.mark.parametrize("name", ["camex-R2-every2", "camex-dynamic", "smoe-top2", "swiglu-camex-ties",
+                                  "llama-gqa-camex-untied-qkv-bias", "gpt2-biases-camex"])
 def test_train_flops_match_flop_counter(name):
     """Training mode (router noise on) forward + backward of loss + aux_loss: the backward accounting (2x plain
     GEMMs, 2.5x SDPA, 1x the top-2 gate einsums, the custom backwards of _MergedLinear and _Curvature) holds."""
@@ -97,7 +109,7 @@ def test_param_counts_match_model(name):
     counts = fl.param_counts(cfg)
     assert counts["total"] == build_model(cfg).num_parameters()
     dense = fl.param_counts(cfg.replace(moe=None))["total"]
-    p = 2 * 32 * 96 * (1.5 if cfg.activation == "swiglu" else 1)
+    p = 2 * 32 * 96 * (1.5 if cfg.activation == "swiglu" else 1) + (96 + 32 if cfg.bias == "all" else 0)
     if cfg.moe is None:
         assert counts["active"] == counts["total"]
     elif cfg.moe.method == "smoe":
@@ -106,7 +118,18 @@ def test_param_counts_match_model(name):
     else:
         router = 32 * cfg.moe.routed_experts * (2 if cfg.moe.noisy_gating else 1)
         assert counts["active"] == dense + len(cfg.moe_layers) * router
-    assert counts["total_non_embedding"] == counts["total"] - (97 + 32) * 32
+    vocab_matrices = 97 * 32 * (1 if cfg.tie_embeddings else 2)
+    positions = 32 * 32 if cfg.architecture == "gpt" else 0
+    assert counts["total_non_embedding"] == counts["total"] - vocab_matrices - positions
+
+
+def test_grouped_query_attention_flops():
+    """The fused q/k/v projection shrinks with fewer key/value heads; SDPA's count (query heads) does not."""
+    mha = ModelConfig.from_dict(dict(CONFIGS["llama-gqa-dense"], n_kv_heads=None))
+    gqa = ModelConfig.from_dict(CONFIGS["llama-gqa-dense"])
+    d, kv, layers = 32, 2 * 8, 4
+    saved = fl.flops_per_token(mha)["attention"] - fl.flops_per_token(gqa)["attention"]
+    assert saved == layers * 2 * d * 2 * (d - kv)
 
 
 def test_curvature_scales_with_rank_experts_ep_and_tokens():

@@ -368,7 +368,7 @@ def test_merged_ffn_preserves_dtype(dtype):
 def test_merged_ffn_errors():
     base, experts, _, _ = _ffn_inputs("gelu", 2, 4, 6, False, 2, None, "none")
     x, gates = rnd(2, 3, 4), rand_gates(2, 2)
-    with pytest.raises(ValueError, match=r"activation='relu'.*gelu, swiglu"):
+    with pytest.raises(ValueError, match=r"activation='relu'.*gelu, gelu_tanh, swiglu"):
         Fn.merged_ffn(x, gates, base, experts, activation="relu")
     with pytest.raises(ValueError, match=r"swiglu.*missing"):
         Fn.merged_ffn(x, gates, base, experts, activation="swiglu")

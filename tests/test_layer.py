@@ -470,7 +470,7 @@ def test_error_unknown_method():
 
 
 def test_error_unknown_activation():
-    with pytest.raises(ValueError, match=r"activation='relu'.*gelu, swiglu"):
+    with pytest.raises(ValueError, match=r"activation='relu'.*gelu, gelu_tanh, swiglu"):
         CAMExMoE(6, 10, 4, activation="relu")
 
 

@@ -9,6 +9,9 @@
     python tools/convert_checkpoint.py upcycle --input out/dense --moe_config moe.json --output out/upcycled
     # camex* model -> Euclidean twin with the curvature folded into the experts (same outputs, smaller)
     python tools/convert_checkpoint.py fold --input out/model --output out/folded
+    # Hugging Face Llama / Mistral / Qwen2 / GPT-2 folder -> consolidated dense model (and back: docs/hf.md)
+    python tools/convert_checkpoint.py import-hf --input hf/TinyLlama --output out/tinyllama --seq_len 2048
+    python tools/convert_checkpoint.py export-hf --input out/tinyllama --output hf/tinyllama-again
 
 Every subcommand checks its inputs and fails with one line (exit 2) naming the file, tensor or value at
 fault; outputs appear only once complete (written into a hidden folder next to them, then renamed).
@@ -63,6 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser("fold", help="camex* model -> Euclidean twin with the curvature folded in")
     p.add_argument("--input", required=True, metavar="OUT", help="consolidated camex, camex-ties or camex-dare model")
     p.add_argument("--output", required=True, metavar="OUT2", help="folder to create (must not exist)")
+
+    p = sub.add_parser("import-hf", help="Hugging Face Llama/Mistral/Qwen2/GPT-2 folder -> consolidated dense model")
+    p.add_argument("--input", required=True, metavar="HF_DIR",
+                   help="folder with config.json and safetensors weights (sharded with their index, or not)")
+    p.add_argument("--output", required=True, metavar="OUT", help="folder to create (must not exist)")
+    p.add_argument("--seq_len", type=int,
+                   help="the model's training length (default: the config's max_position_embeddings / n_positions)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="weights dtype (default: bf16 if stored so, else fp32)")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="also read pytorch_model.bin (a pickle: it can run code) through torch.load(weights_only=True)")
+
+    p = sub.add_parser("export-hf", help="consolidated dense model -> Hugging Face folder (GPT-2, Llama or Qwen2)")
+    p.add_argument("--input", required=True, metavar="OUT",
+                   help="consolidated dense model, or a MoE model whose experts all equal their base")
+    p.add_argument("--output", required=True, metavar="HF_DIR", help="folder to create (must not exist)")
     return ap.parse_args(argv)
 
 
@@ -80,8 +98,17 @@ def main(argv=None) -> int:
             result = reshard(args.checkpoint, args.ep_size, args.output, tag=args.tag, world_size=args.world_size)
         elif args.command == "upcycle":
             result = upcycle(args.input, args.moe_config, args.output, noise=args.noise, seed=args.seed)
-        else:
+        elif args.command == "fold":
             result = fold(args.input, args.output)
+        elif args.command == "import-hf":
+            from camex_ds.hf import import_hf
+
+            result = import_hf(args.input, args.output, seq_len=args.seq_len, allow_pickle=args.allow_pickle,
+                               dtype=args.dtype)
+        else:
+            from camex_ds.hf import export_hf
+
+            result = export_hf(args.input, args.output)
     except (ConvertError, PretrainedError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary size (the LM head's FLOPs and the embeddings); overrides the config's. Without "
                         f"it, --tokenizer or a vocab_size in the config, {DEFAULT_VOCAB} (launcher/pretrain.py's "
                         "default tokenizer) is used and said so")
-    p.add_argument("--tokenizer", default=None, help="take vocab_size from this SentencePiece model file")
+    p.add_argument("--tokenizer", default=None, help="take vocab_size from this tokenizer (SentencePiece model, or "
+                                                      "a Hugging Face tokenizer.json or its folder)")
     p.add_argument("--bytes_per_element", type=int, default=4, help="bytes per element for EP traffic (default 4)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=v1,v2,...",
                    help="also tabulate merge/curvature/dynamic costs while varying one of "

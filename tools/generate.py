@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--prompt", required=True, help="text to continue")
+    ap.add_argument("--tokenizer", help="SentencePiece model, or a Hugging Face tokenizer.json or the folder holding it "
+                                        "(default: the model folder's own)")
     ap.add_argument("--max_new_tokens", type=int, default=64, help="(%(default)s)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (%(default)s)")
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (%(default)s)")
@@ -120,7 +122,7 @@ def _generate(args) -> int:
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p={args.top_p} is invalid: expected a number in (0, 1]")
     model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = Tokenizer.load(tokenizer_path(args.model))
+    tokenizer = Tokenizer.load(args.tokenizer or tokenizer_path(args.model))
     prompt_ids, new, exact = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                                       args.top_p, args.seed, args.device)
     if not exact:

@@ -32,9 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", metavar="PATH", default=None, help=DATA_HELP)
     parser.add_argument(
         "--tokenizer",
-        metavar="TOK.model",
+        metavar="TOKENIZER",
         default=None,
-        help="SentencePiece model (from tools/train_tokenizer.py); default: train one on the train split first",
+        help="SentencePiece model (from tools/train_tokenizer.py), or a Hugging Face tokenizer.json or the folder "
+        "holding it; default: train one on the train split first",
     )
     parser.add_argument(
         "--vocab_size", metavar="N", type=int, default=4096, help="pieces of a tokenizer trained here (%(default)s)"

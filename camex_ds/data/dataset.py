@@ -4,7 +4,7 @@ Format (``FORMAT_VERSION`` 1), one folder:
 
 * ``train.bin``, ``validation.bin``: flat token ids, every document followed by EOS, numpy ``uint16``
   when ``vocab_size <= 65536`` else ``uint32``;
-* ``tokenizer.model``: a copy of the SentencePiece model used, so the folder is self-contained;
+* ``tokenizer.model`` (or ``tokenizer.json``): a copy of the tokenizer used, so the folder is self-contained;
 * ``index.json``: format and version, source description, tokenizer file and hash, vocab_size,
   eos_id, dtype, val_percent, and per split its file, token count, UTF-8 byte count and document count.
 
@@ -45,7 +45,6 @@ from .tokenizer import Tokenizer
 FORMAT = "camex_ds-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def split_of(key: str, val_percent: int) -> str:
@@ -115,14 +114,14 @@ def write_dataset(
     partial = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     partial.mkdir()
     try:
-        shutil.copyfile(tokenizer.path, partial / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer.path, partial / tokenizer.file_name)
         dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
         splits = _write_splits(partial, source, tokenizer, dtype, val_percent, progress)
         index = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "source": source.description,
-            "tokenizer": TOKENIZER_FILE,
+            "tokenizer": tokenizer.file_name,
             "tokenizer_sha256": file_sha256(tokenizer.path),
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: deterministic training from documents, and a small encode/decode wrapper.
+"""SentencePiece tokenizer: deterministic training from documents, and a small encode/decode wrapper
+(``Tokenizer.load`` opens Hugging Face ``tokenizer.json`` files too, through ``hf_tokenizer.py``).
 
 Training settings, and why:
 
@@ -26,6 +27,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from .corpus import DataError
+from .hf_tokenizer import HFTokenizer, is_hf_tokenizer
 
 MIN_VOCAB_SIZE = 258  # 256 byte pieces + <unk> + </s>
 DEFAULT_INPUT_SENTENCE_SIZE = 500_000  # lines; ~5 s of BPE training, far more than the default corpus has
@@ -33,7 +35,10 @@ MAX_LINE_BYTES = 16384  # longer lines are left out of tokenizer training (they 
 
 
 class Tokenizer:
-    """A loaded SentencePiece model; build one with ``Tokenizer.load(path)``."""
+    """A loaded SentencePiece model; build one with ``Tokenizer.load(path)``, which also opens a Hugging Face
+    ``tokenizer.json`` (or the folder holding it) as an ``HFTokenizer`` with the same interface."""
+
+    file_name = "tokenizer.model"  # its name in the folders a copy goes to (datasets, consolidated models)
 
     def __init__(self, path: Path, processor: spm.SentencePieceProcessor):
         self.path = path
@@ -43,6 +48,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        if is_hf_tokenizer(path):
+            return HFTokenizer.load(path)
         path = Path(path)
         if not path.is_file():
             raise DataError(f"tokenizer file '{path}' does not exist")

@@ -508,18 +508,18 @@ def merge_weights(base: Tensor, experts: Tensor, gates: Tensor, factors: Optiona
 
 
 def expert_matrix_names(activation: str) -> tuple[str, ...]:
-    if activation == "gelu":
+    if activation in ("gelu", "gelu_tanh"):
         return ("w_in", "w_out")
     if activation == "swiglu":
         return ("w_gate", "w_up", "w_down")
-    raise ValueError(f"activation={activation!r} is invalid: expected one of gelu, swiglu")
+    raise ValueError(f"activation={activation!r} is invalid: expected one of gelu, gelu_tanh, swiglu")
 
 
 def ffn(x: Tensor, linear, activation: str) -> Tensor:
-    """The expert FFN of §1 with `linear(name, input)` applying the named matrix."""
-    if activation == "gelu":
-        return linear("w_out", F.gelu(linear("w_in", x)))
-    return linear("w_down", F.silu(linear("w_gate", x)) * linear("w_up", x))
+    """The expert FFN of §1 with `linear(name, input)` applying the named matrix (`gelu_tanh`: GPT-2's GELU)."""
+    if activation == "swiglu":
+        return linear("w_down", F.silu(linear("w_gate", x)) * linear("w_up", x))
+    return linear("w_out", F.gelu(linear("w_in", x), approximate="tanh" if activation == "gelu_tanh" else "none"))
 
 
 def merged_ffn(x: Tensor, gates: Tensor, base: dict, experts: dict, factors: Optional[dict] = None,

@@ -16,7 +16,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import Tensor, nn
 
-from .ffn import matrix_shapes
+from .ffn import add_biases, ffn_biases, matrix_shapes
 from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
 from . import comm
 from . import functional as Fn
@@ -114,7 +114,8 @@ class CAMExMoE(MoE):
                  ep_size: int = 1, segment_len: int = 256, routing: str = "causal", first_segment: str = "uniform",
                  top_k: Optional[int] = None, curvature_rank: int = 1, alpha: float = 1.0,
                  activation: str = "gelu", noisy_gating: bool = True, aux_loss_coef: float = 1e-2,
-                 dare_p: float = 0.1, dynamic: bool = False, chain_start: bool = True, init_std: float = 0.02):
+                 dare_p: float = 0.1, dynamic: bool = False, chain_start: bool = True, init_std: float = 0.02,
+                 bias: bool = False):
         nn.Module.__init__(self)  # MoE.__init__ would build a token gate this layer does not use
         check_choice("CAMExMoE.method", method, MERGE_METHODS)
         check_choice("CAMExMoE.activation", activation, ACTIVATIONS)
@@ -143,6 +144,9 @@ class CAMExMoE(MoE):
                           self.expert_group_name)
         self._init_experts(experts, init_std)
         self.deepspeed_moe = _ExpertParallelExperts(experts)
+        # GPT-2's FFN biases (an upcycled GPT-2): one per matrix, shared by all experts and never merged, so a
+        # layer whose experts equal their base is exactly the dense FFN.
+        self.bias = ffn_biases(shapes) if bias else None
         self.router = SegmentRouter(hidden_size, self.args.routed_experts, self.args.k,
                                     causal=routing == "causal", first_segment=first_segment,
                                     noisy_gating=noisy_gating, aux_loss_coef=aux_loss_coef, init_std=init_std)
@@ -320,5 +324,5 @@ class CAMExMoE(MoE):
             def linear(name, inp):
                 return Fn.merged_linear(inp, self.base[name], tasks[name], gates, self.args.alpha)
 
-        out = Fn.ffn(x.reshape(-1, seg, dim), linear, self.activation)
+        out = Fn.ffn(x.reshape(-1, seg, dim), add_biases(linear, self.bias), self.activation)
         return out.reshape(bsz, length, dim), l_aux, counts

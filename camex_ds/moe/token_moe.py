@@ -1,6 +1,8 @@
 """Token-level top-k SMoE baselines: DeepSpeed's own MoE layer (any device) and MegaBlocks dMoE (CUDA)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
@@ -20,15 +22,16 @@ def megablocks_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, ep_size: int, bf16: bool = True) -> str:
+def resolve_backend(backend: str, ep_size: int, bf16: bool = True, ffn_bias: bool = False) -> str:
     """`moe.backend` as built: 'auto' is MegaBlocks where it can run (CUDA, the package, ep_size 1, bf16:
-    its grouped GEMM is bf16-only), else DeepSpeed's MoE; an explicit choice is kept, 'megablocks' only in bf16."""
+    its grouped GEMM is bf16-only; experts without biases), else DeepSpeed's MoE; an explicit choice is kept,
+    'megablocks' only in bf16."""
     if backend == "megablocks" and not bf16:
         raise ConfigError("moe.backend='megablocks' runs in bf16 only (its grouped GEMM): enable bf16 in the "
                           "DeepSpeed config (\"bf16\": {\"enabled\": true}) or use moe.backend 'deepspeed' or 'auto'")
     if backend != "auto":
         return backend
-    return "megablocks" if bf16 and ep_size == 1 and megablocks_available() else "deepspeed"
+    return "megablocks" if bf16 and ep_size == 1 and not ffn_bias and megablocks_available() else "deepspeed"
 
 
 class TokenMoE(MoE):
@@ -40,10 +43,10 @@ class TokenMoE(MoE):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, top_k: int = 2,
                  ep_size: int = 1, activation: str = "gelu", capacity_factor: float = 1.0,
-                 aux_loss_coef: float = 1e-2, init_std: float = 0.02):
+                 aux_loss_coef: float = 1e-2, init_std: float = 0.02, bias: bool = False):
         if ep_size > 1:
             parallel.init_distributed()
-        super().__init__(hidden_size, FFN(hidden_size, ffn_hidden_size, activation, init_std), num_experts,
+        super().__init__(hidden_size, FFN(hidden_size, ffn_hidden_size, activation, init_std, bias), num_experts,
                          ep_size=ep_size, k=top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=capacity_factor, min_capacity=4, drop_tokens=True, use_rts=False)
         self.aux_loss_coef = aux_loss_coef
@@ -76,12 +79,14 @@ class MegaBlocksMoE(nn.Module):
         from megablocks.layers.arguments import Arguments
         from megablocks.layers.dmoe import dMoE
 
+        gelu = functools.partial(torch.nn.functional.gelu,
+                                 approximate="tanh" if activation == "gelu_tanh" else "none")
         self.args = Arguments(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, moe_num_experts=num_experts,
                               moe_top_k=top_k, mlp_type="glu" if activation == "swiglu" else "mlp",
-                              activation_fn=torch.nn.functional.silu if activation == "swiglu"
-                              else torch.nn.functional.gelu, mlp_impl="grouped", init_method=
-                              lambda w: torch.nn.init.normal_(w, 0.0, init_std), fp16=False, bf16=bf16,
-                              moe_loss_weight=aux_loss_coef, device=torch.cuda.current_device())
+                              activation_fn=torch.nn.functional.silu if activation == "swiglu" else gelu,
+                              mlp_impl="grouped", init_method=lambda w: torch.nn.init.normal_(w, 0.0, init_std),
+                              fp16=False, bf16=bf16, moe_loss_weight=aux_loss_coef,
+                              device=torch.cuda.current_device())
         self.dmoe = dMoE(self.args)
 
     def forward(self, hidden_states: Tensor, chain=None, micro_batch=None):

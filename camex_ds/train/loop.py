@@ -95,7 +95,7 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
     ds = deepspeed_config(args)
     if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
         bf16 = bool(ds.get("bf16", {}).get("enabled"))
-        cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16))
+        cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16, cfg.ffn_bias))
     if args.resume and checkpoint.latest_tag(Path(args.output_dir) / "checkpoints") is None:
         raise CheckpointError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'} "
                               "(no complete 'latest'); run without --resume to start fresh")
@@ -201,7 +201,12 @@ def run(args: TrainArgs) -> dict:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
-    prepared = prepare_data(args.data, args.tokenizer, cache, vocab_size=args.vocab_size,
+    tokenizer = args.tokenizer
+    if tokenizer is None and args.init_from:  # a pretrained model continues on its own token ids
+        from ..pretrained import find_tokenizer
+
+        tokenizer = find_tokenizer(args.init_from)
+    prepared = prepare_data(args.data, tokenizer, cache, vocab_size=args.vocab_size,
                             progress=is_main and args.progress)
     if cfg.vocab_size is None:
         cfg = cfg.replace(vocab_size=prepared.vocab_size)
