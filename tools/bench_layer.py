@@ -20,6 +20,10 @@ reference code materialises; it is slow, so it runs in `--naive-repeats` rounds 
     python tools/bench_layer.py --methods euclid,camex,camex-ties --no-naive --grad_accum 4  # time per micro-batch
                                                     # when the curvature is computed once per optimizer step
 
+`--count-ops` counts instead of timing, a proxy for kernel launches: the aten ops one forward+backward of the layer
+dispatches in eager mode, and under `torch.compile` the graphs and graph breaks, the aten ops in the forward and
+backward graphs, and the kernels inductor generates for them (fused kernels plus the GEMMs it calls out to).
+
 With `--grad_accum K` every timed step is one optimizer step of K micro-batches of `--batch` sequences, each told
 its place in the step (as DeepSpeed's trainer tells the model), and times are per micro-batch.
 
@@ -235,6 +239,58 @@ def _run_one(args) -> dict:
     return result
 
 
+def _count_ops(args, method) -> dict:
+    """Aten ops per forward+backward, eager and compiled (see the module docstring)."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor import metrics
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
+            self.ops += 1
+            return func(*args_, **(kwargs or {}))
+
+    torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    forward, params = _build(args, "camex_ds", method)
+    x = torch.randn(args.batch, args.seq, args.d, requires_grad=True)
+    torch.set_default_device(None)  # the default-device mode would itself break dynamo's graphs
+
+    def step(fn):
+        fn(x, None).square().mean().backward()
+
+    step(forward)  # warm-up: scratch buffers and lazy state
+    with Count() as eager:
+        step(forward)
+    graph_ops, gemms = [], []
+    gemm_ops = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+                torch.ops.aten.baddbmm.default}
+
+    def counting(gm, example_inputs):
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        graph_ops.append(len(calls))
+        gemms.append(sum(n.target in gemm_ops for n in calls))  # inductor calls these out, outside its kernels
+        return gm.forward
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda inp: forward(inp, None))(x)
+    torch._dynamo.reset()
+    step(torch.compile(forward, backend=aot_autograd(fw_compiler=counting, bw_compiler=counting)))
+    torch._dynamo.reset()
+    metrics.reset()
+    step(torch.compile(forward))
+    return {"method": method, "eager_ops": eager.ops, "graphs": explanation.graph_count,
+            "graph_breaks": explanation.graph_break_count, "compiled_graph_ops": sum(graph_ops),
+            "compiled_kernels": metrics.generated_kernel_count + sum(gemms)}
+
+
 def _spread(values) -> list:
     return [min(values), max(values)]
 
@@ -270,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-steps", type=int, default=3, help="timed steps of the naive einsum")
     ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive einsum baseline")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count aten ops per forward+backward (eager and compiled) instead of timing")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--floor", action="store_true",
@@ -287,6 +345,15 @@ def main(argv=None) -> int:
         ap.error("--repeats, --steps and --grad_accum must be at least 1")
     if args.floor and args.device != "cpu":
         ap.error("--floor times CPU kernels: use it with --device cpu")
+    if args.count_ops:
+        counts = [_count_ops(args, method) for method in methods]
+        if not args.json:
+            print(f"{'method':<11} {'eager ops':>9} {'graphs':>6} {'breaks':>6} {'graph ops':>9} {'kernels':>7}")
+            for c in counts:
+                print(f"{c['method']:<11} {c['eager_ops']:>9} {c['graphs']:>6} {c['graph_breaks']:>6} "
+                      f"{c['compiled_graph_ops']:>9} {c['compiled_kernels']:>7}")
+        print(json.dumps({"shapes": {k: getattr(args, k) for k in SHAPE_KEYS}, "count_ops": counts}))
+        return 0
 
     def measure(impl, method="euclid"):
         steps, warmup = (args.naive_steps, 1) if impl == "naive" else (args.steps, args.warmup)

@@ -71,6 +71,8 @@ def run_one(args, method: str, ranks: int, ep: int, accum: int, work: Path) -> d
              str(10 * steps), "--eval_batches", "1", "--no_progress", "--deepspeed_config", str(ds_path)]
     if args.peak_tflops:
         flags += ["--peak_tflops", str(args.peak_tflops)]
+    if args.compile:
+        flags.append("--compile")
     launcher = str(ROOT / "launcher" / "pretrain.py")
     cmd = ([sys.executable, launcher] if ranks == 1 else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
                                                     "config's train_micro_batch_size_per_gpu)")
     ap.add_argument("--grad_accum", default="1", help="gradient_accumulation_steps to run, comma list "
                                                       "(default: %(default)s)")
+    ap.add_argument("--compile", action="store_true", help="run the launcher with --compile (torch.compile per block)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds of every configuration "
                                                            "(default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -161,6 +164,7 @@ def main(argv=None) -> int:
         for r in rows:
             _print_row(r)
     print(json.dumps({"steps": args.steps, "model": args.model, "deepspeed_config": args.deepspeed_config,
+                      "compile": args.compile,
                       "micro_batch": args.micro_batch, "repeats": args.repeats, "rows": rows, "runs": runs}))
     return 0
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The GPU-only checks, on one CUDA machine: the `gpu`-marked tests (MegaBlocks dMoE, the merge layer on CUDA
-# against float64), the merge layer's speed on the GPU, and bf16 training throughput per method.
-# CI never runs this (it has no GPU); docs/gpu.md records what it printed and where.
+# against float64, no host sync in a training forward+backward), the merge layer's speed and launch counts on the
+# GPU, bf16 training throughput and MFU per method (gradient accumulation 1 and 4, eager and compiled), and a
+# profile of one dense training step. CI never runs this (it has no GPU); docs/gpu.md records what it printed.
 #
-#   bash tools/gpu_check.sh setup test layer train     # all of it (the stages run in the order given)
+#   bash tools/gpu_check.sh setup test layer train profile   # all of it (the stages run in the order given)
+#
+# Budget: about 10 minutes of device time in all on an H100 (setup ~1.5 min with prebuilt wheels, test ~1, layer
+# ~1, train ~6, profile ~0.5); TRAIN_STEPS (default 20) trades precision for time.
 #
 # `setup` installs the `gpu` extra. With no network, put the wheels/sdists in $WHEELS (default .whl/):
 # deepspeed and its pure-Python needs as wheels, megablocks, grouped_gemm and stanford-stk as sdists, which
@@ -62,22 +66,55 @@ stage_layer() {
     --pair-steps 10 2>&1 | tee "$LOGS/layer_fp32.log"
   $PY tools/bench_layer.py --device cuda --dtype bfloat16 --d 768 --h 3072 --T 256 --seq 1024 \
     --methods euclid,camex,camex-ties --warmup 5 --steps 10 --repeats 2 --pair-steps 10 2>&1 | tee "$LOGS/layer_bf16.log"
+  $PY tools/bench_layer.py --device cuda --dtype bfloat16 --d 768 --h 3072 --T 256 --seq 1024 --batch 8 \
+    --methods euclid,camex,camex-ties --grad_accum 4 --no-naive --warmup 3 --steps 5 --repeats 1 --pair-steps 0 \
+    2>&1 | tee "$LOGS/layer_bf16_grad_accum4.log"
+  $PY tools/bench_layer.py --device cuda --dtype bfloat16 --d 768 --h 3072 --T 256 --seq 1024 --batch 8 \
+    --methods euclid,camex,camex-ties --count-ops 2>&1 | tee "$LOGS/layer_bf16_count_ops.log"
 }
 
 stage_train() {
-  local common=(--ranks 1 --steps "${TRAIN_STEPS:-40}" --log_interval 5 --model ds_configs/models/gpt2_small_camex.json
-                --deepspeed_config ds_configs/gpu_zero2_bf16.json --peak_tflops "${PEAK_TFLOPS:-989}")
-  $PY tools/bench_train.py "${common[@]}" --methods "${TRAIN_METHODS:-dense,smoe,euclid,camex,camex-ties}" \
-    --smoe_backend megablocks 2>&1 | tee "$LOGS/train.log"
+  # one GPU, ZeRO 0 (nothing to shard), bf16, GPT-2 small, 16 sequences of 1024 tokens per micro-batch
+  local common=(--ranks 1 --steps "${TRAIN_STEPS:-20}" --log_interval 5 --model ds_configs/models/gpt2_small_camex.json
+                --deepspeed_config ds_configs/gpu_zero0_bf16.json --peak_tflops "${PEAK_TFLOPS:-989}")
+  $PY tools/bench_train.py "${common[@]}" --methods dense,smoe,camex-dynamic --smoe_backend megablocks 2>&1 |
+    tee "$LOGS/train.log"
   $PY tools/bench_train.py "${common[@]}" --methods smoe --smoe_backend deepspeed 2>&1 | tee "$LOGS/train_smoe_ds.log"
+  $PY tools/bench_train.py "${common[@]}" --methods euclid,camex,camex-ties --grad_accum 1,4 2>&1 |
+    tee "$LOGS/train_grad_accum.log"
+  $PY tools/bench_train.py "${common[@]}" --methods dense,camex --compile 2>&1 | tee "$LOGS/train_compiled.log"
+}
+
+stage_profile() {
+  # where one dense bf16 training step of GPT-2 small spends its time (top ops by CUDA time, and a Chrome trace)
+  $PY - "$LOGS" <<'PROFILE' 2>&1 | tee "$LOGS/profile_dense.log"
+import json, sys, torch
+from torch.profiler import ProfilerActivity, profile
+from camex_ds.model import build_model
+cfg = json.load(open("ds_configs/models/gpt2_small_camex.json")); cfg.update(moe=None, vocab_size=50304)
+model = build_model(cfg).cuda().to(torch.bfloat16)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+ids = torch.randint(0, 50304, (16, 1024), device="cuda")
+def step():
+    model(ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+prof.export_chrome_trace(f"{sys.argv[1]}/profile_dense_trace.json")
+PROFILE
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(setup test layer train)
+[ ${#stages[@]} -gt 0 ] || stages=(setup test layer train profile)
 for stage in "${stages[@]}"; do
   case $stage in
-    setup | test | layer | train) ;;
-    *) echo "gpu_check: unknown stage '$stage' (choose from setup, test, layer, train)" >&2; exit 2 ;;
+    setup | test | layer | train | profile) ;;
+    *) echo "gpu_check: unknown stage '$stage' (choose from setup, test, layer, train, profile)" >&2; exit 2 ;;
   esac
 done
 failed=()

@@ -293,7 +293,8 @@ def run(args: TrainArgs) -> dict:
                 save()
             logger.close()
             return {"step": step, "stopped": True, "rank": rank}
-        if stop.agreed() and step < args.max_steps:
+        # every rank must agree, which is a collective and a host sync: asked at log steps only
+        if step % args.log_interval == 0 and stop.agreed() and step < args.max_steps:
             save()
             logger.close()
             raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")

@@ -67,7 +67,8 @@ def global_state(model) -> dict:
     return out
 
 
-def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, accum: int = 1) -> dict:
+def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, accum: int = 1,
+             compile_blocks: bool = False) -> dict:
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -75,6 +76,8 @@ def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, ac
     model = build_model(model_config(method, ep_size))
     curve_factors(model)
     before = global_state(model)
+    if compile_blocks:
+        model.compile_blocks()
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "p"})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(zero, bf16, accum))
     data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
@@ -113,6 +116,7 @@ def main() -> None:
     ap.add_argument("--zero", default="0,1,2")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (micro-batches per step)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every block (files get a _compiled suffix)")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     parallel.init_distributed()
@@ -125,9 +129,10 @@ def main() -> None:
                     results[key] = load_into_ep1(method, zero, os.path.join(args.ckpt, key))
                     continue
                 save = os.path.join(args.ckpt, key) if layout == "ep2" and args.ckpt else None
-                results[key] = one_step(method, zero, 2 if layout == "ep2" else 1, args.bf16, save, args.accum)
-        torch.save(results, os.path.join(args.out, f"{layout}{'' if args.accum == 1 else f'_accum{args.accum}'}"
-                                                   f"_rank{parallel.rank()}.pt"))
+                results[key] = one_step(method, zero, 2 if layout == "ep2" else 1, args.bf16, save, args.accum,
+                                        args.compile)
+        suffix = ("" if args.accum == 1 else f"_accum{args.accum}") + ("_compiled" if args.compile else "")
+        torch.save(results, os.path.join(args.out, f"{layout}{suffix}_rank{parallel.rank()}.pt"))
         if parallel.rank() == 0:
             print(json.dumps({layout: {k: v.get("loss") for k, v in results.items()}}))
 
