@@ -104,7 +104,8 @@ class MoEConfig:
         if self.chain_length is not None:
             check_int(p + "chain_length", self.chain_length)
             if not self.dynamic:
-                _fail(p + "chain_length", self.chain_length, "null unless dynamic is true (it sets the dynamic chains' length)")
+                _fail(p + "chain_length", self.chain_length,
+                      "null unless dynamic is true (it sets the dynamic chains' length)")
         if self.dynamic and self.method == "smoe":
             _fail(p + "dynamic", self.dynamic, "false for method 'smoe' (dynamic merging needs a merging method)")
         n = self.stored_experts

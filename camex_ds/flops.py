@@ -292,7 +292,7 @@ def _chain_layer(cfg: ModelConfig, c: _Components, tokens: int, accumulation: in
         for name, (o, i) in _matrices(cfg).items():
             fwd, back = (curvature_flops(o, i, rank), curvature_backward_flops(o, i, rank)) if moe.curved else (0, 0)
             size = spans[plan][name]
-            if prefer_span(size, n, segments, acc, o * i, fwd + back):
+            if prefer_span(size, n, segments, acc, (o, i), rank, moe.curved):
                 # n·K images once per step; the merge GEMM [S, n(K+1)]·[n(K+1), P] and its two backward GEMMs.
                 rows[plan]["dynamic"][0] += n * size * fwd / (tokens * acc)
                 rows[plan]["dynamic"][1] += n * size * back / (tokens * acc)

@@ -16,6 +16,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from .functional import curvature_backward_flops, curvature_flops
+
 
 @dataclass
 class Span:
@@ -64,12 +66,13 @@ def segment_flops(routed: int, segments: int, curvature: float) -> float:
     return segments * routed * curvature
 
 
-def prefer_span(size: Optional[int], routed: int, segments: int, accumulation: int, elements: int,
-                curvature: float) -> bool:
+def prefer_span(size: Optional[int], routed: int, segments: int, accumulation: int, shape: tuple[int, int],
+                rank: int, curved: bool) -> bool:
     """Whether a layer after a basis of `size` (None: no span, e.g. after a per-segment layer or with TIES) is
-    cheaper through the span. `curvature` is one application's forward+backward FLOPs (0 without curvature:
-    then the per-segment term is elementwise and always cheaper)."""
-    if size is None:
+    cheaper through the span for one `[out, in]` matrix (`shape`). Without curvature the per-segment term is
+    elementwise, 0 FLOPs, and always cheaper."""
+    if size is None or not curved:
         return False
-    return span_flops(size, routed, segments, accumulation, elements, curvature) < \
+    curvature = curvature_flops(*shape, rank) + curvature_backward_flops(*shape, rank)
+    return span_flops(size, routed, segments, accumulation, shape[0] * shape[1], curvature) < \
         segment_flops(routed, segments, curvature)

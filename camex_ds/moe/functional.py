@@ -483,8 +483,8 @@ def span_images(basis: Tensor, curved_experts: Tensor, factors: Optional[Factors
 
 
 def span_merge(previous: Tensor, gates: Tensor, coef: Tensor, images: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """One chain layer through the span: `Ŵ^l_s = Ŵ^{l−1}_s + α Σ_i g_si (Z_i0 − Σ_j β_sj Z_ij)`, which equals the
-    §4 recursion when `Ŵ^{l−1}_s = Σ_j β_sj V_j` (`coef` = β `[S, K]`), as one GEMM with the coefficients
+    """One chain layer through the span: `Ŵ^l_s = Ŵ^{l−1}_s + α Σ_i g_si (Z_i0 − Σ_j β_sj Z_ij)`, which equals
+    the §4 recursion when `Ŵ^{l−1}_s = Σ_j β_sj V_j` (`coef` = β `[S, K]`), as one GEMM with the coefficients
     `α g_si · [1, −β_s]`. Returns `Ŵ^l [S,out,in]` and those coefficients `[S, n(K+1)]`."""
     segments = gates.shape[0]
     new = (alpha * gates).unsqueeze(2) * torch.cat([coef.new_ones(segments, 1), -coef], 1).unsqueeze(1)

@@ -219,24 +219,21 @@ class CAMExMoE(MoE):
         mask = self._local_mask(self._stacked(name).detach())
         return comm.gather_experts(mask, group) if isinstance(mask, Tensor) else None
 
-    def _reuse(self, key: str, compute, micro_batch: Optional[MicroBatch]) -> tuple[Tensor, Tensor]:
-        return self.step_reuse.get(key, compute, micro_batch)
-
     def _segment_weights(self, name: str, previous: Tensor, gates: Tensor, group,
                          micro_batch: Optional[MicroBatch]) -> Tensor:
         """`Ŵ^l_s` from `Ŵ^{l-1}_s` segment by segment (§4); what depends on parameters alone is reused per step."""
-        curved = self._reuse(f"curved.{name}", lambda: self._curved_experts(name, group), micro_batch)[0]
+        curved = self.step_reuse.get(f"curved.{name}", lambda: self._curved_experts(name, group), micro_batch)[0]
         factors = None
         if self.args.curved:
-            stack = self._reuse(f"factors.{name}", lambda: self._factor_stack(name, group), micro_batch)[0]
+            stack = self.step_reuse.get(f"factors.{name}", lambda: self._factor_stack(name, group), micro_batch)[0]
             factors = self._factor_views(name, stack)
         mask, raw = self.args.mask, None
         if mask == "dare":
-            mask = self._reuse(f"mask.{name}", lambda: self._dare_mask(name, group), micro_batch)[0] \
+            mask = self.step_reuse.get(f"mask.{name}", lambda: self._dare_mask(name, group), micro_batch)[0] \
                 if self.training else "none"
         elif mask == "ties":
-            raw = self._reuse(f"raw.{name}", lambda: comm.gather_experts(self._stacked(name).detach(), group),
-                              micro_batch)[0]
+            raw = self.step_reuse.get(f"raw.{name}", lambda: comm.gather_experts(self._stacked(name).detach(), group),
+                                      micro_batch)[0]
         return Fn.dynamic_merge(previous, curved, gates, factors, mask, self.args.alpha, raw_experts=raw)
 
     def _span_images(self, name: str, span: Span, group) -> Tensor:
@@ -251,12 +248,9 @@ class CAMExMoE(MoE):
             return True
         if self.step_reuse.holds(f"curved.{name}", micro_batch):
             return False
-        out_f, in_f = self.shapes[name]
-        rank = self.args.curvature_rank
-        curvature = Fn.curvature_flops(out_f, in_f, rank) + Fn.curvature_backward_flops(out_f, in_f, rank) \
-            if self.args.curved else 0
         return prefer_span(None if span is None else span.size, self.args.routed_experts, segments,
-                           1 if micro_batch is None else micro_batch.accumulation, out_f * in_f, curvature)
+                           1 if micro_batch is None else micro_batch.accumulation, self.shapes[name],
+                           self.args.curvature_rank, self.args.curved)
 
     def _chain_weights(self, chain: Optional[MergeChain], gates: Tensor, group,
                        micro_batch: Optional[MicroBatch]) -> tuple[dict, dict]:
@@ -268,7 +262,8 @@ class CAMExMoE(MoE):
         if self.base is not None:
             coef = torch.cat([gates.new_ones(segments, 1), alpha * gates], 1)
             for n in self.shapes:
-                task, task_kept = self._reuse(f"task.{n}", lambda n=n: self._task_vectors(n, group), micro_batch)
+                task, task_kept = self.step_reuse.get(f"task.{n}", lambda n=n: self._task_vectors(n, group),
+                                                      micro_batch)
                 weights[n] = Fn.merge_rows(self.base[n], task.flatten(1), gates, alpha)
                 if spannable:
                     spans[n] = Span([self.base[n].unsqueeze(0), task_kept], coef)
@@ -279,8 +274,8 @@ class CAMExMoE(MoE):
         for n in self.shapes:
             span = chain.spans.get(n) if spannable else None
             if self._takes_span(n, span, segments, micro_batch):
-                images, images_kept = self._reuse(f"span.{n}", lambda n=n, span=span: self._span_images(n, span, group),
-                                                  micro_batch)
+                images, images_kept = self.step_reuse.get(
+                    f"span.{n}", lambda n=n, span=span: self._span_images(n, span, group), micro_batch)
                 weights[n], coef = Fn.span_merge(chain.weights[n], gates, span.coef, images, alpha)
                 spans[n] = Span(span.blocks + [images_kept.flatten(0, 1)], torch.cat([span.coef, coef], 1))
             else:
@@ -318,7 +313,7 @@ class CAMExMoE(MoE):
             def linear(name, inp):
                 return torch.bmm(inp, weights[name].transpose(1, 2))
         else:
-            tasks = {n: self._reuse(f"task.{n}", lambda n=n: self._task_vectors(n, group), micro_batch)[0]
+            tasks = {n: self.step_reuse.get(f"task.{n}", lambda n=n: self._task_vectors(n, group), micro_batch)[0]
                      for n in self.shapes}
 
             def linear(name, inp):
