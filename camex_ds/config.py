@@ -120,6 +120,10 @@ class MoEConfig:
             if self.method == "smoe" and self.top_k not in (1, 2):
                 _fail(p + "top_k", self.top_k, "1 or 2 for method 'smoe' (DeepSpeed's gate)")
 
+    def segment_len_for(self, seq_len: int) -> int:
+        """T, the tokens per routed segment: the whole sequence under `sequence` routing."""
+        return seq_len if self.routing == "sequence" else self.segment_len
+
     @property
     def stored_experts(self) -> int:
         """Experts a layer stores: dynamic layers keep N-1 (the base plays the N-th), §4."""
@@ -224,7 +228,7 @@ class ModelConfig:
             _fail("tie_embeddings", self.tie_embeddings, "true or false")
         self._check_family()
         if self.moe is not None:
-            seg = self.seq_len if self.moe.routing == "sequence" else self.moe.segment_len
+            seg = self.moe.segment_len_for(self.seq_len)
             if self.seq_len % seg:
                 _fail("moe.segment_len", seg, f"a divisor of seq_len={self.seq_len} (L must be a multiple of T)")
             if self.moe.every > self.n_layers:

@@ -63,10 +63,6 @@ def _vocab(cfg: ModelConfig, vocab_size: Optional[int]) -> int:
     return v
 
 
-def _segment_len(cfg: ModelConfig) -> int:
-    return cfg.seq_len if cfg.moe.routing == "sequence" else cfg.moe.segment_len
-
-
 def _ffn_elements(cfg: ModelConfig) -> int:
     """P: elements of one expert FFN (2·d·h for gelu, 3·d·h for swiglu)."""
     return sum(o * i for o, i in _matrices(cfg).values())
@@ -240,7 +236,7 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, accumulatio
                       notes: list, elementwise: dict) -> None:
     moe = cfg.moe
     d, p = cfg.d_model, _ffn_elements(cfg)
-    seg = _segment_len(cfg)
+    seg = cfg.moe.segment_len_for(cfg.seq_len)
     n = moe.routed_experts  # N, or N-1 in a dynamic chain
     curve = curvature_flops_per_expert(cfg) if moe.curved else 0
     curve_back = curvature_backward_flops_per_expert(cfg) if moe.curved else 0
@@ -284,7 +280,7 @@ def _chain_layer(cfg: ModelConfig, c: _Components, tokens: int, accumulation: in
     """A dynamic layer l>1 (§4), each matrix as `CAMExMoE._takes_span` evaluates it, for the eval forward (one
     micro-batch per step) and for training (`accumulation` of them); updates `spans` for the next layer."""
     moe = cfg.moe
-    n, seg, rank = moe.routed_experts, _segment_len(cfg), moe.curvature_rank
+    n, seg, rank = moe.routed_experts, cfg.moe.segment_len_for(cfg.seq_len), moe.curvature_rank
     segments = tokens // seg
     rows = {}  # plan -> component -> [forward, backward] per token
     for plan, acc in (("eval", 1), ("train", accumulation)):

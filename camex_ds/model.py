@@ -65,11 +65,8 @@ def build_moe_layer(cfg: ModelConfig, chain_start: bool) -> nn.Module:
     moe: MoEConfig = cfg.moe
     d, h = cfg.d_model, cfg.ffn_hidden_size
     if moe.method != "smoe":
-        return CAMExMoE(d, h, moe.num_experts, method=moe.method, ep_size=moe.ep_size, segment_len=moe.segment_len,
-                        routing=moe.routing, first_segment=moe.first_segment, top_k=moe.top_k,
-                        curvature_rank=moe.curvature_rank, alpha=moe.alpha, activation=cfg.activation,
-                        noisy_gating=moe.noisy_gating, aux_loss_coef=moe.aux_loss_coef, dare_p=moe.dare_p,
-                        dynamic=moe.dynamic, chain_start=chain_start, init_std=cfg.init_std, bias=cfg.ffn_bias)
+        return CAMExMoE(d, h, moe=moe, activation=cfg.activation, chain_start=chain_start, init_std=cfg.init_std,
+                        bias=cfg.ffn_bias)
     if resolve_backend(moe.backend, moe.ep_size, ffn_bias=cfg.ffn_bias) == "megablocks":
         return MegaBlocksMoE(d, h, moe.num_experts, top_k=moe.k, activation=cfg.activation,
                              aux_loss_coef=moe.aux_loss_coef, init_std=cfg.init_std)

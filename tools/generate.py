@@ -48,10 +48,9 @@ def padding_plan(cfg) -> tuple[int, bool]:
     moe = cfg.moe
     if moe is None or moe.method == "smoe":
         return 1, True
-    if moe.routing == "sequence":
-        return cfg.seq_len, False  # T = L: only full windows are valid inputs; gates see the padding
-    exact = moe.routing == "causal" and moe.first_segment == "uniform"
-    return moe.segment_len, exact
+    # exact only where a segment's gates come from earlier segments; under `sequence` routing (T = L) only full
+    # windows are valid inputs and the gates see the padding
+    return moe.segment_len_for(cfg.seq_len), moe.routing == "causal" and moe.first_segment == "uniform"
 
 
 def next_token_logits(model, ids: list, pad_id: int, multiple: int, device):

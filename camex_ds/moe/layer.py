@@ -100,6 +100,10 @@ def _assumed_ep_rank(ep_size: int) -> int:
     return dist.get_rank() % ep_size
 
 
+# The defaults of spec §6's layer contract where they differ from MoEConfig's (the model's) defaults.
+LAYER_DEFAULTS = {"segment_len": 256}
+
+
 class CAMExMoE(MoE):
     """Segment-routed soft merging of experts: `euclid`, `ties`, `dare` and their curvature-aware twins.
 
@@ -110,21 +114,20 @@ class CAMExMoE(MoE):
     optimizer step (`StepReuse`).
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, method: str = "camex",
-                 ep_size: int = 1, segment_len: int = 256, routing: str = "causal", first_segment: str = "uniform",
-                 top_k: Optional[int] = None, curvature_rank: int = 1, alpha: float = 1.0,
-                 activation: str = "gelu", noisy_gating: bool = True, aux_loss_coef: float = 1e-2,
-                 dare_p: float = 0.1, dynamic: bool = False, chain_start: bool = True, init_std: float = 0.02,
-                 bias: bool = False):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: Optional[int] = None, *,
+                 moe: Optional[MoEConfig] = None, activation: str = "gelu", chain_start: bool = True,
+                 init_std: float = 0.02, bias: bool = False, **options):
+        """`moe`: the layer's whole `MoEConfig` (the model passes its own); without it, `num_experts` and the
+        spec §6 keyword options (`method`, `ep_size`, `segment_len`, ...) build one, with §6's defaults."""
         nn.Module.__init__(self)  # MoE.__init__ would build a token gate this layer does not use
-        check_choice("CAMExMoE.method", method, MERGE_METHODS)
+        if moe is None:
+            moe = MoEConfig(num_experts=num_experts, **{**LAYER_DEFAULTS, **options}, prefix="CAMExMoE")
+        check_choice(f"{moe.prefix}.method", moe.method, MERGE_METHODS)
         check_choice("CAMExMoE.activation", activation, ACTIVATIONS)
         check_int("CAMExMoE.hidden_size", hidden_size)
         check_int("CAMExMoE.ffn_hidden_size", ffn_hidden_size)
-        self.args = MoEConfig(method=method, num_experts=num_experts, top_k=top_k, segment_len=segment_len,
-                              routing=routing, first_segment=first_segment, curvature_rank=curvature_rank,
-                              alpha=alpha, ep_size=ep_size, dynamic=dynamic, noisy_gating=noisy_gating,
-                              aux_loss_coef=aux_loss_coef, dare_p=dare_p, prefix="CAMExMoE")
+        self.args = moe
+        ep_size, dynamic, curvature_rank = moe.ep_size, moe.dynamic, moe.curvature_rank
         self.hidden_size, self.activation, self.chain_start = hidden_size, activation, chain_start
         # The attributes DeepSpeed's engine and checkpointing read from every MoE layer.
         self.ep_size = ep_size
@@ -147,9 +150,9 @@ class CAMExMoE(MoE):
         # GPT-2's FFN biases (an upcycled GPT-2): one per matrix, shared by all experts and never merged, so a
         # layer whose experts equal their base is exactly the dense FFN.
         self.bias = ffn_biases(shapes) if bias else None
-        self.router = SegmentRouter(hidden_size, self.args.routed_experts, self.args.k,
-                                    causal=routing == "causal", first_segment=first_segment,
-                                    noisy_gating=noisy_gating, aux_loss_coef=aux_loss_coef, init_std=init_std)
+        self.router = SegmentRouter(hidden_size, moe.routed_experts, moe.k, causal=moe.routing == "causal",
+                                    first_segment=moe.first_segment, noisy_gating=moe.noisy_gating,
+                                    aux_loss_coef=moe.aux_loss_coef, init_std=init_std)
         self.step_reuse = StepReuse()
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -292,7 +295,22 @@ class CAMExMoE(MoE):
                             f"cast the input or the layer")
 
     def segment_len_for(self, seq_len: int) -> int:
-        return seq_len if self.args.routing == "sequence" else self.args.segment_len
+        return self.args.segment_len_for(seq_len)
+
+    @torch.no_grad()
+    def stats(self) -> dict:
+        """What the trainer logs of this layer: the last forward's router entropy (nats) and largest expert's
+        share of routed segments, and the curvature factors' mean relative distance from identity."""
+        stats = {f"router/{k}": float(v) for k, v in self.router.last_stats.items()}
+        if self.args.curved:
+            devs = []
+            for expert in self.local_experts:
+                for factors in expert.curvature.values():
+                    for f in factors.tensors():
+                        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+                        devs.append(float((f - eye).norm() / eye.norm() / math.sqrt(f.shape[0])))
+            stats["curvature/dev_from_identity"] = sum(devs) / len(devs)
+        return stats
 
     def forward(self, hidden_states: Tensor, chain: Optional[MergeChain] = None,
                 micro_batch: Optional[MicroBatch] = None):

@@ -54,7 +54,7 @@ class SegmentRouter(nn.Module):
         counts = (gates > 0).sum((0, 1))
         with torch.no_grad():  # read by the trainer's metrics: how peaked and how balanced routing is
             entropy = -(gates * gates.clamp_min(1e-20).log()).sum(-1).mean()
-            self.last_stats = {"entropy": entropy, "load": counts / counts.sum().clamp_min(1)}
+            self.last_stats = {"entropy": entropy, "max_load": (counts / counts.sum().clamp_min(1)).max()}
         if load is None:
             load = counts.to(gates.dtype)
         aux = self.aux_loss_coef * (cv_squared(gates.sum((0, 1))) + cv_squared(load))

@@ -65,6 +65,15 @@ class TokenMoE(MoE):
         out, l_aux, counts = super().forward(hidden_states)
         return out, self.aux_loss_coef * l_aux, counts
 
+    @torch.no_grad()
+    def stats(self) -> dict:
+        """The largest expert's share of the last forward's routed tokens (see `CAMExMoE.stats`)."""
+        counts = self.deepspeed_moe.exp_counts
+        if counts is None:
+            return {}
+        counts = counts.float()
+        return {"router/max_load": float(counts.max() / counts.sum().clamp_min(1))}
+
 
 class MegaBlocksMoE(nn.Module):
     """MegaBlocks dropless MoE (grouped GEMM on CUDA), for the `smoe` baseline on GPUs."""
@@ -100,3 +109,6 @@ class MegaBlocksMoE(nn.Module):
         aux = batched_load_balancing_loss(self.args) if self.training else hidden_states.new_zeros(())
         clear_load_balancing_loss()
         return out, aux, None
+
+    def stats(self) -> dict:
+        return {}  # MegaBlocks keeps its routing statistics to itself

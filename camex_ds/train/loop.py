@@ -27,7 +27,7 @@ from ..moe.comm import TRAFFIC
 from ..moe.token_moe import resolve_backend
 from . import checkpoint
 from .checkpoint import CheckpointError
-from .metrics import MetricsLogger, curvature_stats, router_stats
+from .metrics import MetricsLogger, layer_stats
 
 DEFAULT_MODEL = {
     "d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden_size": 512, "seq_len": 256, "activation": "gelu",
@@ -274,8 +274,7 @@ def run(args: TrainArgs) -> dict:
                    "step_time_s": elapsed / window_steps,
                    "ep_bytes_sent_per_step": (TRAFFIC["bytes_sent"] - window_bytes) / window_steps,
                    **_flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak)}
-            logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **router_stats(model),
-                             **curvature_stats(model)})
+            logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **layer_stats(model)})
             logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
             window_loss, window_aux, window_steps = 0.0, 0.0, 0
             window_start, window_bytes = time.perf_counter(), TRAFFIC["bytes_sent"]

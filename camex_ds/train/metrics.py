@@ -2,46 +2,20 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 from tqdm import tqdm
 
-from ..moe import CAMExMoE
-from ..moe.token_moe import TokenMoE
 
-
-def router_stats(model) -> dict:
-    """Per MoE layer: router entropy (nats) and the largest expert's share of routed segments/tokens."""
+def layer_stats(model) -> dict:
+    """Every MoE layer's own statistics (`stats()`: router entropy and load, curvature), tagged with its index."""
     stats = {}
     for index, layer in model.moe_layers():
-        if isinstance(layer, CAMExMoE) and layer.router.last_stats:
-            s = layer.router.last_stats
-            stats[f"router/layer{index}/entropy"] = float(s["entropy"])
-            stats[f"router/layer{index}/max_load"] = float(s["load"].max())
-        elif isinstance(layer, TokenMoE) and layer.deepspeed_moe.exp_counts is not None:
-            counts = layer.deepspeed_moe.exp_counts.float()
-            stats[f"router/layer{index}/max_load"] = float(counts.max() / counts.sum().clamp_min(1))
-    return stats
-
-
-@torch.no_grad()
-def curvature_stats(model) -> dict:
-    """Per CAMEx layer: mean relative distance of the Kronecker factors from identity."""
-    stats = {}
-    for index, layer in model.moe_layers():
-        if not (isinstance(layer, CAMExMoE) and layer.args.curved):
-            continue
-        devs = []
-        for expert in layer.local_experts:
-            for factors in expert.curvature.values():
-                for f in factors.tensors():
-                    eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-                    devs.append(float((f - eye).norm() / eye.norm() / math.sqrt(f.shape[0])))
-        stats[f"curvature/layer{index}/dev_from_identity"] = sum(devs) / len(devs)
+        for key, value in layer.stats().items():
+            group, name = key.split("/", 1)
+            stats[f"{group}/layer{index}/{name}"] = value
     return stats
 
 
