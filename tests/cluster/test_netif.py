@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from .. import distributed
-from .conftest import require
+from .provision import require
 from .hosts import Cluster
 
 PROBE = ("import json, os; from camex_ds import netif; "

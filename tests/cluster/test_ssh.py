@@ -14,35 +14,13 @@ import time
 import pytest
 
 from .. import distributed
-from .conftest import require
+from .provision import require
 from .hosts import Cluster, wait_for
-from .runs import final, launch_dir, losses, readme_launcher, train_args, write_model
+from .runs import final, launch_dir, losses, readme_launcher, train_args
 
 pytestmark = pytest.mark.slow
 
-LAUNCHER = distributed.ROOT / "launcher" / "pretrain.py"
 RANKS = "launcher/pretrain.py --local_rank"  # in a rank's command line, not in its node launcher's
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("model") / "tiny.json")
-
-
-@pytest.fixture(scope="module")
-def one_host(tmp_path_factory, data_cache, model):
-    """The reference: the same run on one host (DeepSpeed's local launcher on loopback), by world size."""
-    runs = {}
-
-    def run(world: int):
-        if world not in runs:
-            out = tmp_path_factory.mktemp(f"one_host_{world}")
-            distributed.deepspeed(LAUNCHER, *train_args(out, data_cache, model, extra=["--ep_size", world]),
-                                  num_gpus=world)
-            runs[world] = out
-        return runs[world]
-
-    return run
 
 
 def readme_command(cluster: Cluster, workdir, args, timeout=600) -> subprocess.CompletedProcess:
