@@ -19,8 +19,15 @@ from pathlib import Path
 
 SUBNET = "10.213.0"
 ETC_NETNS = Path("/etc/netns")
+RUN_NETNS = Path("/run/netns")  # `ip netns add` makes it, and makes it a mount point, on first use
 PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it (the openssh-server service creates it)
 _serial = iter(range(1_000_000))
+_live: set = set()  # clusters of this process not yet closed
+_run_netns_before: tuple[bool, bool] | None = None  # (existed, was a mount point) before the first of them
+
+
+def _is_mount(path: Path) -> bool:
+    return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
 
 
 def _ip(*args) -> None:
@@ -84,6 +91,10 @@ class Cluster:
         self._namespaces: list[str] = []
 
     def __enter__(self) -> "Cluster":
+        global _run_netns_before
+        if not _live:
+            _run_netns_before = (RUN_NETNS.exists(), _is_mount(RUN_NETNS))
+        _live.add(self)
         atexit.register(self.close)
         try:
             self._network()
@@ -199,4 +210,17 @@ class Cluster:
             elif path.exists():
                 shutil.rmtree(path)
         self._made.clear()
+        _live.discard(self)
+        if not _live and _run_netns_before is not None:
+            self._restore_run_netns(*_run_netns_before)
         atexit.unregister(self.close)
+
+    @staticmethod
+    def _restore_run_netns(existed: bool, was_mount: bool) -> None:
+        """Undo what `ip netns add` did to /run/netns, once no namespace of anyone's is left in it."""
+        if not RUN_NETNS.exists() or any(RUN_NETNS.iterdir()):
+            return
+        while not was_mount and _is_mount(RUN_NETNS):
+            subprocess.run(["umount", RUN_NETNS], check=True)
+        if not existed:
+            RUN_NETNS.rmdir()
