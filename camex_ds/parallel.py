@@ -61,6 +61,14 @@ def _store_client(timeout_s: float = 5.0) -> dist.TCPStore:
                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+def _listening(addr: str, port: int) -> bool:
+    try:
+        socket.create_connection((addr, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _fail_together():
     """While the process group is built: a rank whose set-up fails says so in the rendezvous store, and every
@@ -76,15 +84,18 @@ def _fail_together():
     done = threading.Event()
 
     def watch() -> None:
-        store = None
-        while not done.wait(1.0):
-            try:
-                if store is None:  # probe quietly first: TCPStore logs every refused attempt
-                    socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), 1).close()
-                    store = _store_client()
-                failed = store.check([SETUP_FAILED])
-            except (OSError, dist.DistError):
-                failed = store is not None
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store, reached = None, False
+        while not done.wait(0.5 if reached else 0.05):  # reach the master as soon as it is up: it may not stay up
+            if not _listening(addr, port):  # a bare connect: TCPStore would log every refused attempt
+                failed = reached  # gone after it was up: the master's own set-up failed
+            else:
+                reached = True
+                try:
+                    store = store or _store_client()
+                    failed = store.check([SETUP_FAILED])
+                except dist.DistError:  # a slow master, not a lost one: try again next round
+                    store, failed = None, False
             if failed and not done.is_set():
                 print(f"camex_ds: rank {os.environ.get('RANK')}: another rank failed while the process group was set "
                       "up (its error is above); exiting", file=sys.stderr, flush=True)

@@ -54,6 +54,7 @@ def test_two_hosts_train_exactly_like_one_host(ssh_cluster, one_host, tmp_path, 
         assert "resolves to loopback; GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0" in said
     assert final(out)["world_size"] == world
     got, want = losses(out), losses(reference)
+    print(f"2 hosts x {slots} rank(s), --ep_size {world}: losses {got}; one host, {world} ranks: {want}")
     assert sorted(got) == [1, 2, 3, 4]
     assert got == want, {s: got[s] - want[s] for s in got}  # bit for bit
     assert final(out)["val_loss"] == final(reference)["val_loss"]
@@ -70,6 +71,7 @@ def test_resume_across_hosts_is_exact(ssh_cluster, one_host, tmp_path, data_cach
                                                                                         "--stop_at_step", 2])))
     assert sorted(losses(out)) == [1, 2] and (out / "checkpoints" / "latest").read_text() == "global_step2"
     _ok(readme_command(ssh_cluster, workdir, train_args(out, data_cache, model, extra=["--ep_size", 2, "--resume"])))
+    print(f"stopped at step 2 and resumed across hosts: losses {losses(out)}")
     assert losses(out) == losses(reference)
     assert final(out)["val_loss"] == final(reference)["val_loss"]
 
@@ -107,7 +109,7 @@ def test_a_failed_setup_on_one_host_ends_every_host(tmp_path, data_cache, model,
     with Cluster(2, tmp_path, host_env=pinned) as cluster:
         start = time.monotonic()
         proc = readme_command(cluster, launch_dir(tmp_path / "launch", cluster, 1),
-                              train_args(tmp_path / "run", data_cache, model, extra=["--ep_size", 2]))
+                              train_args(tmp_path / "run", data_cache, model, extra=["--ep_size", 2]), timeout=300)
         took = time.monotonic() - start
         log = proc.stdout + proc.stderr
         print(f"set-up failure on both hosts: the job ended after {took:.1f} s with exit code {proc.returncode}")
