@@ -59,7 +59,8 @@ def route_interface(ip: str) -> str | None:
 
 def choose_socket_interface(environ=os.environ) -> str | None:
     """Set the unset `GLOO_SOCKET_IFNAME`/`NCCL_SOCKET_IFNAME` to the interface that routes to `MASTER_ADDR`,
-    when the hostname resolves to loopback and the master is remote; say so once per node. Returns the
+    when the hostname resolves to no usable address (loopback, say) and the master is remote; say so once per
+    node. Returns the
     interface chosen, or None when nothing needed choosing (a set variable, one machine, a usable hostname)."""
     unset = [v for v in IFNAME_VARS if not environ.get(v)]
     master = _ipv4(environ.get("MASTER_ADDR", ""))
@@ -70,7 +71,8 @@ def choose_socket_interface(environ=os.environ) -> str | None:
         return None
     environ.update({v: name for v in unset})
     if environ.get("LOCAL_RANK", "0") == "0":
-        print(f"camex_ds: hostname {socket.gethostname()!r} resolves to loopback; "
-              f"{' '.join(f'{v}={name}' for v in unset)} (the interface routing to MASTER_ADDR "
+        host = socket.gethostname()
+        print(f"camex_ds: hostname {host!r} resolves to {', '.join(_ipv4(host)) or 'nothing'}, no address other "
+              f"hosts reach; {' '.join(f'{v}={name}' for v in unset)} (the interface routing to MASTER_ADDR "
               f"{environ['MASTER_ADDR']}); set them to choose another", file=sys.stderr, flush=True)
     return name

@@ -23,7 +23,7 @@ RUN_NETNS = Path("/run/netns")  # `ip netns add` makes it, and makes it a mount 
 PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it (the openssh-server service creates it)
 _serial = iter(range(1_000_000))
 _live: set = set()  # clusters of this process not yet closed
-_run_netns_before: tuple[bool, bool] | None = None  # (existed, was a mount point) before the first of them
+_before: dict[Path, tuple[bool, bool]] = {}  # shared paths: (existed, was a mount point) before the first of them
 
 
 def _is_mount(path: Path) -> bool:
@@ -87,13 +87,12 @@ class Cluster:
         self.hosts = [Host(f"{tag}-h{i}", f"node{i}", f"{SUBNET}.{i + 1}") for i in range(n)]
         self.sshd, self.host_env = sshd, host_env or {}
         self._procs: list[subprocess.Popen] = []
-        self._made: list[Path] = []  # directories this cluster created outside workdir
+        self._made: list[Path] = []  # this cluster's directories in /etc/netns
         self._namespaces: list[str] = []
 
     def __enter__(self) -> "Cluster":
-        global _run_netns_before
         if not _live:
-            _run_netns_before = (RUN_NETNS.exists(), _is_mount(RUN_NETNS))
+            _before.update({p: (p.exists(), _is_mount(p)) for p in (ETC_NETNS, RUN_NETNS, PRIVSEP_DIR)})
         _live.add(self)
         atexit.register(self.close)
         try:
@@ -111,13 +110,12 @@ class Cluster:
     # -- set-up -------------------------------------------------------------------------------------------------
 
     def _mkdir(self, path: Path) -> Path:
-        if not path.exists():
-            path.mkdir(parents=True)
-            self._made.append(path)
+        path.mkdir()
+        self._made.append(path)
         return path
 
     def _network(self) -> None:
-        self._mkdir(ETC_NETNS)
+        ETC_NETNS.mkdir(exist_ok=True)
         _ip("netns", "add", self.switch)
         self._namespaces.append(self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
@@ -136,7 +134,7 @@ class Cluster:
             (h.etc / "hosts").write_text(Path("/etc/hosts").read_text() + "\n" + names)
 
     def _start_sshd(self) -> None:
-        self._mkdir(PRIVSEP_DIR)
+        PRIVSEP_DIR.mkdir(exist_ok=True)
         keys = self.keys = self._mkdir(ETC_NETNS / self.switch)  # the cluster's key pair, gone with it
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "camex-cluster", "-f",
                         keys / "id_ed25519"], check=True)
@@ -174,9 +172,9 @@ class Cluster:
     def run(self, i: int, cmd, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self.hosts[i].argv(*cmd), timeout=timeout, capture_output=True, text=True, **kw)
 
-    def hostfile(self, path: Path, slots: int, names: bool = False) -> Path:
-        """A DeepSpeed hostfile naming every host by address (or by name), `slots` ranks each."""
-        path.write_text("".join(f"{h.name if names else h.addr} slots={slots}\n" for h in self.hosts))
+    def hostfile(self, path: Path, slots: int) -> Path:
+        """A DeepSpeed hostfile naming every host by address, `slots` ranks each."""
+        path.write_text("".join(f"{h.addr} slots={slots}\n" for h in self.hosts))
         return path
 
     # -- tear-down --------------------------------------------------------------------------------------------
@@ -201,26 +199,23 @@ class Cluster:
         for ns in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._namespaces.clear()
-        for path in reversed(self._made):
-            if path.exists() and (path in (ETC_NETNS, PRIVSEP_DIR)):
-                try:
-                    path.rmdir()  # only if empty: another cluster may still use it
-                except OSError:
-                    pass
-            elif path.exists():
-                shutil.rmtree(path)
+        for path in self._made:
+            shutil.rmtree(path, ignore_errors=True)
         self._made.clear()
         _live.discard(self)
-        if not _live and _run_netns_before is not None:
-            self._restore_run_netns(*_run_netns_before)
+        if not _live:
+            _restore(_before)
         atexit.unregister(self.close)
 
-    @staticmethod
-    def _restore_run_netns(existed: bool, was_mount: bool) -> None:
-        """Undo what `ip netns add` did to /run/netns, once no namespace of anyone's is left in it."""
-        if not RUN_NETNS.exists() or any(RUN_NETNS.iterdir()):
-            return
-        while not was_mount and _is_mount(RUN_NETNS):
-            subprocess.run(["umount", RUN_NETNS], check=True)
+
+def _restore(before: dict[Path, tuple[bool, bool]]) -> None:
+    """Once the last cluster is gone: remove the shared directories the clusters made (/etc/netns, /run/sshd),
+    and undo what `ip netns add` did to /run/netns, each only if nothing of anyone else's is left in it."""
+    for path, (existed, was_mount) in before.items():
+        if not path.exists() or any(path.iterdir()):
+            continue
+        while not was_mount and _is_mount(path):
+            subprocess.run(["umount", path], check=True)
         if not existed:
-            RUN_NETNS.rmdir()
+            path.rmdir()
+    before.clear()

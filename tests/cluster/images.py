@@ -106,10 +106,12 @@ def torch_index(cache: Path) -> Path:
     wheels = cache / "wheels"
     found = sorted(wheels.glob(f"torch-{version}-cp311-*.whl"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                        "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "--dest", wheels,
-                        f"torch=={version}"], check=True, capture_output=True, timeout=1200)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                               "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "--dest", wheels,
+                               f"torch=={version}"], capture_output=True, text=True, timeout=1200)
         found = sorted(wheels.glob(f"torch-{version}-cp311-*.whl"))
+        if not found:
+            raise LookupError(f"pip finds no torch=={version} wheel for Python 3.11: {proc.stderr.strip()[-300:]}")
     page = wheels / "simple" / "torch" / "index.html"
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(f'<a href="../../{urllib.parse.quote(found[0].name)}">{found[0].name}</a>\n')

@@ -34,7 +34,7 @@ def test_the_interface_routing_to_the_master_is_chosen_and_logged(hosts, master)
     chosen, variables, log = _probe(hosts, MASTER_ADDR=hosts.hosts[master].addr, LOCAL_RANK="0")
     assert chosen == "eth0"
     assert variables == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
-    assert "resolves to loopback; GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0" in log
+    assert "no address other hosts reach; GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0" in log
     assert f"MASTER_ADDR {hosts.hosts[master].addr}" in log
 
 
