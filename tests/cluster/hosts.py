@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,7 @@ class Cluster:
 
     def __enter__(self) -> "Cluster":
         if not _live:
+            _remove_stale()
             _before.update({p: (p.exists(), _is_mount(p)) for p in (ETC_NETNS, RUN_NETNS, PRIVSEP_DIR)})
         _live.add(self)
         atexit.register(self.close)
@@ -181,17 +183,7 @@ class Cluster:
 
     def close(self) -> None:
         for ns in self._namespaces:  # whatever runs there: sshd, launchers, ranks, daemons
-            host = Host(ns, "", "")
-            for _ in range(50):
-                pids = host.pids()
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                time.sleep(0.05)
+            _kill_all(ns)
         for proc in self._procs:
             proc.kill()
             proc.wait()
@@ -206,6 +198,30 @@ class Cluster:
         if not _live:
             _restore(_before)
         atexit.unregister(self.close)
+
+
+def _kill_all(ns: str) -> None:
+    host = Host(ns, "", "")
+    for _ in range(50):
+        pids = host.pids()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def _remove_stale() -> None:
+    """The namespaces of a test process that was killed before it could clean up (its pid is gone)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for ns, pid in re.findall(r"^(cx(\d+)-\d+-(?:sw|h\d+))\b", listed, re.M):
+        if not Path(f"/proc/{pid}").exists():
+            _kill_all(ns)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
 
 
 def _restore(before: dict[Path, tuple[bool, bool]]) -> None:

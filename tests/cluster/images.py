@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,12 @@ class Podman:
         self.env = dict(os.environ, CONTAINERS_CONF=str(cache / "containers.conf"),
                         CONTAINERS_STORAGE_CONF=str(cache / "storage.conf"))
         self.containers: list[str] = []
+        # those of a test process killed before it could remove them
+        names = self("ps", "--all", "--format", "{{.Names}}", check=False).stdout.split()
+        for name in names:
+            pid = re.match(r"cx(\d+)-", name)
+            if pid and not Path(f"/proc/{pid.group(1)}").exists():
+                self("rm", "--force", "--time", "0", name, check=False, timeout=120)
 
     def __call__(self, *args, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
         proc = subprocess.run(["podman", *map(str, args)], env=self.env, capture_output=True, text=True,
