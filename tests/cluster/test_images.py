@@ -48,8 +48,8 @@ def test_the_image_is_built_from_the_debian_base_with_the_shared_steps(podman, i
     assert out[:3] == ["3.11.2", "2.13.0+cpu", "0.19.8"]  # Debian bookworm's Python; the local CPU wheel
     assert "torch==2.13.0+cpu" in out  # install.sh pin-torch
     assert out[-4:] == ["/usr/sbin/sshd", "/usr/bin/pdsh", "/usr/bin/ssh", "1000"]  # install.sh system, user
-    labels = json.loads(podman("image", "inspect", image).stdout)[0]
-    assert "/opt/venv/bin" in " ".join(labels["Config"]["Env"])  # docker/debian_base.sh's Python first on PATH
+    config = json.loads(podman("image", "inspect", image).stdout)[0]["Config"]
+    assert "/opt/venv/bin" in " ".join(config["Env"])  # docker/debian_base.sh's Python first on PATH
 
 
 def test_pretrain_runs_in_a_container(podman, image):
