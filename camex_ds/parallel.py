@@ -1,13 +1,18 @@
 """Process-group set-up: under a DeepSpeed launcher, or as a single local rank for plain `python`."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+import sys
+import threading
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .netif import choose_socket_interface
 
 
 def free_port() -> int:
@@ -25,7 +30,8 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
 
     Without a launcher's environment, becomes rank 0 of a world of one, so DeepSpeed's MoE layers,
     `deepspeed.initialize` and checkpointing work the same in a plain `python` process. A collective that
-    waits longer than `timeout_s` for a peer raises instead of hanging, so one lost rank ends the job.
+    waits longer than `timeout_s` for a peer raises instead of hanging, so one lost rank ends the job. Across
+    machines whose hostname resolves to loopback, gloo/NCCL use the interface that routes to the master.
     """
     if dist.is_available() and dist.is_initialized():
         return
@@ -35,10 +41,74 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    choose_socket_interface()  # before the group exists: gloo reads GLOO_SOCKET_IFNAME when it is created
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+    with _fail_together():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     if backend == "gloo":
         _unlink_shm_workspace()
+
+
+SETUP_FAILED = "camex_ds/setup_failed"  # the rendezvous-store key a rank whose set-up failed writes
+
+
+def _store_client(timeout_s: float = 5.0) -> dist.TCPStore:
+    """A second connection to the launcher's rendezvous store (the master's), counted as no worker."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def _listening(addr: str, port: int) -> bool:
+    try:
+        socket.create_connection((addr, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _fail_together():
+    """While the process group is built: a rank whose set-up fails says so in the rendezvous store, and every
+    other rank, watching the store, exits at once.
+
+    Gloo waits about five timeouts for a peer that will never connect (25 minutes at the default), so without
+    this one host's failed set-up (say, an unreachable advertised address) holds every other host's ranks that
+    long. A master that vanishes after it was reached ends the others the same way.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store, reached = None, False
+        while not done.wait(0.5 if reached else 0.05):  # reach the master as soon as it is up: it may not stay up
+            if not _listening(addr, port):  # a bare connect: TCPStore would log every refused attempt
+                failed = reached  # gone after it was up: the master's own set-up failed
+            else:
+                reached = True
+                try:
+                    store = store or _store_client()
+                    failed = store.check([SETUP_FAILED])
+                except dist.DistError:  # a slow master, not a lost one: try again next round
+                    store, failed = None, False
+            if failed and not done.is_set():
+                print(f"camex_ds: rank {os.environ.get('RANK')}: another rank failed while the process group was set "
+                      "up (its error is above); exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="camex-setup-watch").start()
+    try:
+        yield
+    except BaseException:
+        done.set()
+        with contextlib.suppress(OSError, dist.DistError):
+            _store_client().set(SETUP_FAILED, os.environ.get("RANK", "?"))
+        raise
+    finally:
+        done.set()
 
 
 def _unlink_shm_workspace() -> None:

@@ -6,7 +6,9 @@
 #   IMAGE [DEEPSPEED_ARGS...] -- [PRETRAIN_ARGS...]
 #       deepspeed DEEPSPEED_ARGS... launcher/pretrain.py PRETRAIN_ARGS...
 #       (launcher flags such as --hostfile, --num_gpus, --no_ssh, --node_rank,
-#       --master_addr go before the "--")
+#       --master_addr go before the "--"). With --hostfile and without
+#       --no_ssh, sshd starts in the background first: pdsh reaches every host
+#       of the hostfile over ssh, this one included
 #   IMAGE sshd
 #       OpenSSH server in the foreground on $SSH_PORT (default 2222), run as
 #       the image's non-root user: the worker side of DeepSpeed's pdsh launcher
@@ -26,7 +28,7 @@ SSH_KEY_DIR="${SSH_KEY_DIR:-/run/secrets/camex_ssh}"
 SSH_PORT="${SSH_PORT:-2222}"
 
 usage() {
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
 }
 
 install_ssh_keys() {
@@ -46,14 +48,18 @@ install_ssh_keys() {
     fi
 }
 
+# run_sshd [--background]: in the foreground (exec) unless --background.
 run_sshd() {
-    local sshd_bin=/usr/sbin/sshd ssh_dir="${HOME}/.ssh"
+    local sshd_bin=/usr/sbin/sshd ssh_dir="${HOME}/.ssh" problem=""
     if [[ ! -x "${sshd_bin}" ]]; then
-        echo "entrypoint: ${sshd_bin} not found; the sshd mode needs the GPU image (docker/Dockerfile)" >&2
-        exit 1
+        problem="${sshd_bin} not found; the sshd mode needs OpenSSH (docker/install.sh system)"
+    elif [[ ! -s "${ssh_dir}/authorized_keys" ]]; then
+        problem="no ${ssh_dir}/authorized_keys; mount a key directory at ${SSH_KEY_DIR}"
     fi
-    if [[ ! -s "${ssh_dir}/authorized_keys" ]]; then
-        echo "entrypoint: no ${ssh_dir}/authorized_keys; mount a key directory at ${SSH_KEY_DIR}" >&2
+    if [[ -n "${problem}" ]]; then
+        echo "entrypoint: ${problem}" >&2
+        # a launch goes on without it: pdsh's ssh to this host then fails, and says why
+        [[ "${1:-}" == --background ]] && return 0
         exit 1
     fi
     mkdir -p "${ssh_dir}/sshd"
@@ -66,17 +72,21 @@ run_sshd() {
         | grep -v -E '^(HOME|HOSTNAME|PWD|OLDPWD|SHLVL|_|TERM|SSH_[A-Z_]*)=' \
         >"${ssh_dir}/environment" || true
     chmod 600 "${ssh_dir}/environment"
-    echo "entrypoint: sshd listening on port ${SSH_PORT} as $(id -un)"
     # Unprivileged sshd: only this user can log in, with keys only.
-    exec "${sshd_bin}" -D -e \
-        -p "${SSH_PORT}" \
-        -h "${ssh_dir}/sshd/ssh_host_ed25519_key" \
-        -o PidFile="${ssh_dir}/sshd/sshd.pid" \
-        -o UsePAM=no \
-        -o PasswordAuthentication=no \
-        -o KbdInteractiveAuthentication=no \
-        -o PermitUserEnvironment=yes \
-        -o AuthorizedKeysFile="${ssh_dir}/authorized_keys"
+    local options=(-p "${SSH_PORT}"
+        -h "${ssh_dir}/sshd/ssh_host_ed25519_key"
+        -o PidFile="${ssh_dir}/sshd/sshd.pid"
+        -o UsePAM=no
+        -o PasswordAuthentication=no
+        -o KbdInteractiveAuthentication=no
+        -o PermitUserEnvironment=yes
+        -o AuthorizedKeysFile="${ssh_dir}/authorized_keys")
+    echo "entrypoint: sshd listening on port ${SSH_PORT} as $(id -un)"
+    if [[ "${1:-}" == --background ]]; then
+        "${sshd_bin}" -E "${ssh_dir}/sshd/sshd.log" "${options[@]}"  # detaches; ends with the container
+    else
+        exec "${sshd_bin}" -D -e "${options[@]}"
+    fi
 }
 
 install_ssh_keys
@@ -105,6 +115,9 @@ case "$1" in
                 break
             fi
         done
+        if [[ " ${launcher_args[*]} " == *" --hostfile"* && " ${launcher_args[*]} " != *" --no_ssh "* ]]; then
+            run_sshd --background
+        fi
         exec deepspeed "${launcher_args[@]}" "${PRETRAIN}" "${pretrain_args[@]}"
         ;;
     *)

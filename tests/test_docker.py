@@ -32,6 +32,7 @@ CPU_DOCKERFILE = DOCKER / "Dockerfile.cpu"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 SBATCH = ROOT / "launcher" / "slurm_pretrain.sbatch"
 DEPS_HELPER = DOCKER / "pyproject_deps.py"
+INSTALL = DOCKER / "install.sh"  # the build steps both images share
 
 # torch version the project's test suite runs with; the CPU image pins it.
 TESTED_TORCH_VERSION = "2.13.0"
@@ -219,6 +220,35 @@ def stage_env(stage: Stage, upto: Instruction | None = None) -> dict[str, str]:
 
 def load(path: Path) -> list[Stage]:
     return split_stages(parse_dockerfile(path.read_text()))
+
+
+_INSTALL_CALL = re.compile(r"/tmp/build/install\.sh (\S+)((?: (?!&&)\S+)*)")
+
+
+def install_steps(stage: Stage) -> list[tuple[int, str, list[str]]]:
+    """(instruction index, step, arguments) of every `install.sh STEP ARGS...` the stage RUNs."""
+    return [(n, m.group(1), shlex.split(substitute(m.group(2), stage_env(stage, ins))))
+            for n, ins in enumerate(stage.instructions) if ins.cmd == "RUN"
+            for m in _INSTALL_CALL.finditer(ins.value)]
+
+
+def install_step_body(step: str, args: list[str]) -> str:
+    """The shell text of one install.sh step, its constants and positional argument filled in."""
+    text = INSTALL.read_text()
+    m = re.search(rf"^    {re.escape(step)}\)\n(.*?)^        ;;", text, re.M | re.S)
+    assert m, f"install.sh has no step {step!r}"
+    body = m.group(1)
+    for name, value in re.findall(r"^([A-Z_]+)=(/\S+)$", text, re.M):
+        body = body.replace(f"${{{name}}}", value)
+    return re.sub(r"\$\{?1(?::\?\w+)?\}?", args[0], body) if args else body
+
+
+def run_text(stage: Stage, ins: Instruction) -> str:
+    """A RUN's shell text with every install.sh step it calls spelled out, ARGs and ENVs substituted."""
+    env = stage_env(stage, ins)
+    text = _INSTALL_CALL.sub(lambda m: install_step_body(m.group(1), shlex.split(substitute(m.group(2), env))),
+                             ins.value)
+    return substitute(text, env)
 
 
 def pinned_versions(stages: list[Stage]) -> dict[str, set[str]]:
@@ -481,7 +511,7 @@ def test_pip_constraint_file_exists_before_it_is_used(dockerfile):
                 continue
             path = m.group(1)
             writers = [k for k, i in enumerate(stage.instructions[:n])
-                       if i.cmd == "RUN" and re.search(rf">\s*{re.escape(path)}(?:\s|$)", i.value)]
+                       if i.cmd == "RUN" and re.search(rf'>\s*"?{re.escape(path)}"?(?:\s|$)', run_text(stage, i))]
             assert writers, f"{dockerfile.name}:{ins.lineno}: PIP_CONSTRAINT={path} set before the file is written"
 
 
@@ -495,7 +525,8 @@ def test_gpu_image_prebuilds_deepspeed_ops_and_has_multinode_tools():
     m = re.search(r'TORCH_CUDA_ARCH_LIST="([^"]+)"', text)
     assert m and {"8.0", "9.0"} <= {a.split("+")[0] for a in m.group(1).split(";")}
     final = load(GPU_DOCKERFILE)[-1]
-    apt = " ".join(i.value for i in final.instructions if i.cmd == "RUN" and "apt-get install" in i.value)
+    apt = " ".join(run_text(final, i) for i in final.instructions if i.cmd == "RUN")
+    apt = apt[apt.index("apt-get install"):]
     for pkg in ("pdsh", "openssh-server", "openssh-client"):
         assert re.search(rf"\b{pkg}\b", apt), f"{pkg} missing from the GPU image"
 
@@ -509,10 +540,10 @@ def test_dependency_layers_come_before_the_source(dockerfile):
     assert len(whole) == 1, "the source is copied once, whole (COPY . <dir>)"
     assert deps and deps[0] < whole[0], "pyproject.toml must be copied (and its deps installed) before the source"
     installs = [n for n, i in enumerate(final.instructions)
-                if i.cmd == "RUN" and "pyproject_deps.py requirements" in i.value]
+                if i.cmd == "RUN" and re.search(r'pyproject_deps\.py"? requirements', run_text(final, i))]
     assert installs and deps[0] < installs[0] < whole[0]
-    after = [i for i in final.instructions[whole[0]:] if i.cmd == "RUN"]
-    assert any(re.search(r"pip install --no-deps /opt/camex_ds\b", i.value) for i in after)
+    after = [run_text(final, i) for i in final.instructions[whole[0]:] if i.cmd == "RUN"]
+    assert any(re.search(r'pip install --no-deps "?/opt/camex_ds\b', text) for text in after)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=ids)
@@ -523,13 +554,24 @@ def test_final_stage_runs_as_non_root(dockerfile):
     user = substitute(users[-1].value.strip(), stage_env(final, users[-1])).split(":")[0]
     assert user and "$" not in user, f"USER {users[-1].value!r} does not resolve"
     assert user not in ("root", "0"), f"final USER is {user!r}"
-    creates = [substitute(i.value, stage_env(final, i)) for i in final.instructions
-               if i.cmd == "RUN" and "useradd" in i.value]
+    creates = [run_text(final, i) for i in final.instructions if i.cmd == "RUN" and "useradd" in run_text(final, i)]
     if user.isdigit():
         pattern = rf"useradd\b.*--uid[= ]\"?{user}\"?(?:\s|$)"
     else:
         pattern = rf"useradd\b.*\b{re.escape(user)}\b"
     assert any(re.search(pattern, c) for c in creates), f"user {user!r} is never created"
+
+
+def test_both_images_share_the_install_steps():
+    """The steps of docker/install.sh, in the same order in both images: the CPU build, which the cluster tests
+    run for real, exercises everything the GPU image does besides its compiled wheels."""
+    steps = {f.name: [step for _, step, _ in install_steps(load(f)[-1])] for f in DOCKERFILES}
+    assert steps["Dockerfile"] == steps["Dockerfile.cpu"] == ["system", "pin-torch", "dependencies", "user",
+                                                              "project"], steps
+    extras = {f.name: {step: args for _, step, args in install_steps(load(f)[-1])} for f in DOCKERFILES}
+    assert extras["Dockerfile"]["project"] == extras["Dockerfile"]["dependencies"] == ["gpu"]
+    assert extras["Dockerfile.cpu"]["project"] == extras["Dockerfile.cpu"]["dependencies"] == ["test"]
+    assert os.access(INSTALL, os.X_OK) and INSTALL.read_text().startswith("#!")
 
 
 def _entrypoint_source(dockerfile: Path) -> tuple[list[str], Path]:
@@ -574,7 +616,8 @@ def _bash() -> str:
     return bash
 
 
-@pytest.mark.parametrize("script", [ENTRYPOINT, SBATCH], ids=["entrypoint.sh", "slurm_pretrain.sbatch"])
+@pytest.mark.parametrize("script", [ENTRYPOINT, SBATCH, INSTALL, DOCKER / "debian_base.sh"],
+                         ids=["entrypoint.sh", "slurm_pretrain.sbatch", "install.sh", "debian_base.sh"])
 def test_shell_scripts_parse(script):
     result = subprocess.run([_bash(), "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -607,6 +650,11 @@ def test_entrypoint_argument_handling(tmp_path):
     assert run("--max_steps", "5", "--data", "a b") == f"deepspeed{pretrain}<--max_steps><5><--data><a b>"
     assert run("--num_gpus", "8", "--", "--seed", "1") == f"deepspeed<--num_gpus><8>{pretrain}<--seed><1>"
     assert run("--seed", "1", DS_LAUNCHER_ARGS="--hostfile /h") == f"deepspeed<--hostfile></h>{pretrain}<--seed><1>"
+    # a pdsh launch (--hostfile, ssh) starts sshd first; without keys it says so and launches anyway
+    r = subprocess.run([bash, str(ENTRYPOINT), "--hostfile", "/h", "--", "--seed", "1"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == f"deepspeed<--hostfile></h>{pretrain}<--seed><1>"
+    assert "entrypoint: " in r.stderr and ("authorized_keys" in r.stderr or "not found" in r.stderr)
     assert run("echo", "plain command") == "plain command"
 
 
