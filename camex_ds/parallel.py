@@ -38,7 +38,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Groups made later without a timeout (DeepSpeed's expert and expert-data-parallel groups) take torch's
+    # default, 30 minutes, not the world group's: make the default ours, or a stopped rank holds them that long.
+    dist.distributed_c10d.default_pg_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     if backend == "gloo":
         _unlink_shm_workspace()
 
@@ -63,6 +67,19 @@ def shutdown() -> None:
     destructors (`terminate called without an active exception`), turning a finished run into a failed job."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps the groups it made (expert, expert-data, world) in module globals and would hand the
+    destroyed ones to the next job started in this process (a notebook, the in-process fuzz test)."""
+    from deepspeed.utils import groups
+
+    for registry in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                     groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+                     groups._ALL_TO_ALL_GROUP):
+        registry.clear()
+    groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = groups._MODEL_PARALLEL_GROUP = None
 
 
 def rank() -> int:
@@ -87,3 +104,13 @@ def all_reduce_mean(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return (t / world_size()).tolist()
+
+
+def all_gather_object(obj) -> list:
+    """`obj` from every rank, in rank order (pickled: for small things). On GPUs call it after
+    `deepspeed.initialize`, which sets each rank's device (NCCL gathers through it)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

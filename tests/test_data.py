@@ -155,8 +155,8 @@ def test_bad_inputs_give_one_line_errors_naming_them(tmp_path):
     latin.write_bytes("café".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.txt is not UTF-8 text"):
         list(resolve_source(latin).documents())
-    with pytest.raises(DataError, match=r"val_percent 0 must be an integer from 1 to 50"):
-        prepare_data(str(latin), None, tmp_path / "cache", val_percent=0)
+    with pytest.raises(DataError, match=r"val_percent 101 must be an integer from 0 \(all train\) to 100"):
+        prepare_data(str(latin), None, tmp_path / "cache", val_percent=101)
 
 
 def test_empty_corpus_is_an_error_naming_the_source(tmp_path, tokenizer):
