@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from camex_ds.parallel import free_port
@@ -32,3 +34,34 @@ def deepspeed(script, *args, num_gpus=2, **kw) -> subprocess.CompletedProcess:
 
 def python(script, *args, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, str(script), *map(str, args)], **kw)
+
+
+def ranks(script, *args, world=2, extra_env=None, timeout=300) -> list:
+    """Run `script` as `world` rank processes of one job on this host, as a launcher would start them, but
+    without one (no launcher start-up): when a rank fails, the others are killed, as DeepSpeed's launcher does.
+    Returns `(returncode, stdout + stderr)` per rank."""
+    port = str(free_port())
+    procs, logs = [], []
+    for rank in range(world):
+        e = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(extra_env or {}))
+        logs.append(tempfile.TemporaryFile(mode="w+"))
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=e,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    out = []
+    for p, log in zip(procs, logs):
+        log.seek(0)
+        out.append((p.returncode, log.read()))
+        log.close()
+    return out

@@ -5,11 +5,12 @@ before any process group exists; what needs the job (the world size, DeepSpeed's
 the data, the resume point) is checked before the first step. Every check fails on every rank alike, with
 one line that says what to change; after that every rank does the same work.
 
-A step whose loss or gradient norm is NaN or Inf never changes the weights (`_agree_bad_step`); it stops
-the run, or is skipped while `--skip_nonfinite` allows.
+A step whose loss or gradient norm is NaN or Inf never changes the weights or the optimizer state
+(`_agree_bad_step`, `_held`); it stops the run, or is skipped while `--skip_nonfinite` allows.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -287,24 +288,35 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _agree_bad_step(engine, bad: bool) -> bool:
-    """At an accumulation boundary, before `engine.step()`: is this step bad on any rank? If so, make sure it
-    changes nothing.
+def _plain(optimizer) -> bool:
+    """A plain torch optimizer (ZeRO 0, fp32): DeepSpeed's engine finds no `overflow` flag on it, so nothing
+    in DeepSpeed checks its gradients. Its own optimizers (ZeRO 1/2, bf16) check the gradient norm and skip a
+    non-finite step themselves, counting it in `engine.skipped_steps`."""
+    return not hasattr(optimizer, "overflow")
 
-    Bad: a non-finite loss in the window on any rank, or (checked here for a plain torch optimizer) non-finite
-    gradients. DeepSpeed's own optimizers (ZeRO 1/2, bf16) check the gradient norm themselves and skip such a
-    step (counted in `engine.skipped_steps`); a plain torch optimizer (ZeRO 0, fp32: the engine finds no
-    `overflow` flag on it) has no such check, but leaves a parameter without a gradient untouched, so its
-    gradients are dropped. Either way `engine.step()` still runs, keeping DeepSpeed's micro-step count.
-    """
-    plain = not hasattr(engine.optimizer, "overflow")
-    if plain and not bad:
+
+def _agree_bad_step(engine, bad: bool) -> bool:
+    """At an accumulation boundary, before `engine.step()`: is this step bad on any rank? Bad: a non-finite
+    loss in the window, or, for a plain torch optimizer, non-finite gradients (DeepSpeed checks the others)."""
+    if _plain(engine.optimizer) and not bad:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         bad = bool(grads) and not bool(torch.stack([torch.linalg.vector_norm(g) for g in grads]).isfinite().all())
-    bad = parallel.all_reduce_mean([float(bad)])[0] > 0
-    if bad and plain:
-        engine.zero_grad()
-    return bad
+    return parallel.all_reduce_mean([float(bad)])[0] > 0
+
+
+@contextlib.contextmanager
+def _held(optimizer, bad: bool):
+    """Around `engine.step()`: a bad step must change nothing. A plain torch optimizer's `step` does nothing for
+    this call (the engine drops the gradients after it); DeepSpeed's own optimizers skip it themselves. Either
+    way `engine.step()` runs, so DeepSpeed's micro-step and step counters stay in order."""
+    if not (bad and _plain(optimizer)):
+        yield
+        return
+    optimizer.step = lambda closure=None: None  # shadows the method for this one call
+    try:
+        yield
+    finally:
+        del optimizer.step
 
 
 def _peak(args: TrainArgs, ds_config: dict) -> Optional[float]:
@@ -431,9 +443,10 @@ def run(args: TrainArgs) -> dict:
                 loss, aux = out.loss.detach().item(), out.aux_loss.detach().item()
                 bad = bad or not math.isfinite(loss + aux)
                 engine.backward(out.loss + out.aux_loss)
-                if engine.is_gradient_accumulation_boundary():
-                    bad = _agree_bad_step(engine, bad)
-                engine.step()
+                boundary = engine.is_gradient_accumulation_boundary()
+                bad = _agree_bad_step(engine, bad) if boundary else bad
+                with _held(engine.optimizer, boundary and bad):
+                    engine.step()
                 step_loss, step_aux = step_loss + loss / accum, step_aux + aux / accum
             step += 1
             window_steps += 1
