@@ -18,8 +18,9 @@ def env() -> dict:
     return e
 
 
-def run(cmd, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=600, check=True, extra_env=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
                              f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
@@ -51,7 +52,7 @@ def ranks(script, *args, world=2, extra_env=None, timeout=300) -> list:
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
     finally:
@@ -62,6 +63,7 @@ def ranks(script, *args, world=2, extra_env=None, timeout=300) -> list:
     out = []
     for p, log in zip(procs, logs):
         log.seek(0)
-        out.append((p.returncode, log.read()))
+        out.append((p.poll(), log.read()))
         log.close()
     return out
+

@@ -347,3 +347,138 @@ def test_skipped_nan_step_changes_nothing(setup, tmp_path, monkeypatch, stage, a
     assert math.isfinite([r for r in rows if r.get("step") == 5][0]["loss"])
     states = torch.load(run / "checkpoints" / "global_step5" / "mp_rank_00_model_states.pt", weights_only=False)
     assert states["global_steps"] == 5 and states["global_samples"] == 5 * 2 * accum
+
+
+# ----------------------------------------------------------------------------------------------- slow, multi-process
+
+
+def _two_rank_args(s, out, steps, *extra) -> list:
+    return [*_args(s, out, "--max_steps", steps, "--save_interval", 1, "--eval_interval", steps, "--ep_size", 2,
+                   *extra, ds=s["root"] / "zero2.json")]
+
+
+def _events_per_save(log: Path, saves: int) -> dict:
+    """Save events per rank and checkpoint, from a fault-free run's event log."""
+    counts = {0: 0, 1: 0}
+    for line in log.read_text().splitlines():
+        counts[int(line.split()[0])] += 1
+    return {r: c // saves for r, c in counts.items()}
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_of_checkpoint_saves(setup, tmp_path):
+    """2 ranks (expert parallel 2, ZeRO 2), a checkpoint every step. One rank is SIGKILLed at a seeded random
+    moment of a save (before a file, in the middle of one, before a hash, before a rename), 22 times in a row,
+    each time restarting with --resume. After every kill `latest` names a checkpoint that verifies, and the
+    finished run's losses are those of the uninterrupted run."""
+    _ds(setup["root"] / "zero2.json", stage=2)
+    steps, kills, seed = 30, 22, 2015
+    reference, run, log = tmp_path / "reference", tmp_path / "run", tmp_path / "events.log"
+    assert all(code == 0 for code, _ in distributed.ranks(FAULTY, *_two_rank_args(setup, reference, steps),
+                                                          extra_env={"CAMEX_FAULT_LOG": str(log)}))
+    per_save = _events_per_save(log, steps)
+    assert per_save[0] > 10 and per_save[1] > 5, per_save
+    rng, record, started = random.Random(seed), [], time.perf_counter()
+    while len(record) < kills:
+        rank = rng.randrange(2)
+        event = rng.randint(1, 2 * per_save[rank])  # in the first or second save after the start
+        resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else []
+        results = distributed.ranks(FAULTY, *_two_rank_args(setup, run, steps, *resume),
+                                    extra_env={"CAMEX_FAULT": f"{rank}:KILL:save:{event}"})
+        assert results[rank][0] == -signal.SIGKILL, (rank, event, results[rank][1][-2000:])
+        ckpt = run / "checkpoints"
+        latest = (ckpt / "latest").read_text() if (ckpt / "latest").is_file() else None
+        assert latest is None or manifest.verify(ckpt / latest) is None, (rank, event, latest)
+        record.append((rank, event, latest))
+    results = distributed.ranks(FAULTY, *_two_rank_args(setup, run, steps, "--resume"))
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:]
+    elapsed = time.perf_counter() - started
+    expected, losses = _losses(reference), _losses(run)
+    assert sorted(losses) == list(range(1, steps + 1))
+    for step in losses:
+        assert abs(losses[step] - expected[step]) <= 1e-6 * abs(expected[step]), step
+    print(f"sigkill during saves: {kills} kills {record}, {elapsed:.0f} s; events per save {per_save}")
+
+
+def _launcher_with_fault(args, fault: str, log: Path, num_gpus=2):
+    """The real DeepSpeed launcher on the fault-injecting launcher; `(returncode, output, seconds from the
+    fault to the launcher's exit)`."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port",
+           str(distributed.free_port()), str(FAULTY), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=distributed.ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(distributed.env(), CAMEX_FAULT=fault, CAMEX_FAULT_LOG=str(log)))
+    ended = time.time()
+    fired = [float(line.split()[-1]) for line in log.read_text().splitlines() if " fired " in line]
+    assert fired, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.returncode, proc.stdout + proc.stderr, ended - fired[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, launcher", [("1:KILL:step:3", "deepspeed"), ("1:STOP:save:5", "deepspeed"),
+                                             ("1:STOP:step:3", "ranks"), ("1:KILL:save:5", "ranks")])
+def test_a_lost_rank_ends_the_job_in_bounded_time_naming_it(setup, tmp_path, fault, launcher):
+    """A rank SIGKILLed or SIGSTOPped mid-step or mid-save: the job exits non-zero, the surviving rank says in
+    one line which rank is dead or stopped, within --dist_timeout (5 s) plus, under DeepSpeed's launcher, its
+    30 s grace before it SIGKILLs a stopped process; the previous checkpoint is intact."""
+    _ds(setup["root"] / "zero2.json", stage=2)
+    run, log = tmp_path / "run", tmp_path / "events.log"
+    args = [*_two_rank_args(setup, run, 8), "--dist_timeout", 5]
+    if launcher == "deepspeed":
+        code, output, seconds = _launcher_with_fault(args, fault, log)
+    else:
+        started = time.time()
+        results = distributed.ranks(FAULTY, *args, extra_env={"CAMEX_FAULT": fault, "CAMEX_FAULT_LOG": str(log)},
+                                    timeout=120)
+        fired = [float(line.split()[-1]) for line in log.read_text().splitlines() if " fired " in line]
+        code, output, seconds = results[0][0], results[0][1], time.time() - max(fired + [started])
+    state = "dead" if ":KILL:" in fault else "stopped"
+    lines = [line for line in output.splitlines() if line.startswith("error: rank 0 of 2: a collective failed")]
+    assert code != 0 and len(lines) == 1 and "rank 1 (pid " in lines[0] and f") is {state}" in lines[0], \
+        output[-4000:]
+    assert seconds < (45 if launcher == "deepspeed" else 20), seconds
+    ckpt = run / "checkpoints"
+    if (ckpt / "latest").is_file():
+        assert manifest.verify(ckpt / (ckpt / "latest").read_text()) is None
+    (tmp_path / "seconds").write_text(f"{seconds:.1f}")
+    print(f"{fault} under {launcher}: exit {code} after {seconds:.1f} s: {lines[0]}")
+
+
+@pytest.mark.slow
+def test_plain_text_and_val_data_through_launcher_compare_methods_and_evaluate(setup, tmp_path):
+    """The issue's new-user path: a train.txt and a valid.txt, 2 ranks under DeepSpeed's launcher (expert
+    parallel 2, ZeRO 2); DeepSpeed's habit `python checkpoints/zero_to_fp32.py checkpoints/ out/`;
+    compare_methods and evaluate with --val_data."""
+    _ds(setup["root"] / "zero2.json", stage=2)
+    run = tmp_path / "run"
+    args = [*_two_rank_args(setup, run, 4, "--val_data", setup["valid"]), "--eval_batches", 4]
+    distributed.deepspeed(LAUNCHER, *args)
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["world_size"] == 2 and final["step"] == 4 and math.isfinite(final["val_loss"])
+    assert manifest.verify(run / "checkpoints" / "global_step4") is None
+
+    proc = subprocess.run([sys.executable, "checkpoints/zero_to_fp32.py", "checkpoints/", "out/"], cwd=run,
+                          env=distributed.env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = torch.load(run / "out" / "pytorch_model.bin", weights_only=True)
+    model = tmp_path / "model"
+    distributed.python(distributed.ROOT / "tools" / "convert_checkpoint.py", "consolidate", "--checkpoint", run,
+                       "--output", model)
+    from camex_ds.pretrained import read_weights
+
+    consolidated = read_weights(model)
+    assert weights.keys() == consolidated.keys() and all(torch.equal(weights[k], consolidated[k]) for k in weights)
+
+    proc = distributed.python(distributed.ROOT / "tools" / "evaluate.py", "--model", model, "--val_data",
+                              setup["valid"], "--cache_dir", setup["cache"], "--batch_size", 2, "--max_batches", 4)
+    evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(evaluated["val_loss"] - final["val_loss"]) <= 1e-4 * final["val_loss"], (evaluated, final)
+
+    out = tmp_path / "compare"
+    proc = distributed.python(distributed.ROOT / "tools" / "compare_methods.py", "--data", setup["train"],
+                              "--val_data", setup["valid"], "--methods", "camex", "--seeds", 1, "--max_steps", 2,
+                              "--eval_interval", 2, "--model_config", setup["model"], "--deepspeed_config",
+                              setup["ds"], "--output", out, "--no_progress", "--bootstrap_resamples", 10, "--",
+                              "--vocab_size", 512, "--cache_dir", setup["cache"], "--eval_batches", 2)
+    result = json.loads((out / "results.json").read_text())["methods"]["camex"]["seeds"]["0"]
+    assert result["step"] == 2 and math.isfinite(result["val_loss"])
+    assert "--val_data" in (out / "runs" / "camex" / "seed0" / "log.txt").read_text()

@@ -35,7 +35,7 @@ def describe(e: BaseException) -> str:
     lost = [f"rank {r} (pid {pid}) is {state}" for r, (peer_host, pid) in enumerate(_peers)
             if r != rank and peer_host == host and (state := _state(pid)) is not None]
     who = "; ".join(lost) or "a peer rank is gone or hung (on another host, or already cleaned up)"
-    detail = (str(e).strip().splitlines() or [type(e).__name__])[-1].rsplit("] ", 1)[-1]
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[-1].rsplit("] ", 1)[-1].split(". ")[0]
     return f"rank {rank} of {len(_peers) or parallel.world_size()}: a collective failed ({detail}): {who}"
 
 

@@ -9,13 +9,15 @@ POINT event:
   replace (manifest, zero_to_fp32.py, `latest`) just before it happens;
 * `step`: an optimizer step, just before `engine.step()` at an accumulation boundary.
 
-With `CAMEX_FAULT_LOG=PATH`, every rank appends its save events (`rank kind name`) to PATH, so a test
-can count them. Without `CAMEX_FAULT`, the script is the launcher.
+With `CAMEX_FAULT_LOG=PATH`, every rank appends its save events (`RANK EVENT FILE`) to PATH, so a test
+can count them, and the faulty rank `RANK fired TIME` (time.time()) just before its signal. Without
+either variable, the script is the launcher.
 """
 import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +48,9 @@ def install(spec: str, log: str) -> None:
             with open(log, "a") as f:
                 f.write(f"{rank} {name}\n")
         if fire and kind == point and seen[kind] == n:
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{rank} fired {time.time()}\n")
             os.kill(os.getpid(), signum)
 
     real_save, real_replace, real_sha = torch.save, os.replace, manifest._sha256
@@ -88,7 +93,11 @@ def install(spec: str, log: str) -> None:
     DeepSpeedEngine.step, checkpoint.save = step, ckpt_save
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     if os.environ.get("CAMEX_FAULT") or os.environ.get("CAMEX_FAULT_LOG"):
         install(os.environ.get("CAMEX_FAULT", ""), os.environ.get("CAMEX_FAULT_LOG", ""))
-    sys.exit(pretrain.main())
+    return pretrain.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
