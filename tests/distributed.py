@@ -37,10 +37,11 @@ def python(script, *args, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, str(script), *map(str, args)], **kw)
 
 
-def ranks(script, *args, world=2, extra_env=None, timeout=300) -> list:
+def ranks(script, *args, world=2, extra_env=None, timeout=300, watch=None) -> list:
     """Run `script` as `world` rank processes of one job on this host, as a launcher would start them, but
-    without one (no launcher start-up): when a rank fails, the others are killed, as DeepSpeed's launcher does.
-    Returns `(returncode, stdout + stderr)` per rank."""
+    without one (no launcher start-up): when a rank fails, the others are killed, as DeepSpeed's launcher does;
+    with `watch=R`, only once rank R has ended by itself. Returns `(returncode, stdout + stderr, seconds to
+    its end)` per rank."""
     port = str(free_port())
     procs, logs = [], []
     for rank in range(world):
@@ -49,11 +50,19 @@ def ranks(script, *args, world=2, extra_env=None, timeout=300) -> list:
         logs.append(tempfile.TemporaryFile(mode="w+"))
         procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=e,
                                       stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    ended = [None] * world
+
+    def done() -> bool:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.monotonic() - started
+        if watch is not None:
+            return procs[watch].returncode is not None
+        return all(p.returncode is not None for p in procs) or any(p.returncode not in (None, 0) for p in procs)
+
     try:
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
+        while not done() and time.monotonic() - started < timeout:
             time.sleep(0.02)
     finally:
         for p in procs:
@@ -61,9 +70,8 @@ def ranks(script, *args, world=2, extra_env=None, timeout=300) -> list:
                 p.kill()
             p.wait()
     out = []
-    for p, log in zip(procs, logs):
+    for i, (p, log) in enumerate(zip(procs, logs)):
         log.seek(0)
-        out.append((p.poll(), log.read()))
+        out.append((p.returncode, log.read(), ended[i] if ended[i] is not None else time.monotonic() - started))
         log.close()
     return out
-
