@@ -136,6 +136,7 @@ def test_damaged_checkpoint_file_is_named_and_resume_falls_back(setup, trained, 
     assert code == 0, err[-3000:]
     warnings = [line for line in err.splitlines() if line.startswith("warning: checkpoint global_step4")]
     assert len(warnings) == 1 and (str(bad) in warnings[0] or "manifest.json" in warnings[0]), err[-2000:]
+    print(warnings[0].replace(str(run), "RUN"))
     assert "resuming from global_step2" in err
     reference, losses = trained[1], _losses(run)
     assert sorted(losses) == list(range(1, 7))
@@ -261,7 +262,7 @@ def test_disk_full_during_a_save(setup, trained, tmp_path, monkeypatch):
     _nothing_lost(moved, "global_step2", setup)
     _ok(launch(_args(setup, moved, "--max_steps", 4, "--save_interval", 2, "--eval_interval", 4, "--resume")))
     assert abs(_losses(moved)[4] - trained[1][4]) <= 1e-5 * trained[1][4]
-    (tmp_path / "mounted").write_text(str(mounted))  # for the record in docs/reliability.md
+    print(f"disk full ({'a real 2.5 MB tmpfs' if mounted else 'injected ENOSPC'}): {line}")
 
 
 def test_keep_checkpoints(setup, tmp_path):
@@ -395,9 +396,11 @@ def test_sigkill_at_random_moments_of_checkpoint_saves(setup, tmp_path):
     elapsed = time.perf_counter() - started
     expected, losses = _losses(reference), _losses(run)
     assert sorted(losses) == list(range(1, steps + 1))
-    for step in losses:
-        assert abs(losses[step] - expected[step]) <= 1e-6 * abs(expected[step]), step
-    print(f"sigkill during saves: {kills} kills {record}, {elapsed:.0f} s; events per save {per_save}")
+    worst = max(abs(losses[step] - expected[step]) / abs(expected[step]) for step in losses)
+    assert worst <= 1e-6, worst
+    _nothing_lost(run, f"global_step{steps}", setup)
+    print(f"sigkill during saves: {kills} kills {record}, {elapsed:.0f} s; events per save {per_save}; "
+          f"largest relative loss difference {worst:.1e}")
 
 
 def _launcher_with_fault(args, fault: str, log: Path, num_gpus=2):
@@ -414,8 +417,8 @@ def _launcher_with_fault(args, fault: str, log: Path, num_gpus=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, launcher", [("1:KILL:step:3", "deepspeed"), ("1:STOP:save:5", "deepspeed"),
-                                             ("1:STOP:step:3", "ranks"), ("1:KILL:save:5", "ranks")])
+@pytest.mark.parametrize("fault, launcher", [("1:KILL:step:3", "deepspeed"), ("1:STOP:save:30", "deepspeed"),
+                                             ("1:STOP:step:3", "ranks"), ("1:KILL:save:30", "ranks")])
 def test_a_lost_rank_ends_the_job_in_bounded_time_naming_it(setup, tmp_path, fault, launcher):
     """A rank SIGKILLed or SIGSTOPped mid-step or mid-save: the job exits non-zero, the surviving rank says in
     one line which rank is dead or stopped, within --dist_timeout (5 s) plus, under DeepSpeed's launcher, its
@@ -438,9 +441,7 @@ def test_a_lost_rank_ends_the_job_in_bounded_time_naming_it(setup, tmp_path, fau
         output[-4000:]
     assert seconds < (45 if launcher == "deepspeed" else 20), seconds
     ckpt = run / "checkpoints"
-    if (ckpt / "latest").is_file():
-        assert manifest.verify(ckpt / (ckpt / "latest").read_text()) is None
-    (tmp_path / "seconds").write_text(f"{seconds:.1f}")
+    _nothing_lost(run, (ckpt / "latest").read_text(), setup)  # each fault comes after the step-1 checkpoint
     print(f"{fault} under {launcher}: exit {code} after {seconds:.1f} s: {lines[0]}")
 
 
