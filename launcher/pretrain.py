@@ -14,6 +14,7 @@ checkpoints/ out/` extracts the fp32 weights as DeepSpeed's script does. Exit co
 NaN/Inf step, 2 bad input (one `error:` line), 130 interrupted.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -95,11 +96,15 @@ def _train(train_args) -> int:
 
     try:
         final = run(train_args)
-    except (NonFiniteError, RuntimeError) as e:  # faults, not bad input: one line, exit 1
-        if not isinstance(e, NonFiniteError) and not is_communication_error(e):
-            raise
-        print(f"error: {e if isinstance(e, NonFiniteError) else describe(e)}", file=sys.stderr, flush=True)
+    except NonFiniteError as e:  # a fault, not bad input: one line, exit 1
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except RuntimeError as e:
+        if not is_communication_error(e):
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the group is broken: tearing it down can abort in gloo's destructors (SIGABRT, 1 run in 4)
     finally:
         parallel.shutdown()
     if final.get("rank") == 0 and "val_ppl" in final:
