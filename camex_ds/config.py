@@ -377,6 +377,9 @@ class TrainArgs:
     init_from: Optional[str] = None
     dist_timeout: float = DEFAULT_TIMEOUT_S
     compile: bool = False
+    val_data: Optional[str] = None
+    keep_checkpoints: Optional[int] = None
+    skip_nonfinite: int = 0
 
 
 def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:

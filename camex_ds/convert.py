@@ -547,10 +547,7 @@ def consolidate(checkpoint: PathLike, output: PathLike, tag: Optional[str] = Non
         _fail(f"--dtype {dtype!r} is invalid: expected fp32 or bf16")
     ref = resolve_checkpoint(checkpoint, tag)
     states, cfg = read_model_states(ref)
-    _, _, bf16 = _detect(ref, states, cfg)
-    need_masters = bf16 and dtype == "fp32"
-    uni = read_universal(ref, with_optimizer=need_masters, loaded=(states, cfg))
-    state = uni.masters if need_masters else uni.weights
+    state, uni, bf16, need_masters = _weights(ref, states, cfg, dtype)
     tok, dataset = (Path(tokenizer), None) if tokenizer else find_run_data(ref, states)
     tok = _check_tokenizer(tok, cfg)
     cfg1 = single_rank_config(cfg)
@@ -562,6 +559,22 @@ def consolidate(checkpoint: PathLike, output: PathLike, tag: Optional[str] = Non
     with atomic_output_dir(output) as work:
         save_pretrained(work, state, cfg1, tok, dtype=dtype, conversion={"command": "consolidate", **info})
     return {"output": str(output), **info}
+
+
+def _weights(ref: CheckpointRef, states: dict, cfg: ModelConfig, dtype: str) -> tuple:
+    """`(weights, universal, bf16, from masters)`: the model's weights (ep_size=1 names) to write in `dtype`;
+    fp32 weights of a bf16 run are its fp32 master copies."""
+    _, _, bf16 = _detect(ref, states, cfg)
+    need_masters = bf16 and dtype == "fp32"
+    uni = read_universal(ref, with_optimizer=need_masters, loaded=(states, cfg))
+    return (uni.masters if need_masters else uni.weights), uni, bf16, need_masters
+
+
+def fp32_weights(checkpoint: PathLike, tag: Optional[str] = None) -> dict:
+    """The fp32 weights of a DeepSpeed checkpoint, every expert under its global id: what DeepSpeed's
+    zero_to_fp32 extracts, for the expert-parallel checkpoints it cannot read."""
+    ref = resolve_checkpoint(checkpoint, tag)
+    return _weights(ref, *read_model_states(ref), "fp32")[0]
 
 
 def _zero_stage(uni: Universal) -> Optional[int]:
@@ -622,9 +635,23 @@ def reshard(checkpoint: PathLike, ep_size: int, output: PathLike, tag: Optional[
             rng = ref.tag_dir / f"rng_state_rank{r}.pt"
             if rng.is_file():
                 shutil.copyfile(rng, tag_dir / rng.name)
+        from .train import manifest
+
+        manifest.write(tag_dir, _resharded_run(ref, target_cfg))
         (work / LATEST).write_text(ref.tag)
     return {"output": str(output), "tag": ref.tag, "from_ep_size": cfg.moe.ep_size, "ep_size": ep_size,
             "from_world_size": uni.world, "world_size": world, "optimizer": uni.kind}
+
+
+def _resharded_run(ref: CheckpointRef, target_cfg: ModelConfig) -> Optional[dict]:
+    """The source's run record (manifest.py) with the new layout, so `--resume --ep_size K` checks it."""
+    from .train import manifest
+
+    try:
+        run = manifest.read(ref.tag_dir).get("run")
+    except ValueError:  # a checkpoint from before manifests
+        return None
+    return {**run, "model_config": target_cfg.to_dict()} if isinstance(run, dict) else None
 
 
 def _target_states(uni: Universal, target_cfg: ModelConfig, world: int) -> dict:
@@ -938,4 +965,5 @@ def _matrices(state: dict, prefix: str) -> list:
     return [n for n in ("w_in", "w_out", "w_gate", "w_up", "w_down") if f"{prefix}.base.{n}" in state]
 
 
-__all__ = ["ConvertError", "consolidate", "fold", "read_universal", "reshard", "resolve_checkpoint", "upcycle"]
+__all__ = ["ConvertError", "consolidate", "fold", "fp32_weights", "read_universal", "reshard", "resolve_checkpoint",
+           "upcycle"]

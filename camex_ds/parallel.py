@@ -37,15 +37,19 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         return
     import deepspeed
 
+    _forget_deepspeed_groups()  # of an earlier process group in this process, if any
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     choose_socket_interface()  # before the group exists: gloo reads GLOO_SOCKET_IFNAME when it is created
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Groups made later without a timeout (DeepSpeed's expert and expert-data-parallel groups) take torch's
+    # default, 30 minutes, not the world group's: make the default ours, or a stopped rank holds them that long.
+    dist.distributed_c10d.default_pg_timeout = timeout
     with _fail_together():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     if backend == "gloo":
         _unlink_shm_workspace()
 
@@ -133,6 +137,29 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_retired: list = []  # DeepSpeed's groups of destroyed process groups, kept referenced (see below)
+
+
+def _forget_deepspeed_groups() -> None:
+    """Start DeepSpeed's group registries empty.
+
+    DeepSpeed keeps the groups it made (expert, expert-data, world) in module globals. Once a process group
+    is destroyed they name dead groups, which a second job in the same process (a notebook, the in-process
+    fuzz test) would be handed. The old groups stay referenced here: freeing them can abort the process in
+    gloo's destructors (3 of 10 two-rank runs, when done right after `destroy_process_group`).
+    """
+    from deepspeed.utils import groups
+
+    registries = ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                  "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP")
+    singletons = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP")
+    _retired.append([getattr(groups, name) for name in registries + singletons])
+    for name in registries:
+        setattr(groups, name, {})
+    for name in singletons:
+        setattr(groups, name, None)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -155,3 +182,13 @@ def all_reduce_mean(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return (t / world_size()).tolist()
+
+
+def all_gather_object(obj) -> list:
+    """`obj` from every rank, in rank order (pickled: for small things). On GPUs call it after
+    `deepspeed.initialize`, which sets each rank's device (NCCL gathers through it)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -9,8 +9,12 @@ a few minutes on 2 CPU cores. Runs as plain `python` (one rank) or under the Dee
     deepspeed --hostfile ds_configs/hostfile --num_nodes 2 launcher/pretrain.py --deepspeed_config ds_configs/gpu_zero2_bf16.json
 
 Writes to --output_dir: metrics.jsonl, final_metrics.json, tensorboard/, checkpoints/ (resume with --resume).
+Every checkpoint is verified (sizes and sha256) before a resume loads it; `python checkpoints/zero_to_fp32.py
+checkpoints/ out/` extracts the fp32 weights as DeepSpeed's script does. Exit codes: 0 done, 1 a lost rank or a
+NaN/Inf step, 2 bad input (one `error:` line), 130 interrupted.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,13 +26,20 @@ from camex_ds.data import DATA_HELP  # noqa: E402
 from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, DEFAULT_TIMEOUT_S  # noqa: E402
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of the launcher
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deepspeed_config", default=DEFAULT_DEEPSPEED_CONFIG,
                     help="DeepSpeed JSON (batch size, optimizer, scheduler, ZeRO stage, bf16, TensorBoard); "
                          "'auto' values are filled from this run (default: %(default)s)")
     ap.add_argument("--model_config", help="model JSON (see README: config reference); default: a small CAMEx model")
     ap.add_argument("--data", help="a preprocessed dataset folder, " + DATA_HELP)
+    ap.add_argument("--val_data", help="a separate validation text (a corpus's valid.txt; any --data form, a "
+                                       "preprocessed folder gives its validation split): --data is then all trained on")
     ap.add_argument("--tokenizer", help="SentencePiece .model, or a Hugging Face tokenizer.json or the folder holding "
                                         "it; default: the --init_from model's own, else train one on the data (cached)")
     ap.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of a tokenizer trained here (%(default)s)")
@@ -39,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval_interval", type=int, default=100, help="validate every N steps and at the end (%(default)s)")
     ap.add_argument("--eval_batches", type=int, default=16, help="validation batches per evaluation (%(default)s)")
     ap.add_argument("--save_interval", type=int, default=100, help="checkpoint every N steps and at the end (%(default)s)")
+    ap.add_argument("--keep_checkpoints", type=int, metavar="K", help="keep only the newest K checkpoints, deleting "
+                                                                      "older ones once a new one is complete (default: all)")
     ap.add_argument("--log_interval", type=int, default=10, help="log training metrics every N steps (%(default)s)")
     ap.add_argument("--ep_size", type=int, help="expert-parallel degree; overrides moe.ep_size of the model config")
     ap.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest exactly "
@@ -51,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data_seed", type=int, default=1234, help="data-order seed, independent of --seed (%(default)s)")
     ap.add_argument("--peak_tflops", type=float, help="peak TFLOP/s per rank for MFU (default: known-GPU table, or a "
                                                        "CPU matmul probe)")
+    ap.add_argument("--skip_nonfinite", type=int, default=0, metavar="K",
+                    help="skip up to K steps whose loss or gradient norm is NaN/Inf (counted as skipped_steps in the "
+                         "metrics) instead of stopping at the first; a bad step never changes the weights (%(default)s)")
     ap.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
                     help="seconds a collective waits for a lost or stopped rank before the job fails, instead of "
                          "torch's 30 minutes (%(default)s)")
@@ -72,15 +88,25 @@ def main(argv=None) -> int:
 
     train_args = TrainArgs(**{k: v for k, v in vars(args).items() if k not in ("local_rank", "no_progress")},
                            progress=not args.no_progress)
-    return run_cli(lambda: _train(train_args), (ConfigError, DataError, CheckpointError, PretrainedError))
+    return run_cli(lambda: _train(train_args), (ConfigError, DataError, CheckpointError, PretrainedError, OSError))
 
 
 def _train(train_args) -> int:
     from camex_ds import parallel
-    from camex_ds.train import run
+    from camex_ds.train import NonFiniteError, run
+    from camex_ds.train.peers import describe, is_communication_error
 
     try:
         final = run(train_args)
+    except NonFiniteError as e:  # a fault, not bad input: one line, exit 1
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:
+        if not is_communication_error(e):
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the group is broken: tearing it down can abort in gloo's destructors (SIGABRT, 1 run in 4)
     finally:
         parallel.shutdown()
     if final.get("rank") == 0 and "val_ppl" in final:

@@ -32,6 +32,14 @@ def seeded():
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory):
+    """`(train.txt, valid.txt)` of plain English text (this Python's docstrings), shared by the robustness tests."""
+    from launch import text_corpus
+
+    return text_corpus(tmp_path_factory.mktemp("text"))
+
+
 @pytest.fixture
 def gen():
     """A private generator for drawing test tensors without touching the global RNG."""

@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from camex_ds.parallel import free_port
@@ -16,8 +18,9 @@ def env() -> dict:
     return e
 
 
-def run(cmd, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=600, check=True, extra_env=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
                              f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
@@ -32,3 +35,43 @@ def deepspeed(script, *args, num_gpus=2, **kw) -> subprocess.CompletedProcess:
 
 def python(script, *args, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, str(script), *map(str, args)], **kw)
+
+
+def ranks(script, *args, world=2, extra_env=None, timeout=300, watch=None) -> list:
+    """Run `script` as `world` rank processes of one job on this host, as a launcher would start them, but
+    without one (no launcher start-up): when a rank fails, the others are killed, as DeepSpeed's launcher does;
+    with `watch=R`, only once rank R has ended by itself. Returns `(returncode, stdout + stderr, seconds to
+    its end)` per rank."""
+    port = str(free_port())
+    procs, logs = [], []
+    for rank in range(world):
+        e = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(extra_env or {}))
+        logs.append(tempfile.TemporaryFile(mode="w+"))
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=e,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    started = time.monotonic()
+    ended = [None] * world
+
+    def done() -> bool:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.monotonic() - started
+        if watch is not None:
+            return procs[watch].returncode is not None
+        return all(p.returncode is not None for p in procs) or any(p.returncode not in (None, 0) for p in procs)
+
+    try:
+        while not done() and time.monotonic() - started < timeout:
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    out = []
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        log.seek(0)
+        out.append((p.returncode, log.read(), ended[i] if ended[i] is not None else time.monotonic() - started))
+        log.close()
+    return out

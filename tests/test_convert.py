@@ -512,8 +512,9 @@ def _assert_same(a, b, path=""):
 
 
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
-    files = sorted(p.name for p in a.iterdir() if not p.name.startswith("rng_state"))
-    assert files == sorted(p.name for p in b.iterdir() if not p.name.startswith("rng_state"))
+    files = sorted(p.name for p in a.glob("*.pt") if not p.name.startswith("rng_state"))
+    assert files == sorted(p.name for p in b.glob("*.pt") if not p.name.startswith("rng_state"))
+    assert (b / "manifest.json").is_file()  # reshard's output verifies like a saved checkpoint
     for name in files:
         _assert_same(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False), name)
 

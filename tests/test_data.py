@@ -30,6 +30,7 @@ from camex_ds.data import (
     write_dataset,
 )
 from camex_ds.data import prepare as prepare_module
+from camex_ds.data.corpus import PIECE_BYTES
 from camex_ds.data.dataset import FORMAT, FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +108,64 @@ def test_folder_source_reads_text_like_files_in_sorted_order(tmp_path):
     assert [(d.key, d.text) for d in docs] == expected
 
 
+def test_a_long_text_file_is_cut_into_pieces_keyed_by_their_first_line(tmp_path):
+    """Paragraphs are joined while they fit in PIECE_BYTES, longer ones cut at line ends; the pieces are the
+    file exactly, each keyed `path:LINE`. A file that fits stays one document keyed by its path."""
+    rng = random.Random(3)
+    paragraphs = [synthetic_text(rng, lines=rng.choice([2, 8, 200])) for _ in range(40)]
+    text = "\n".join(paragraphs)  # synthetic_text ends its lines with \n: a blank line between paragraphs
+    (tmp_path / "corpus.txt").write_text(text)
+    docs = list(resolve_source(tmp_path / "corpus.txt").documents())
+    assert "".join(d.text for d in docs) == text and len(docs) > 10
+    lines = text.split("\n")
+    for d in docs:
+        name, line = d.key.rsplit(":", 1)
+        assert name == "corpus.txt" and lines[int(line) - 1] == d.text.split("\n")[0]
+        assert len(d.text.encode()) <= PIECE_BYTES
+    assert any(not d.text.endswith("\n\n") for d in docs[:-1])  # a paragraph longer than a piece, cut at a line end
+    (tmp_path / "short.txt").write_text(paragraphs[0])
+    assert [d.key for d in resolve_source(tmp_path / "short.txt").documents()] == ["short.txt"]
+
+
+def test_one_text_file_gives_both_splits_and_val_percent_0_or_100_gives_one(tmp_path, tokenizer):
+    rng = random.Random(4)
+    (tmp_path / "train.txt").write_text("\n".join(synthetic_text(rng, lines=20) for _ in range(200)))
+    source = resolve_source(tmp_path / "train.txt")
+    ds = write_dataset(source, tokenizer, tmp_path / "both")
+    assert ds.split("train").num_documents > 20 and ds.split("validation").num_documents > 0
+    only_train = write_dataset(source, tokenizer, tmp_path / "train_only", val_percent=0)
+    only_val = write_dataset(source, tokenizer, tmp_path / "val_only", val_percent=100)
+    total = ds.split("train").num_tokens + ds.split("validation").num_tokens
+    assert (only_train.split("train").num_tokens, only_train.split("validation").num_tokens) == (total, 0)
+    assert (only_val.split("train").num_tokens, only_val.split("validation").num_tokens) == (0, total)
+    with pytest.raises(DataError, match="val_percent 100 puts every document in validation"):
+        list(train_texts(source, 100))
+
+
+def test_damaged_files_are_found_and_a_damaged_cache_entry_is_rebuilt(corpus, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    built = prepare_data(str(corpus), None, cache, vocab_size=VOCAB)
+    good = {f: (built.path / f).read_bytes() for f in ("train.bin", "validation.bin", "tokenizer.model")}
+    for name, damage in (("train.bin", "truncate"), ("validation.bin", "flip"), ("tokenizer.model", "flip")):
+        data = bytearray(good[name])
+        if damage == "truncate":
+            data = data[:-2]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        (built.path / name).write_bytes(bytes(data))
+        with pytest.raises(DataError, match=name.replace(".", r"\.")):
+            built.verify()
+        again = prepare_data(str(corpus), None, cache, vocab_size=VOCAB)
+        assert "warning: the cached dataset is damaged" in capsys.readouterr().err
+        assert again.path == built.path and all((built.path / f).read_bytes() == good[f] for f in good)
+    (built.path / "index.json").write_text("{")
+    assert prepare_data(str(corpus), None, cache, vocab_size=VOCAB).path == built.path
+    built.verify()
+    (built.path / "train.bin").write_bytes(good["train.bin"][:-2])
+    with pytest.raises(DataError, match=r"dataset file '.*train\.bin' has \d+ bytes, the index says \d+"):
+        prepare_data(str(built.path), None, cache)  # a preprocessed folder given as --data: no source to rebuild
+
+
 def test_parquet_source_reads_text_column(tmp_path, monkeypatch):
     import datasets
 
@@ -155,8 +214,8 @@ def test_bad_inputs_give_one_line_errors_naming_them(tmp_path):
     latin.write_bytes("café".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.txt is not UTF-8 text"):
         list(resolve_source(latin).documents())
-    with pytest.raises(DataError, match=r"val_percent 0 must be an integer from 1 to 50"):
-        prepare_data(str(latin), None, tmp_path / "cache", val_percent=0)
+    with pytest.raises(DataError, match=r"val_percent 101 must be an integer from 0 \(all train\) to 100"):
+        prepare_data(str(latin), None, tmp_path / "cache", val_percent=101)
 
 
 def test_empty_corpus_is_an_error_naming_the_source(tmp_path, tokenizer):

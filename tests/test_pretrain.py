@@ -1,13 +1,14 @@
 """Issue 4: the main job end to end — multi-rank training, exact resume, two launchers, bad input."""
 import json
-import os
 import signal
+import sys
 
 import pytest
 
 from . import distributed
 
 LAUNCHER = distributed.ROOT / "launcher" / "pretrain.py"
+FAULTY = distributed.ROOT / "tests" / "dist" / "faulty_pretrain.py"
 TINY = {"d_model": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 128, "seq_len": 64,
         "moe": {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 16}}
 
@@ -67,11 +68,9 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, cache):
     assert max(_losses(stopped)) == 20
     distributed.python(LAUNCHER, *_args(tmp_path, cache, stopped, extra=["--resume"]))
 
-    os.environ["CAMEX_DS_KILL_AFTER_SAVE"] = "20"
-    try:
-        proc = distributed.python(LAUNCHER, *_args(tmp_path, cache, killed), check=False)
-    finally:
-        del os.environ["CAMEX_DS_KILL_AFTER_SAVE"]
+    # SIGKILL just before step 21, right after the step-20 checkpoint (injected by the test-side wrapper)
+    proc = distributed.run([sys.executable, FAULTY, *map(str, _args(tmp_path, cache, killed))], check=False,
+                           extra_env={"CAMEX_FAULT": "0:KILL:step:21"})
     assert proc.returncode == -signal.SIGKILL
     assert (killed / "checkpoints" / "latest").read_text() == "global_step20"
     distributed.python(LAUNCHER, *_args(tmp_path, cache, killed, extra=["--resume"]))

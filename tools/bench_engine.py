@@ -80,12 +80,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     parallel.init_distributed()
     rows = []
-    for method in methods:
-        rows.append(time_method(method, args.zero, args.dtype == "bf16", args.steps, args.warmup))
-        r = rows[-1]
-        print(f"ZeRO-{args.zero} {args.dtype} {method:<11} {r['parameters']:4d} params: forward {r['forward_ms']:6.1f} ms,"
-              f" backward {r['backward_ms']:6.1f} ms, step {r['step_ms']:6.1f} ms, total {r['total_ms']:6.1f} ms",
-              flush=True)
+    try:
+        for method in methods:
+            rows.append(time_method(method, args.zero, args.dtype == "bf16", args.steps, args.warmup))
+            r = rows[-1]
+            print(f"ZeRO-{args.zero} {args.dtype} {method:<11} {r['parameters']:4d} params: forward "
+                  f"{r['forward_ms']:6.1f} ms, backward {r['backward_ms']:6.1f} ms, step {r['step_ms']:6.1f} ms, "
+                  f"total {r['total_ms']:6.1f} ms", flush=True)
+    finally:
+        parallel.shutdown()
     print(json.dumps({"zero": args.zero, "dtype": args.dtype, "model": TINY, "rows": rows}))
     return 0
 

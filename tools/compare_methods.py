@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training data passed to the launcher's --data: a text/.jsonl/.parquet file, a folder "
                    "of them or a preprocessed dataset folder (must exist), or hf:NAME[:CONFIG]; default: the "
                    "launcher's default corpus (this Python's standard-library sources)")
+    g.add_argument("--val_data", metavar="VAL",
+                   help="a separate validation source for the launcher's --val_data (a corpus's valid.txt; same "
+                   "forms as --data): every run validates on all of it and trains on all of --data")
     g.add_argument("--methods", default=DEFAULT_METHODS, metavar="M1,M2,...",
                    help=f"comma-separated methods, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
     g.add_argument("--seeds", type=int, default=3, metavar="K",
@@ -294,9 +297,20 @@ class Grid:
     launcher: Path
     extra_args: List[str]
     model_config_path: Optional[str]
+    val_data: Optional[str] = None
     method_steps: Dict[str, Optional[int]] = field(default_factory=dict)
     flops_per_token_train: Dict[str, float] = field(default_factory=dict)
     flops_budget: Optional[float] = None
+
+
+def _source(flag: str, value: Optional[str]) -> Optional[str]:
+    """A --data/--val_data value as the launcher will get it: hub names as given, paths absolute and existing."""
+    if value is None or value.startswith("hf:"):
+        return value
+    if not os.path.exists(value):
+        raise UsageError(f"{flag} path {value!r} does not exist (expected a text/.jsonl/.parquet file, "
+                         f"a folder of them, a preprocessed dataset folder, or hf:NAME[:CONFIG])")
+    return str(Path(value).resolve())
 
 
 @dataclass(frozen=True)
@@ -347,10 +361,7 @@ def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
         raise UsageError(f"--num_gpus must be >= 1, got {args.num_gpus}")
     if args.bootstrap_resamples < 1:
         raise UsageError(f"--bootstrap_resamples must be >= 1, got {args.bootstrap_resamples}")
-    is_hub = args.data is None or args.data.startswith("hf:")
-    if not is_hub and not os.path.exists(args.data):
-        raise UsageError(f"--data path {args.data!r} does not exist (expected a text/.jsonl/.parquet file, "
-                         f"a folder of them, a preprocessed dataset folder, or hf:NAME[:CONFIG])")
+    data, val_data = _source("--data", args.data), _source("--val_data", args.val_data)
     reference = args.reference or methods[0]
     if reference not in methods:
         raise UsageError(f"--reference {reference!r} is not in --methods; valid choices: {', '.join(methods)}")
@@ -381,7 +392,7 @@ def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
         base_config=base,
         configs=configs,
         output=Path(args.output).resolve(),
-        data=args.data if is_hub else str(Path(args.data).resolve()),
+        data=data,
         data_seed=args.data_seed,
         max_steps=args.max_steps,
         eval_interval=args.eval_interval or (max(1, args.max_steps // 10) if args.max_steps else None),
@@ -393,6 +404,7 @@ def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
         launcher=launcher,
         extra_args=list(extra),
         model_config_path=str(Path(args.model_config).resolve()) if args.model_config else None,
+        val_data=val_data,
     )
     if grid.budget == "steps":
         grid.method_steps = {m: grid.max_steps for m in methods}
@@ -483,6 +495,7 @@ def run_spec(grid: Grid, method: str, seed: int) -> dict:
         "model_config": grid.configs[method],
         "max_steps": grid.method_steps[method],
         "data": grid.data,
+        "val_data": grid.val_data,
         "data_seed": grid.data_seed,
         "eval_interval": grid.eval_interval,
         "deepspeed_config": grid.deepspeed_config,
@@ -513,6 +526,7 @@ def launcher_command(grid: Grid, method: str, seed: int, resume: bool) -> List[s
         str(grid.launcher),
         "--model_config", str(grid.output / "configs" / f"{method}.json"),
         *(["--data", grid.data] if grid.data else []),
+        *(["--val_data", grid.val_data] if grid.val_data else []),
         "--output_dir", str(rd),
         "--max_steps", str(grid.method_steps[method]),
         "--seed", str(seed),
@@ -653,6 +667,7 @@ def _grid_meta(grid: Grid) -> dict:
         "methods": grid.methods,
         "seeds": grid.seeds,
         "data": grid.data,
+        "val_data": grid.val_data,
         "data_seed": grid.data_seed,
         "budget": grid.budget,
         "reference": grid.reference if grid.budget == "flops" else None,

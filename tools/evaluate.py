@@ -4,6 +4,7 @@
     python tools/evaluate.py --model out/model                  # the validation split of the training data
     python tools/evaluate.py --model out/model --data corpus/ --max_batches 16
     python tools/evaluate.py --model out/model --data default   # the launcher's default corpus
+    python tools/evaluate.py --model out/model --val_data corpus/valid.txt   # all of a separate validation text
 
 The data are tokenized with the model's own tokenizer through `camex_ds.data.prepare_data` (cached),
 so the validation split is the one `launcher/pretrain.py` evaluates on, and the loss is computed by
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", help="a preprocessed dataset folder (made with this tokenizer), " + DATA_HELP
                     + "; default: the dataset the model was trained on, which consolidate records (required "
                       "when none is recorded; pass --data default for the launcher's default corpus)")
+    ap.add_argument("--val_data", help="evaluate on all of this text instead (a corpus's valid.txt; the forms of "
+                                       "--data; the launcher's --val_data), tokenized with the model's tokenizer")
     ap.add_argument("--split", choices=("validation", "train"), default="validation", help="(%(default)s)")
     ap.add_argument("--batch_size", type=int, default=8, help="windows per batch (%(default)s)")
     ap.add_argument("--max_batches", type=int,
@@ -80,8 +83,13 @@ def _evaluate(args) -> int:
     model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     tok = tokenizer_path(args.model)
     cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
-    data = args.data if args.data is not None else recorded_dataset(args.model)
-    prepared = prepare_data(None if data == "default" else data, tok, cache)
+    if args.val_data is not None:
+        if args.data is not None or args.split != "validation":
+            raise ConfigError("--val_data is evaluated whole: it takes neither --data nor --split")
+        prepared = prepare_data(args.val_data, tok, cache, val_percent=100)
+    else:
+        data = args.data if args.data is not None else recorded_dataset(args.model)
+        prepared = prepare_data(None if data == "default" else data, tok, cache)
     if prepared.vocab_size > model.config.vocab_size:
         raise DataError(f"the data's vocabulary ({prepared.vocab_size}) exceeds the model's "
                         f"vocab_size {model.config.vocab_size}")

@@ -5,15 +5,18 @@
 * ``None``: the default corpus (below);
 * a ``.jsonl`` file: one JSON object per line, its ``"text"`` field is a document;
 * a ``.parquet`` file: read through ``datasets``, each row's ``text`` column is a document;
-* any other file: read as UTF-8, the whole file is one document;
+* any other file: plain UTF-8 text. A file of up to ``PIECE_BYTES`` is one document; a longer one is cut
+  into documents of at most ``PIECE_BYTES``: consecutive paragraphs (separated by blank lines) are joined
+  while they fit, and a longer paragraph is cut at line ends. The pieces concatenate to the file exactly.
+  So a single text file (a corpus's ``train.txt``) gives both splits;
 * a folder: every file below it whose suffix is in ``TEXT_SUFFIXES`` (hidden entries and
   ``__pycache__`` skipped), in sorted relative-path order, each read as above;
 * ``hf:NAME`` or ``hf:NAME:CONFIG``: the ``train`` split of a Hugging Face hub dataset (needs a
   network), each row's ``text`` is a document. The prefix keeps a mistyped path from turning into a
   network request.
 
-Every document carries a stable key: its relative path, ``path:LINE`` for a JSONL line (1-based),
-``path#ROW`` for a Parquet or hub row (0-based). The key alone decides the document's split (see
+Every document carries a stable key: its relative path (a whole text file), ``path:LINE`` for a piece of a
+text file (the 1-based line it starts on) or a JSONL line, ``path#ROW`` for a Parquet or hub row (0-based). The key alone decides the document's split (see
 ``dataset.py``), so it must not depend on anything but the document's place in the source.
 Empty documents are skipped.
 
@@ -25,7 +28,8 @@ whole stdlib is ~31 MB (3.11), while the 8 MB prefix (691 files, ``__future__.py
 gives 2.63 M tokens with a 4096-piece BPE vocabulary, prepared in ~3.5 s on 2 cores (tokenizer 1.3 s,
 tokenization 1.7 s); one epoch is 9.5 k training windows of 256 tokens.
 The default corpus skips files that are not valid UTF-8 (a few encoding tests under ``test/``,
-beyond the cap in 3.11) instead of failing.
+beyond the cap in 3.11) instead of failing. Its files stay whole documents (its 691 files already give both
+splits, and the figures above and in docs/results.md were measured that way).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 DEFAULT_CORPUS_MAX_BYTES = 8_000_000
+PIECE_BYTES = 4096  # longer plain text files are cut into documents of at most this size (UTF-8 bytes)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
 INDEX_FILE = "index.json"  # marks a preprocessed dataset folder (see dataset.py)
@@ -77,12 +82,17 @@ class Source:
 
 
 class FileSource(Source):
-    """Files under ``root`` (relative paths, already sorted), each read according to its suffix."""
+    """Files under ``root`` (relative paths, already sorted), each read according to its suffix.
 
-    def __init__(self, root: Path, files: list[str], description: str, name: str, skip_undecodable=False):
+    Plain text files longer than ``piece_bytes`` are cut into pieces (module docstring); ``None`` keeps
+    every file whole.
+    """
+
+    def __init__(self, root: Path, files: list[str], description: str, name: str, skip_undecodable=False,
+                 piece_bytes: int | None = PIECE_BYTES):
         self.root, self.files, self.description, self.name = root, files, description, name
-        self.skip_undecodable = skip_undecodable
-        if not any(f.endswith((".jsonl", ".parquet")) for f in files):
+        self.skip_undecodable, self.piece_bytes = skip_undecodable, piece_bytes
+        if piece_bytes is None and not any(f.endswith((".jsonl", ".parquet")) for f in files):
             self.num_documents = len(files)
 
     def identity(self) -> str:
@@ -90,7 +100,7 @@ class FileSource(Source):
         for rel in self.files:
             st = (self.root / rel).stat()
             stats.append((rel, st.st_size, st.st_mtime_ns))
-        payload = json.dumps([str(self.root.resolve()), self.skip_undecodable, stats])
+        payload = json.dumps([str(self.root.resolve()), self.skip_undecodable, self.piece_bytes, stats])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def documents(self) -> Iterator[Document]:
@@ -107,8 +117,12 @@ class FileSource(Source):
                     if self.skip_undecodable:
                         continue
                     raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-                if text:
-                    yield Document(rel, text)
+                if self.piece_bytes is None or len(text.encode("utf-8")) <= self.piece_bytes:
+                    if text:
+                        yield Document(rel, text)
+                    continue
+                for line, piece in text_pieces(text, self.piece_bytes):
+                    yield Document(f"{rel}:{line}", piece)
 
 
 class HubSource(Source):
@@ -183,7 +197,46 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> Source:
         total += size
     version = "{}.{}".format(*sys.version_info[:2])
     description = f"default corpus: first {len(files)} .py files ({total} bytes) of the Python {version} stdlib {root}"
-    return FileSource(root, files, description, f"python{version}-stdlib", skip_undecodable=True)
+    return FileSource(root, files, description, f"python{version}-stdlib", skip_undecodable=True, piece_bytes=None)
+
+
+def text_pieces(text: str, max_bytes: int = PIECE_BYTES) -> list[tuple[int, str]]:
+    """``(first line, piece)`` of a plain text cut into pieces of at most ``max_bytes`` UTF-8 bytes.
+
+    Paragraphs (a run of non-blank lines and the blank lines after it) are joined while they fit; a
+    paragraph longer than ``max_bytes`` is cut at line ends (a single longer line stays whole). The
+    pieces concatenate to ``text``, and each is keyed by the line it starts on, so a piece's key
+    depends only on the text before it.
+    """
+    pieces = []  # [first line, parts, bytes]
+    for start, paragraph in _paragraphs(_lines(text)):
+        whole = "".join(paragraph)
+        units = [(start, whole)] if len(whole.encode("utf-8")) <= max_bytes else enumerate(paragraph, start)
+        for line, part in units:
+            size = len(part.encode("utf-8"))
+            if not pieces or pieces[-1][2] + size > max_bytes:
+                pieces.append([line, [], 0])
+            pieces[-1][1].append(part)
+            pieces[-1][2] += size
+    return [(line, "".join(parts)) for line, parts, _ in pieces]
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text`` with their ``\\n`` (only ``\\n`` ends a line, as in editors and ``grep -n``)."""
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
+def _paragraphs(lines: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """``(first line number, lines)`` of each paragraph: non-blank lines, then the blank lines after them."""
+    start, current = 1, []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and current and not current[-1].strip():  # a non-blank line after blank ones
+            yield start, current
+            start, current = number, []
+        current.append(line)
+    if current:
+        yield start, current
 
 
 def _walk(root: Path, skip=()) -> Iterator[Path]:

@@ -6,15 +6,19 @@ Format (``FORMAT_VERSION`` 1), one folder:
   when ``vocab_size <= 65536`` else ``uint32``;
 * ``tokenizer.model`` (or ``tokenizer.json``): a copy of the tokenizer used, so the folder is self-contained;
 * ``index.json``: format and version, source description, tokenizer file and hash, vocab_size,
-  eos_id, dtype, val_percent, and per split its file, token count, UTF-8 byte count and document count.
+  eos_id, dtype, val_percent, and per split its file, token count, UTF-8 byte count, document count
+  and the file's sha256 (``verify_dataset`` checks sizes and hashes; folders written before the hash
+  was recorded are checked by size only).
 
 Validation split rule: a document goes to validation iff
 ``zlib.crc32(key.encode("utf-8")) % 100 < val_percent`` (default 5), where ``key`` is the document's
 source key (relative path, ``path:LINE`` for JSONL, ``path#ROW`` for Parquet/hub rows; see corpus.py).
 It depends on nothing but the key, so adding documents never moves existing ones between splits.
-Two guards for small corpora, applied after all documents are read: if train is empty, the last
-validation document (in source order) moves to train; then, if validation is empty and there are
-at least 2 documents, the last train document moves to validation.
+``val_percent`` 0 puts everything in train and 100 everything in validation: a source that is only
+trained on, or only validated on (``--val_data``). Between them, two guards for small corpora,
+applied after all documents are read: if train is empty, the last validation document (in source
+order) moves to train; then, if validation is empty and there are at least 2 documents, the last
+train document moves to validation.
 
 Atomic write: everything is written into a hidden ``.NAME.partial-*`` sibling folder, index last,
 and renamed to NAME at the end; on any error the partial folder is removed. A folder with an
@@ -45,6 +49,7 @@ from .tokenizer import Tokenizer
 FORMAT = "camex_ds-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
+INDEX_KEYS = ("tokenizer", "tokenizer_sha256", "vocab_size", "eos_id", "dtype", "splits")
 
 
 def split_of(key: str, val_percent: int) -> str:
@@ -53,8 +58,8 @@ def split_of(key: str, val_percent: int) -> str:
 
 
 def check_val_percent(val_percent: int) -> None:
-    if not isinstance(val_percent, int) or not 1 <= val_percent <= 50:
-        raise DataError(f"val_percent {val_percent!r} must be an integer from 1 to 50")
+    if isinstance(val_percent, bool) or not isinstance(val_percent, int) or not 0 <= val_percent <= 100:
+        raise DataError(f"val_percent {val_percent!r} must be an integer from 0 (all train) to 100 (all validation)")
 
 
 def is_prepared_dataset(path: str | os.PathLike) -> bool:
@@ -62,13 +67,18 @@ def is_prepared_dataset(path: str | os.PathLike) -> bool:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):  # 16 MB at a time: token files can be larger than memory
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _SplitWriter:
     """Appends documents to one split file, remembering the last one so a guard can move it."""
 
     def __init__(self, path: Path, dtype):
+        self.path = path
         self.file = open(path, "wb")
         self.dtype = dtype
         self.tokens = self.bytes = self.documents = 0
@@ -156,15 +166,16 @@ def _write_splits(folder: Path, source: Source, tokenizer: Tokenizer, dtype, val
         train, validation = writers["train"], writers["validation"]
         if train.documents + validation.documents == 0:
             raise DataError(f"no documents found in {source.description}")
-        if train.documents == 0:
+        if 0 < val_percent < 100 and train.documents == 0:
             train.append(*validation.pop_last())
-        if validation.documents == 0 and train.documents >= 2:
+        if 0 < val_percent < 100 and validation.documents == 0 and train.documents >= 2:
             validation.append(*train.pop_last())
     finally:
         for writer in writers.values():
             writer.close()
     return {
-        split: {"file": f"{split}.bin", "tokens": w.tokens, "bytes": w.bytes, "documents": w.documents}
+        split: {"file": f"{split}.bin", "tokens": w.tokens, "bytes": w.bytes, "documents": w.documents,
+                "sha256": file_sha256(w.path)}
         for split, w in writers.items()
     }
 
@@ -190,13 +201,35 @@ class PreparedDataset:
             raise DataError(f"'{path}' is not a preprocessed dataset (no {INDEX_FILE})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"'{path / INDEX_FILE}' is not valid JSON ({e.msg})") from None
-        if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
-            found = f"{index.get('format')} v{index.get('version')}"
+        if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+            found = f"{index.get('format')} v{index.get('version')}" if isinstance(index, dict) else "unknown"
             raise DataError(f"'{path}' has dataset format {found}; this code reads {FORMAT} v{FORMAT_VERSION}")
+        missing = [k for k in INDEX_KEYS if k not in index]
+        splits = index.get("splits")
+        if missing or not isinstance(splits, dict) or any(not isinstance(splits.get(s), dict) for s in SPLITS):
+            raise DataError(f"'{path / INDEX_FILE}' is incomplete (missing {', '.join(missing) or 'a split'})")
         return cls(path, index)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.tokenizer_path)
+
+    def verify(self) -> None:
+        """Raise a DataError naming the first file of the folder that is missing, truncated or changed."""
+        for split in SPLITS:
+            info = self.index["splits"][split]
+            file = self.path / info["file"]
+            expected = info["tokens"] * np.dtype(self.index["dtype"]).itemsize
+            if not file.is_file():
+                raise DataError(f"dataset file '{file}' is missing")
+            if file.stat().st_size != expected:
+                raise DataError(f"dataset file '{file}' has {file.stat().st_size} bytes, the index says {expected} "
+                                "(truncated or replaced)")
+            if info.get("sha256") and file_sha256(file) != info["sha256"]:
+                raise DataError(f"dataset file '{file}' does not match the sha256 in its {INDEX_FILE} (damaged)")
+        digest = self.index["tokenizer_sha256"]
+        if digest and (not self.tokenizer_path.is_file() or file_sha256(self.tokenizer_path) != digest):
+            raise DataError(f"tokenizer '{self.tokenizer_path}' is missing or does not match the sha256 in its "
+                            f"{INDEX_FILE} (damaged)")
 
     def split(self, name: str) -> "TokenDataset":
         return TokenDataset(self.path, name)

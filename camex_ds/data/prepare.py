@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -51,6 +52,9 @@ def train_texts(source: Source, val_percent: int) -> Iterator[str]:
     The most recent train document is held back until another arrives, because the validation guard
     may still move it to validation.
     """
+    if val_percent == 100:
+        raise DataError("val_percent 100 puts every document in validation: there is no text to train a tokenizer "
+                        "on; give the tokenizer of the training data")
     held_back = last_validation = None
     train_count = validation_count = 0
     for doc in source.documents():
@@ -66,7 +70,7 @@ def train_texts(source: Source, val_percent: int) -> Iterator[str]:
         raise DataError(f"no documents found in {source.description}")
     if train_count == 0:
         yield last_validation  # the train guard moves it to train
-    elif validation_count > 0 or train_count == 1:
+    elif validation_count > 0 or train_count == 1 or val_percent == 0:
         yield held_back  # otherwise the validation guard moves it to validation
 
 
@@ -104,10 +108,13 @@ def prepare_data(
 
     ``vocab_size`` only matters when no tokenizer is given. For a preprocessed folder ``vocab_size``
     and ``val_percent`` are ignored, and a given tokenizer must be the one the folder was made with.
+    Every folder is verified (``PreparedDataset.verify``) before it is used: a damaged preprocessed folder
+    is an error naming the file, a damaged cache entry is rebuilt from its source.
     """
     tokenizer_hash = file_sha256(Tokenizer.load(tokenizer).path) if tokenizer is not None else None
     if data is not None and is_prepared_dataset(data):
         prepared = PreparedDataset.open(data)
+        prepared.verify()
         if tokenizer_hash not in (None, prepared.index["tokenizer_sha256"]):
             raise DataError(f"dataset '{data}' was made with a different tokenizer than '{tokenizer}'")
         return prepared
@@ -122,7 +129,14 @@ def prepare_data(
     with open(cache_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if is_prepared_dataset(cache_dir / name):
-            return PreparedDataset.open(cache_dir / name)
+            try:
+                prepared = PreparedDataset.open(cache_dir / name)
+                prepared.verify()
+                return prepared
+            except DataError as e:  # the source is still there: build the entry again
+                print(f"warning: the cached dataset is damaged ({e}); rebuilding it from {source.description}",
+                      file=sys.stderr)
+                shutil.rmtree(cache_dir / name)
         for leftover in cache_dir.glob(f".{name}.*"):  # hidden work folders of a build that was killed
             shutil.rmtree(leftover)
         return build_dataset(

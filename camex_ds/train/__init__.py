@@ -1,5 +1,5 @@
 """Training components: the loop (`run`), crash-safe checkpoints, metrics."""
 from .checkpoint import CheckpointError
-from .loop import DEFAULT_MODEL, TrainArgs, run
+from .loop import DEFAULT_MODEL, NonFiniteError, TrainArgs, run
 
-__all__ = ["CheckpointError", "DEFAULT_MODEL", "TrainArgs", "run"]
+__all__ = ["CheckpointError", "DEFAULT_MODEL", "NonFiniteError", "TrainArgs", "run"]

@@ -120,6 +120,14 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     parallel.init_distributed()
+    try:
+        run_layouts(args)
+    finally:
+        parallel.shutdown()
+
+
+def run_layouts(args) -> None:
+    """One result file per (layout, rank), for every method and ZeRO stage asked for."""
     for layout in args.layouts.split(","):
         results = {}
         for method in args.methods.split(","):
