@@ -14,6 +14,13 @@ from typing import Any, Optional
 
 MERGE_METHODS = ("euclid", "ties", "dare", "camex", "camex-ties", "camex-dare")
 METHODS = ("dense", "smoe") + MERGE_METHODS
+#: Each curvature-aware method and the Euclidean merge it adds curvature to: the pairs a comparison tests.
+EUCLIDEAN_TWIN = {"camex": "euclid", "camex-ties": "ties", "camex-dare": "dare"}
+#: What `fold` turns a trained curvature-aware model into. TIES elects its mask from the raw task vectors, which
+#: a folded model no longer has, so the (constant, trained) mask goes into the experts and camex-ties folds to euclid.
+FOLD_TARGET = {"camex": "euclid", "camex-ties": "euclid", "camex-dare": "dare"}
+#: The methods `compare` runs unless told otherwise.
+COMPARED_METHODS = ("dense", "smoe", "euclid", "ties", "camex", "camex-ties")
 ROUTINGS = ("causal", "segment", "sequence")
 FIRST_SEGMENT = ("uniform", "self-detached")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
@@ -349,6 +356,13 @@ DEFAULT_TIMEOUT_S = 300.0
 
 # The DeepSpeed config a run uses when none is given: one CPU rank, fp32, ZeRO 0, no accumulation.
 DEFAULT_DEEPSPEED_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json")
+# The model a run trains when none is given: the small CAMEx model, the same file users find and copy.
+DEFAULT_MODEL_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "models" / "camex_small.json")
+
+
+def default_model() -> dict:
+    """The raw dict of `DEFAULT_MODEL_CONFIG` (a fresh copy: callers edit it)."""
+    return json.loads(Path(DEFAULT_MODEL_CONFIG).read_text())
 
 
 @dataclass

@@ -20,7 +20,7 @@ How DeepSpeed lays out a MoE checkpoint (tag folder, DeepSpeed 0.19):
   l-th MoE module (in `named_modules` order), keys with the global id. Layout independent.
 * ZeRO 0: `expp_rank_<r>_mp_rank_00_optim_states.pt`, the torch optimizer state of EP rank r; its
   'state' is indexed by the position of the parameter in the param groups built by
-  `camex_ds.train.loop._param_groups` (non-expert groups first, then one group per expert group name,
+  `camex_ds.model.param_groups` (non-expert groups first, then one group per expert group name,
   split by DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`). bf16 without ZeRO
   wraps it in DeepSpeed's FP16_Optimizer state (fp32 master copies per parameter in 'fp32_groups').
 * ZeRO 1/2: `[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per data-parallel rank: per param group
@@ -180,12 +180,12 @@ class Layout:
 
 
 def build_layout(cfg: ModelConfig, ep: int) -> Layout:
-    """Simulate `camex_ds.train.loop._param_groups` on a meta-device model holding one EP rank's experts."""
+    """Simulate `camex_ds.model.param_groups` on a meta-device model holding one EP rank's experts."""
     from deepspeed.moe.experts import Experts
     from deepspeed.moe.layer import MoE
     from torch import nn
 
-    from .train.loop import _param_groups
+    from .model import param_groups
 
     cfg1 = single_rank_config(cfg)
     model = meta_model(cfg1)
@@ -204,7 +204,7 @@ def build_layout(cfg: ModelConfig, ep: int) -> Layout:
             p.group_name = f"ep_size_{ep}"
     names = {id(p): n for n, p in model.named_parameters()}
     groups = []
-    for g in _param_groups(model):
+    for g in param_groups(model):
         groups.append(GroupSpec(g["name"], bool(g.get("moe", False)), [names[id(p)] for p in g["params"]]))
     return Layout(cfg1, ep, groups, local_counts, shapes, moe_prefixes, experts_per_layer)
 

@@ -160,6 +160,24 @@ def _forget_deepspeed_groups() -> None:
         setattr(groups, name, None)
 
 
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's place in its expert-parallel group. DeepSpeed's default groups are consecutive ranks, so it
+    is `rank % ep_size`: the one home of that rule (layers, checkpoint readers and writers all ask here)."""
+    if ep_size == 1:
+        return 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"ep_size={ep_size} needs torch.distributed initialised (launch with `deepspeed`); "
+                           "use ep_size=1 in a single process")
+    if dist.get_world_size() % ep_size:
+        raise ValueError(f"ep_size={ep_size} does not divide the world size {dist.get_world_size()}")
+    return dist.get_rank() % ep_size
+
+
+def global_expert(ep_rank: int, local_count: int, local: int) -> int:
+    """The model-wide id of the `local`-th of the `local_count` experts an EP rank holds."""
+    return ep_rank * local_count + local
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

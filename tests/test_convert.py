@@ -20,7 +20,8 @@ import torch
 
 from camex_ds.config import ModelConfig
 from camex_ds.convert import ConvertError, consolidate, fold, reshard, upcycle
-from camex_ds.model import GPT, load_pretrained
+from camex_ds.model import GPT
+from camex_ds.pretrained import load_pretrained
 from camex_ds.parallel import free_port
 from camex_ds.pretrained import PretrainedError, global_expert_name, load_state_into, save_pretrained
 

@@ -26,7 +26,8 @@ from camex_ds.config import ConfigError, ModelConfig  # noqa: E402
 from camex_ds.convert import ConvertError, consolidate, fold, upcycle  # noqa: E402
 from camex_ds.data import Tokenizer, prepare_data  # noqa: E402
 from camex_ds.hf import export_hf, import_hf  # noqa: E402
-from camex_ds.model import build_model, load_pretrained  # noqa: E402
+from camex_ds.model import build_model  # noqa: E402
+from camex_ds.pretrained import load_pretrained  # noqa: E402
 from camex_ds.pretrained import read_weights  # noqa: E402
 
 from . import distributed  # noqa: E402

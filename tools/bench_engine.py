@@ -32,7 +32,7 @@ def time_method(method: str, zero: int, bf16: bool, steps: int, warmup: int) -> 
 
     from camex_ds.config import ModelConfig
     from camex_ds.model import GPT
-    from camex_ds.train.loop import _param_groups
+    from camex_ds.model import param_groups
 
     cfg = json.loads(json.dumps(TINY))
     cfg["moe"]["method"] = method
@@ -41,7 +41,7 @@ def time_method(method: str, zero: int, bf16: bool, steps: int, warmup: int) -> 
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
           "zero_optimization": {"stage": zero}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=_param_groups(model), config=ds)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
     ids = torch.randint(0, TINY["vocab_size"], (2, TINY["seq_len"]), device=engine.device)
     times = {"forward_ms": [], "backward_ms": [], "step_ms": []}
     for i in range(warmup + steps):

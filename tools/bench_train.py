@@ -126,9 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
     try:
-        from camex_ds.train.loop import DEFAULT_MODEL
+        from camex_ds.config import default_model
 
-        args.base_model = DEFAULT_MODEL if args.model is None else json.loads(Path(args.model).read_text())
+        args.base_model = default_model() if args.model is None else json.loads(Path(args.model).read_text())
         args.ds_config = json.loads(Path(args.deepspeed_config).read_text())
         accums = [int(k) for k in args.grad_accum.split(",")]
     except (OSError, json.JSONDecodeError) as e:

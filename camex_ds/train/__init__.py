@@ -1,5 +1,6 @@
 """Training components: the loop (`run`), crash-safe checkpoints, metrics."""
+from ..config import TrainArgs
 from .checkpoint import CheckpointError
-from .loop import DEFAULT_MODEL, NonFiniteError, TrainArgs, run
+from .loop import NonFiniteError, run
 
-__all__ = ["CheckpointError", "DEFAULT_MODEL", "NonFiniteError", "TrainArgs", "run"]
+__all__ = ["CheckpointError", "NonFiniteError", "TrainArgs", "run"]

@@ -26,23 +26,16 @@ from typing import Optional
 import torch
 
 from .. import parallel
-from ..config import ConfigError, ModelConfig, TrainArgs
+from ..config import ConfigError, ModelConfig, TrainArgs, default_model
 from ..flops import flops_per_token, peak_flops
 from ..data import BatchLoader, DataError, bits_per_byte, prepare_data, validation_batches
-from ..model import GPT, save_config
+from ..model import GPT, param_groups, save_config
 from ..moe import MicroBatch
 from ..moe.comm import TRAFFIC
 from ..moe.token_moe import resolve_backend
 from . import checkpoint, manifest, peers
 from .checkpoint import CheckpointError
 from .metrics import MetricsLogger, layer_stats
-
-DEFAULT_MODEL = {
-    "d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden_size": 512, "seq_len": 256, "activation": "gelu",
-    "moe": {"method": "camex", "num_experts": 4, "every": 2, "segment_len": 64, "routing": "causal",
-            "curvature_rank": 1, "alpha": 1.0, "ep_size": 1, "dynamic": False},
-}
-
 
 class NonFiniteError(RuntimeError):
     """A step's loss or gradient norm was NaN or Inf, and no more such steps may be skipped."""
@@ -55,8 +48,8 @@ def load_model_config(args: TrainArgs) -> ModelConfig:
 
         cfg = read_config(args.init_from)[0]
     else:
-        raw = DEFAULT_MODEL if args.model_config is None else _read_json(args.model_config, "--model_config")
-        cfg = ModelConfig.from_dict(copy.deepcopy(raw))
+        raw = default_model() if args.model_config is None else _read_json(args.model_config, "--model_config")
+        cfg = ModelConfig.from_dict(raw)
     if args.ep_size is not None:
         if cfg.moe is None:
             raise ConfigError(f"--ep_size={args.ep_size} given, but the model is dense (moe is null)")
@@ -234,17 +227,6 @@ def _check_same_run(recorded: dict, run: dict, tag: str) -> None:
                               "the settings it was saved with, or start a new --output_dir")
 
 
-def _param_groups(model: torch.nn.Module) -> list:
-    """Weight decay on matrices only: not on norms, and not on curvature factors (it would pull them to 0, not I)."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and ".curvature." not in name else no_decay).append(p)
-    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
-
-
 def micro_batch_of(engine) -> MicroBatch:
     """Where the engine's next forward sits in its optimizer step, by DeepSpeed's own accumulation counters."""
     return MicroBatch(step=engine.global_steps, last=engine.is_gradient_accumulation_boundary(),
@@ -385,7 +367,7 @@ def run(args: TrainArgs) -> dict:
 
         load_state_into(model, args.init_from)  # each EP rank takes its own experts
     try:
-        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=_param_groups(model),
+        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                        config=ds_config)
     except (ValueError, TypeError, KeyError, AssertionError, AttributeError, NotImplementedError) as e:
         raise ConfigError(f"DeepSpeed cannot start with --deepspeed_config '{args.deepspeed_config}': "

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError, ModelConfig, MoEConfig
-from .moe import CAMExMoE, MergeChain, MicroBatch
-from .moe.ffn import FFN
-from .moe.token_moe import MegaBlocksMoE, TokenMoE, resolve_backend
+from ..config import ConfigError, ModelConfig, MoEConfig
+from ..moe import CAMExMoE, MergeChain, MicroBatch
+from ..moe.ffn import FFN
+from ..moe.token_moe import MegaBlocksMoE, TokenMoE, resolve_backend
 from .rope import apply_rotary, rotary_tables
 
 
@@ -172,4 +172,3 @@ def build_model(cfg: Union[dict, ModelConfig]) -> GPT:
 def save_config(cfg: ModelConfig, path: Union[str, os.PathLike]) -> None:
     with open(path, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-from .pretrained import load_pretrained  # noqa: E402,F401

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig, device=None) -> Tensor:
