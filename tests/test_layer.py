@@ -496,7 +496,7 @@ def test_error_ep_size_not_dividing_experts():
 
 def test_error_ep_size_needs_distributed(monkeypatch):
     # other tests of the session may have initialised a process group: look as a fresh process would
-    monkeypatch.setattr("camex_ds.moe.layer.dist.is_initialized", lambda: False)
+    monkeypatch.setattr("camex_ds.parallel.dist.is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match=r"ep_size=2.*torch\.distributed"):
         CAMExMoE(6, 10, 4, ep_size=2)
 

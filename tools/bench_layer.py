@@ -158,7 +158,7 @@ def _floor_parts(args) -> dict:
             torch.matmul(g[s:s + step].transpose(-1, -2), x[s:s + step], out=g1)
 
     x, gy = torch.randn(segments, seg, d), torch.randn(segments, seg, d)
-    chunk = Fn._segment_chunk(segments, d * h, x)  # the merged layer's weight-gradient chunk
+    chunk = Fn.segment_chunk(segments, d * h, x)  # the merged layer's weight-gradient chunk
     outputs = [torch.empty(segments, seg, k) for k in (h, d, h, d)]
     per_segment = (x, gy, torch.randn(segments, h, d) * 0.02, torch.randn(segments, d, h) * 0.02,
                    torch.empty(chunk, h, d), torch.empty(chunk, d, h), chunk, *outputs)

@@ -159,6 +159,11 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[tuple[int, nn.Module]]:
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if b.is_moe]
 
+    def ep_bytes_sent(self) -> int:
+        """Bytes this rank has sent through the merge layers' expert-parallel collectives so far (each layer
+        counts its own, `CAMExMoE.traffic`); the trainer logs the growth per step."""
+        return sum(layer.traffic.bytes_sent for _, layer in self.moe_layers() if isinstance(layer, CAMExMoE))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

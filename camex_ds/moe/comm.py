@@ -11,14 +11,19 @@ from torch import Tensor
 
 from .functional import kron_factor_shape
 
-# Bytes this rank has sent through the collectives below, counted as a ring algorithm moves them
-# (all-gather and reduce-scatter: (ep-1)/ep of the full tensor; all-reduce: twice that); the trainer
-# logs its growth per step next to the analytic `camex_ds.flops.ep_bytes_per_step`.
-TRAFFIC = {"bytes_sent": 0}
+class Traffic:
+    """Bytes one layer has sent from this rank through the collectives below, counted as a ring algorithm
+    moves them (all-gather and reduce-scatter: (ep-1)/ep of the full tensor; all-reduce: twice that).
 
+    Each merge layer owns one and passes it to every collective; the trainer logs the model's growth per
+    step (`GPT.ep_bytes_sent`) next to the analytic `ep_bytes_per_layer`.
+    """
 
-def _count(full_numel: int, element_size: int, size: int, passes: int = 1) -> None:
-    TRAFFIC["bytes_sent"] += passes * (size - 1) * full_numel * element_size // size
+    def __init__(self):
+        self.bytes_sent = 0
+
+    def count(self, full_numel: int, element_size: int, size: int, passes: int = 1) -> None:
+        self.bytes_sent += passes * (size - 1) * full_numel * element_size // size
 
 
 def group_size(group) -> int:
@@ -29,26 +34,26 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group=group)
 
 
-def _all_gather(t: Tensor, group, dim: int) -> Tensor:
+def _all_gather(t: Tensor, group, dim: int, traffic: Traffic) -> Tensor:
     size = group_size(group)
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous(), group=group)
-    _count(t.numel() * size, t.element_size(), size)
+    traffic.count(t.numel() * size, t.element_size(), size)
     return torch.cat(parts, dim=dim)
 
 
-def _reduce_scatter(t: Tensor, group, dim: int) -> Tensor:
+def _reduce_scatter(t: Tensor, group, dim: int, traffic: Traffic) -> Tensor:
     """Sum over the group, keep this rank's slice along `dim`. Gloo has no reduce-scatter: all-reduce then slice."""
     size, rank = group_size(group), group_rank(group)
     if dist.get_backend(group) == "gloo":
         total = t.contiguous().clone()
         dist.all_reduce(total, group=group)
-        _count(t.numel(), t.element_size(), size, passes=2)
+        traffic.count(t.numel(), t.element_size(), size, passes=2)
         return total.chunk(size, dim=dim)[rank].contiguous()
     parts = [p.contiguous() for p in t.chunk(size, dim=dim)]
     out = torch.empty_like(parts[rank])
     dist.reduce_scatter(out, parts, group=group)
-    _count(t.numel(), t.element_size(), size)
+    traffic.count(t.numel(), t.element_size(), size)
     return out
 
 
@@ -56,31 +61,32 @@ class _GatherExperts(torch.autograd.Function):
     """All-gather along the expert dimension; the backward reduce-scatters the gradient to its owners."""
 
     @staticmethod
-    def forward(ctx, local, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(local, group, dim)
+    def forward(ctx, local, group, dim, traffic):
+        ctx.group, ctx.dim, ctx.traffic = group, dim, traffic
+        return _all_gather(local, group, dim, traffic)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+        return _reduce_scatter(grad, ctx.group, ctx.dim, ctx.traffic), None, None, None
 
 
-def gather_experts(local: Tensor, group, dim: int = 0) -> Tensor:
-    """Every rank's experts, concatenated in expert-parallel rank order along `dim` (differentiable)."""
+def gather_experts(local: Tensor, group, traffic: Traffic, dim: int = 0) -> Tensor:
+    """Every rank's experts, concatenated in expert-parallel rank order along `dim` (differentiable); what
+    this rank sends, both ways, is counted in `traffic`."""
     if group_size(group) == 1:
         return local
     if not local.requires_grad:
-        return _all_gather(local, group, dim)
-    return _GatherExperts.apply(local, group, dim)
+        return _all_gather(local, group, dim, traffic)
+    return _GatherExperts.apply(local, group, dim, traffic)
 
 
-def all_reduce_sum(t: Tensor, group) -> Tensor:
-    """Sum over the group without gradient (the TIES sign election)."""
+def all_reduce_sum(t: Tensor, group, traffic: Traffic) -> Tensor:
+    """Sum over the group without gradient (the TIES sign election), counted in `traffic`."""
     if group_size(group) == 1:
         return t
     t = t.detach().clone()
     dist.all_reduce(t, group=group)
-    _count(t.numel(), t.element_size(), group_size(group), passes=2)
+    traffic.count(t.numel(), t.element_size(), group_size(group), passes=2)
     return t
 
 
@@ -117,4 +123,4 @@ def ep_bytes_per_layer(*, num_experts: int, ep_size: int, matrix_shapes: dict, c
             "elements_per_expert": p}
 
 
-__all__ = ["gather_experts", "all_reduce_sum", "ep_bytes_per_layer", "group_size", "group_rank"]
+__all__ = ["Traffic", "gather_experts", "all_reduce_sum", "ep_bytes_per_layer", "group_size", "group_rank"]

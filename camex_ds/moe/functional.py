@@ -334,7 +334,9 @@ def merge_rows(base: Tensor, task_flat: Tensor, gates: Tensor, alpha: float) -> 
     return merged.view(gates.shape[0], *base.shape)
 
 
-def _segment_chunk(num_segments: int, weight_numel: int, like: Tensor) -> int:
+def segment_chunk(num_segments: int, weight_numel: int, like: Tensor) -> int:
+    """How many segments `merged_linear` merges at once: as many `weight_numel`-element weights as fit in
+    `MERGE_CHUNK_ELEMENTS` (`_GPU` off the CPU), at least one."""
     limit = MERGE_CHUNK_ELEMENTS if like.device.type == "cpu" else MERGE_CHUNK_ELEMENTS_GPU
     return max(1, min(num_segments, limit // max(1, weight_numel)))
 
@@ -387,7 +389,7 @@ class _MergedLinear(torch.autograd.Function):
         out_f, in_f = base.shape
         stacked, coef = _merge_operands(base, task, gates, alpha)
         out = x.new_empty(segments, tokens, out_f)
-        chunk = _segment_chunk(segments, base.numel(), x)
+        chunk = segment_chunk(segments, base.numel(), x)
         weight = _scratch("merged_weight", (chunk, out_f, in_f), x)
         for s in range(0, segments, chunk):
             e = min(s + chunk, segments)
@@ -413,7 +415,7 @@ class _MergedLinear(torch.autograd.Function):
         rows = slice(0 if need_task else num, num + 1 if need_base else num)
         need_stacked = rows.start < rows.stop
         grad_stacked = stacked.new_empty(rows.stop - rows.start, stacked.shape[1]) if need_stacked else None
-        chunk = _segment_chunk(segments, stacked.shape[1], x)
+        chunk = segment_chunk(segments, stacked.shape[1], x)
         weight = _scratch("merged_weight", (chunk, out_f, in_f), x) if need_x else None
         grad_w = _scratch("merged_weight_grad", (chunk, out_f, in_f), x) if (need_stacked or need_gates) else None
         for s in range(0, segments, chunk):

@@ -10,7 +10,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from .ffn import add_biases, ffn_biases, matrix_shapes
 from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
+from ..parallel import expert_parallel_rank, global_expert
 from . import comm
 from . import functional as Fn
 from .chain import MergeChain, Span, prefer_span
@@ -88,18 +88,6 @@ class _ExpertParallelExperts(nn.Module):
         self.ep_group = ep_group
 
 
-def _assumed_ep_rank(ep_size: int) -> int:
-    """DeepSpeed's default expert-parallel groups are consecutive ranks, so the EP rank is `rank % ep`."""
-    if ep_size == 1:
-        return 0
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"ep_size={ep_size} needs torch.distributed initialised (launch with `deepspeed`); "
-                           "use ep_size=1 in a single process")
-    if dist.get_world_size() % ep_size:
-        raise ValueError(f"ep_size={ep_size} does not divide the world size {dist.get_world_size()}")
-    return dist.get_rank() % ep_size
-
-
 # The defaults of spec §6's layer contract where they differ from MoEConfig's (the model's) defaults.
 LAYER_DEFAULTS = {"segment_len": 256}
 
@@ -136,7 +124,7 @@ class CAMExMoE(MoE):
         self.num_local_experts = self.num_experts // ep_size
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
-        self.ep_rank = _assumed_ep_rank(ep_size)
+        self.ep_rank = expert_parallel_rank(ep_size)
 
         shapes = matrix_shapes(hidden_size, ffn_hidden_size, activation)
         self.shapes = shapes
@@ -154,6 +142,7 @@ class CAMExMoE(MoE):
                                     first_segment=moe.first_segment, noisy_gating=moe.noisy_gating,
                                     aux_loss_coef=moe.aux_loss_coef, init_std=init_std)
         self.step_reuse = StepReuse()
+        self.traffic = comm.Traffic()  # what this layer's collectives send from this rank
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.step_reuse.clear()  # values made from the old parameters
@@ -162,11 +151,10 @@ class CAMExMoE(MoE):
     @torch.no_grad()
     def _init_experts(self, experts: Experts, init_std: float) -> None:
         """Draw all N experts on every rank and keep the local ones: the model is the same for any ep_size."""
-        first = self.ep_rank * self.num_local_experts
         for name, shape in self.shapes.items():
             full = torch.randn(self.num_experts, *shape) * init_std
             for j, expert in enumerate(experts.deepspeed_experts):
-                getattr(expert, name).copy_(full[first + j])
+                getattr(expert, name).copy_(full[global_expert(self.ep_rank, self.num_local_experts, j)])
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
@@ -186,7 +174,7 @@ class CAMExMoE(MoE):
         """The curvature factors of matrix `name` as one `[n, Σ R·k²]` stack: the local experts', or with `group`
         every expert's (all-gathered, differentiable)."""
         stacked = torch.stack([e.curvature[name].flat for e in self.local_experts])  # one copy for all four
-        return stacked if group is None else comm.gather_experts(stacked, group)
+        return stacked if group is None else comm.gather_experts(stacked, group, self.traffic)
 
     def _factor_views(self, name: str, stack: Tensor) -> list[Tensor]:
         """`[R, n, k, k]` views of the factors A, B, C, D in a factor stack."""
@@ -207,20 +195,21 @@ class CAMExMoE(MoE):
         """All experts' `m_i ⊙ M_i(E_i − B)`: each rank curves its own, then the group all-gathers (§7)."""
         tau = Fn.task_vectors(self.base[name], [getattr(e, name) for e in self.local_experts])
         mask = self._local_mask(tau)
-        total = comm.all_reduce_sum(tau.detach().sum(0), group) if mask == "ties" else None
+        total = comm.all_reduce_sum(tau.detach().sum(0), group, self.traffic) if mask == "ties" else None
         task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total)
-        return comm.gather_experts(task, group)
+        return comm.gather_experts(task, group, self.traffic)
 
     def _curved_experts(self, name: str, group) -> Tensor:
         """Every expert's `M_i(E_i)`, curved by its owner and all-gathered (§4, §7)."""
         experts = self._stacked(name)
         factors = self._stacked_factors(name)
-        return comm.gather_experts(experts if factors is None else Fn.apply_curvature(experts, factors), group)
+        return comm.gather_experts(experts if factors is None else Fn.apply_curvature(experts, factors), group,
+                                  self.traffic)
 
     def _dare_mask(self, name: str, group) -> Optional[Tensor]:
         """DARE's `[n, out, in]` multipliers of every expert (each owner draws its own), or None."""
         mask = self._local_mask(self._stacked(name).detach())
-        return comm.gather_experts(mask, group) if isinstance(mask, Tensor) else None
+        return comm.gather_experts(mask, group, self.traffic) if isinstance(mask, Tensor) else None
 
     def _segment_weights(self, name: str, previous: Tensor, gates: Tensor, group,
                          micro_batch: Optional[MicroBatch]) -> Tensor:
@@ -235,7 +224,8 @@ class CAMExMoE(MoE):
             mask = self.step_reuse.get(f"mask.{name}", lambda: self._dare_mask(name, group), micro_batch)[0] \
                 if self.training else "none"
         elif mask == "ties":
-            raw = self.step_reuse.get(f"raw.{name}", lambda: comm.gather_experts(self._stacked(name).detach(), group),
+            raw = self.step_reuse.get(f"raw.{name}", lambda: comm.gather_experts(self._stacked(name).detach(), group,
+                                                                                     self.traffic),
                                       micro_batch)[0]
         return Fn.dynamic_merge(previous, curved, gates, factors, mask, self.args.alpha, raw_experts=raw)
 

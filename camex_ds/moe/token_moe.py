@@ -38,30 +38,30 @@ class TokenMoE(MoE):
     """DeepSpeed's top-k gated MoE (capacity-padded, all-to-all under EP) with our FFN as the expert.
 
     Experts are drawn for all N on every rank and sliced, as in `CAMExMoE`, so a seed gives the same
-    model at any `ep_size`; `forward(x, chain=None)` matches the merge layers' signature.
+    model at any `ep_size`; `forward(x, chain=None)` matches the merge layers' signature. With `ep_size` > 1 the
+    caller initialises `torch.distributed` first (`parallel.init_distributed`) and wraps the model with
+    `deepspeed.initialize`, which gives the layer its expert-parallel group; with `ep_size` 1 it runs anywhere.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, top_k: int = 2,
                  ep_size: int = 1, activation: str = "gelu", capacity_factor: float = 1.0,
                  aux_loss_coef: float = 1e-2, init_std: float = 0.02, bias: bool = False):
-        if ep_size > 1:
-            parallel.init_distributed()
+        ep_rank = parallel.expert_parallel_rank(ep_size)  # before DeepSpeed builds anything: a clear error first
         super().__init__(hidden_size, FFN(hidden_size, ffn_hidden_size, activation, init_std, bias), num_experts,
                          ep_size=ep_size, k=top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=capacity_factor, min_capacity=4, drop_tokens=True, use_rts=False)
         self.aux_loss_coef = aux_loss_coef
-        ep_rank = parallel.rank() % ep_size
         with torch.no_grad():
             self.deepspeed_moe.gate.wg.weight.normal_(0.0, init_std)
             for name, shape in matrix_shapes(hidden_size, ffn_hidden_size, activation).items():
                 full = torch.randn(num_experts, *shape) * init_std
                 for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
-                    getattr(expert, name).copy_(full[ep_rank * self.num_local_experts + j])
+                    getattr(expert, name).copy_(full[parallel.global_expert(ep_rank, self.num_local_experts, j)])
 
     def forward(self, hidden_states: Tensor, chain=None, micro_batch=None):
-        if self.deepspeed_moe.ep_group is None:  # used outside deepspeed.initialize: set up groups ourselves
-            parallel.init_distributed()
-            self.set_deepspeed_parallelism()
+        if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:  # its all-to-all would span the whole world
+            raise RuntimeError(f"TokenMoE with ep_size={self.ep_size} has no expert-parallel group: wrap the model "
+                               "with deepspeed.initialize (or call set_deepspeed_parallelism()) before the forward")
         out, l_aux, counts = super().forward(hidden_states)
         return out, self.aux_loss_coef * l_aux, counts
 

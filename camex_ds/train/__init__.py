@@ -1,6 +1,7 @@
 """Training components: the loop (`run`), crash-safe checkpoints, metrics."""
 from ..config import TrainArgs
 from .checkpoint import CheckpointError
-from .loop import NonFiniteError, run
+from .guard import NonFiniteError
+from .loop import run
 
 __all__ = ["CheckpointError", "NonFiniteError", "TrainArgs", "run"]

@@ -1,4 +1,5 @@
-"""Training metrics: `metrics.jsonl`, TensorBoard through DeepSpeed's monitor, and a progress bar (rank 0)."""
+"""Training metrics: `metrics.jsonl`, TensorBoard through DeepSpeed's monitor, a progress bar (rank 0), and the
+FLOPs and MFU figures of a row."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
+
+from .. import parallel
+from ..config import TrainArgs
+from ..flops import peak_flops
 
 
 def layer_stats(model) -> dict:
@@ -17,6 +22,26 @@ def layer_stats(model) -> dict:
             group, name = key.split("/", 1)
             stats[f"{group}/layer{index}/{name}"] = value
     return stats
+
+
+def mfu_peak(args: TrainArgs, ds_config: dict) -> Optional[float]:
+    """Peak FLOP/s for MFU: --peak_tflops, else the GPU datasheet table, else a CPU matmul probe."""
+    dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    override = None if args.peak_tflops is None else args.peak_tflops * 1e12
+    try:
+        return peak_flops(dtype=dtype, override=override)
+    except ValueError as e:
+        print(f"warning: no MFU reported ({e})")
+        return None
+
+
+def flops_row(tokens: int, tokens_per_s: float, flops_per_token_train: float, peak: Optional[float]) -> dict:
+    """Cumulative training FLOPs, achieved FLOP/s of the whole job, and MFU against every rank's peak."""
+    row = {"train_flops": tokens * flops_per_token_train, "flops_per_token": flops_per_token_train,
+           "achieved_flops_per_s": tokens_per_s * flops_per_token_train}
+    if peak:
+        row["mfu"] = row["achieved_flops_per_s"] / (peak * parallel.world_size())
+    return row
 
 
 class MetricsLogger:

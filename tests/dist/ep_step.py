@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from camex_ds import parallel  # noqa: E402
 from camex_ds.model import build_model  # noqa: E402
 from camex_ds.moe import CAMExMoE  # noqa: E402
-from camex_ds.moe.comm import TRAFFIC  # noqa: E402
 from camex_ds.train.loop import micro_batch_of  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 32, 64
@@ -83,7 +82,7 @@ def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, ac
     data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     per_rank = GLOBAL_BATCH // parallel.world_size()
     local = data[parallel.rank() * per_rank:(parallel.rank() + 1) * per_rank]
-    sent, losses = TRAFFIC["bytes_sent"], []
+    sent, losses = model.ep_bytes_sent(), []
     for micro in local.chunk(accum):
         out = engine(micro[:, :-1], labels=micro[:, 1:], micro_batch=micro_batch_of(engine))
         engine.backward(out.loss)
@@ -92,7 +91,7 @@ def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, ac
     if save_dir:
         engine.save_checkpoint(save_dir, tag="step1")
     return {"before": before, "after": global_state(model), "loss": sum(losses) / accum,
-            "ep_bytes": TRAFFIC["bytes_sent"] - sent}
+            "ep_bytes": model.ep_bytes_sent() - sent}
 
 
 def load_into_ep1(method: str, zero: int, ckpt: str) -> dict:
