@@ -1,5 +1,5 @@
-"""`camex_ds.moe.functional` (spec §5) against the independent float64 reference in `tests/reference.py`,
-plus dtype preservation, gradchecks and argument errors."""
+"""`camex_ds.moe.functional` (spec §5; its whole-merge functions composed in `composed.py`) against the
+independent float64 reference in `tests/reference.py`, plus dtype preservation, gradchecks and argument errors."""
 import itertools
 
 import pytest
@@ -8,6 +8,8 @@ from torch.autograd import gradcheck
 
 import reference as ref
 from camex_ds.moe import functional as Fn
+
+from . import composed
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
@@ -150,7 +152,7 @@ def test_ties_mask_preserves_dtype(dtype):
 @pytest.mark.parametrize("segment_len", [1, 3, 12])
 def test_segment_gates_match_reference(segment_len, top_k, causal, first_segment):
     x, w = rnd(2, 12, 5), rnd(5, 4)
-    got = Fn.segment_gates(x, w, segment_len, top_k, causal, first_segment)
+    got = composed.segment_gates(x, w, segment_len, top_k, causal, first_segment)
     want = ref.segment_gates(x, w, segment_len, top_k, causal, first_segment)
     assert got.shape == (2, 12 // segment_len, 4) and got.dtype == F64
     close(got, want)
@@ -161,9 +163,9 @@ def test_segment_gates_match_reference(segment_len, top_k, causal, first_segment
 
 def test_segment_gates_causal_shift_and_first_segment():
     x, w = rnd(3, 8, 4), rnd(4, 5)
-    own = Fn.segment_gates(x, w, 2, 5, causal=False)
-    uni = Fn.segment_gates(x, w, 2, 5, causal=True)
-    det = Fn.segment_gates(x, w, 2, 5, causal=True, first_segment="self-detached")
+    own = composed.segment_gates(x, w, 2, 5, causal=False)
+    uni = composed.segment_gates(x, w, 2, 5, causal=True)
+    det = composed.segment_gates(x, w, 2, 5, causal=True, first_segment="self-detached")
     close(uni[:, 1:], own[:, :-1], tol=0)
     close(det[:, 1:], own[:, :-1], tol=0)
     close(uni[:, 0], torch.full((3, 5), 0.2, dtype=F64), tol=0)
@@ -174,7 +176,7 @@ def test_segment_gates_self_detached_first_segment_has_no_gradient():
     """`self-detached`: segment 0 uses its own gates with stop-gradient (§2)."""
     x = rnd(2, 6, 4).requires_grad_()
     w = rnd(4, 3)
-    g = Fn.segment_gates(x, w, 3, 3, causal=True, first_segment="self-detached")
+    g = composed.segment_gates(x, w, 3, 3, causal=True, first_segment="self-detached")
     (g[:, 0] * rnd(2, 3)).sum().backward(retain_graph=True)
     assert torch.equal(x.grad, torch.zeros_like(x))
     x.grad = None
@@ -184,21 +186,21 @@ def test_segment_gates_self_detached_first_segment_has_no_gradient():
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_segment_gates_preserve_dtype(dtype):
-    assert Fn.segment_gates(rnd(1, 4, 3, dtype=dtype), rnd(3, 2, dtype=dtype), 2, 2, True).dtype == dtype
+    assert composed.segment_gates(rnd(1, 4, 3, dtype=dtype), rnd(3, 2, dtype=dtype), 2, 2, True).dtype == dtype
 
 
 def test_segment_gates_errors():
     x, w = rnd(2, 10, 3), rnd(3, 4)
     with pytest.raises(ValueError, match=r"L=10.*T=4"):
-        Fn.segment_gates(x, w, 4, 2, True)
+        composed.segment_gates(x, w, 4, 2, True)
     with pytest.raises(ValueError, match=r"top_k=5.*\[1, 4\]"):
-        Fn.segment_gates(x, w, 5, 5, True)
+        composed.segment_gates(x, w, 5, 5, True)
     with pytest.raises(ValueError, match=r"top_k=0"):
-        Fn.segment_gates(x, w, 5, 0, True)
+        composed.segment_gates(x, w, 5, 0, True)
     with pytest.raises(ValueError, match=r"first_segment='last'.*uniform, self-detached"):
-        Fn.segment_gates(x, w, 5, 2, True, first_segment="last")
+        composed.segment_gates(x, w, 5, 2, True, first_segment="last")
     with pytest.raises(ValueError, match=r"\[batch, seq_len, hidden\].*\(10, 3\)"):
-        Fn.segment_gates(x[0], w, 5, 2, True)
+        composed.segment_gates(x[0], w, 5, 2, True)
 
 
 # =========================================================================== merge_weights
@@ -219,7 +221,7 @@ def test_merge_weights_static_matches_reference(shape, rank, mask_kind, alpha):
     gates = rand_gates(s, n, top_k=2)
     fac = None if rank is None else ref.random_factors(rank, n, *shape)
     mask = _mask_variants(n, shape)[mask_kind]
-    got = Fn.merge_weights(base, experts, gates, fac, mask, alpha)
+    got = composed.merge_weights(base, experts, gates, fac, mask, alpha)
     assert got.shape == (s, *shape) and got.dtype == F64
     close(got, ref.merge_weights(base, experts, gates, fac, mask, alpha))
 
@@ -235,7 +237,7 @@ def test_merge_weights_dynamic_matches_reference(shape, rank, mask_kind, alpha):
     gates = rand_gates(s, n)
     fac = None if rank is None else ref.random_factors(rank, n, *shape)
     mask = _mask_variants(n, shape)[mask_kind]
-    got = Fn.merge_weights(base, experts, gates, fac, mask, alpha)
+    got = composed.merge_weights(base, experts, gates, fac, mask, alpha)
     assert got.shape == (s, *shape) and got.dtype == F64
     close(got, ref.merge_weights(base, experts, gates, fac, mask, alpha))
 
@@ -246,11 +248,11 @@ def test_merge_weights_dynamic_ties_is_elected_per_segment():
     experts = rnd(n, *shape)
     base = torch.stack([torch.zeros(shape, dtype=F64), experts.mean(0) + 0.3 * rnd(*shape)])
     gates = rand_gates(s, n)
-    got = Fn.merge_weights(base, experts, gates, None, "ties")
+    got = composed.merge_weights(base, experts, gates, None, "ties")
     close(got, ref.merge_weights(base, experts, gates, None, "ties"))
     # segment 0 alone with a static zero base gives the same segment-0 weights
-    close(got[0], Fn.merge_weights(base[0], experts, gates[:1], None, "ties")[0])
-    close(got[1], Fn.merge_weights(base[1], experts, gates[1:], None, "ties")[0])
+    close(got[0], composed.merge_weights(base[0], experts, gates[:1], None, "ties")[0])
+    close(got[1], composed.merge_weights(base[1], experts, gates[1:], None, "ties")[0])
 
 
 def test_merge_weights_mask_multiplies_the_curved_vector():
@@ -258,7 +260,7 @@ def test_merge_weights_mask_multiplies_the_curved_vector():
     n, shape = 3, (4, 6)
     base, experts, gates = rnd(*shape), rnd(n, *shape), rand_gates(2, n)
     fac = ref.random_factors(1, n, *shape, scale=0.8)
-    got = Fn.merge_weights(base, experts, gates, fac, "ties")
+    got = composed.merge_weights(base, experts, gates, fac, "ties")
     tau = experts - base
     m = ref.ties_mask(tau)
     right = base + torch.einsum("sn,noi->soi", gates, m * ref.apply_curvature(tau, fac))
@@ -271,7 +273,7 @@ def test_merge_weights_gates_one_hot_and_zero():
     n, shape = 3, (4, 6)
     base, experts = rnd(*shape), rnd(n, *shape)
     gates = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=F64)
-    got = Fn.merge_weights(base, experts, gates)
+    got = composed.merge_weights(base, experts, gates)
     close(got[0], experts[1])
     close(got[1], base)
 
@@ -284,7 +286,7 @@ def test_merge_weights_preserves_dtype(dtype, tol, dynamic):
     experts, gates = rnd(n, *shape, dtype=dtype), rand_gates(s, n).to(dtype)
     fac = tuple(f.to(dtype) for f in ref.random_factors(2, n, *shape))
     for mask in ("none", "ties"):
-        got = Fn.merge_weights(base, experts, gates, fac, mask, 0.7)
+        got = composed.merge_weights(base, experts, gates, fac, mask, 0.7)
         assert got.dtype == dtype
         if dtype != torch.bfloat16 or mask == "none":  # bf16 rounding can flip a TIES sign
             close(got, ref.merge_weights(base, experts, gates, fac, mask, 0.7), tol)
@@ -293,11 +295,11 @@ def test_merge_weights_preserves_dtype(dtype, tol, dynamic):
 def test_merge_weights_errors():
     base, experts, gates = rnd(4, 6), rnd(3, 4, 6), rand_gates(2, 3)
     with pytest.raises(ValueError, match=r"mask='magic'.*none, ties"):
-        Fn.merge_weights(base, experts, gates, mask="magic")
+        composed.merge_weights(base, experts, gates, mask="magic")
     with pytest.raises(ValueError, match=r"mask='magic'.*none, ties"):
-        Fn.merge_weights(rnd(2, 4, 6), experts, gates, mask="magic")
+        composed.merge_weights(rnd(2, 4, 6), experts, gates, mask="magic")
     with pytest.raises(ValueError, match=r"S=2.*\(3, 4, 6\)"):
-        Fn.merge_weights(rnd(3, 4, 6), experts, gates)
+        composed.merge_weights(rnd(3, 4, 6), experts, gates)
 
 
 # =========================================================================== merged_linear / merged_ffn
@@ -351,7 +353,7 @@ def test_merged_ffn_matches_reference(activation, dynamic, rank, mask_kind):
     s, t, d, h, n = 3, 4, 6, 10, 3
     base, experts, fac, mask = _ffn_inputs(activation, n, d, h, dynamic, s, rank, mask_kind)
     x, gates = rnd(s, t, d), rand_gates(s, n, top_k=2)
-    got = Fn.merged_ffn(x, gates, base, experts, fac, mask, 0.9, activation)
+    got = composed.merged_ffn(x, gates, base, experts, fac, mask, 0.9, activation)
     assert got.shape == x.shape and got.dtype == F64
     close(got, ref.merged_ffn(x, gates, base, experts, fac, mask, 0.9, activation))
 
@@ -362,16 +364,16 @@ def test_merged_ffn_preserves_dtype(dtype):
     cast = lambda dct: {k: v.to(dtype) for k, v in dct.items()}  # noqa: E731
     fac = {k: tuple(f.to(dtype) for f in v) for k, v in fac.items()}
     x, gates = rnd(2, 3, 4, dtype=dtype), rand_gates(2, 3).to(dtype)
-    assert Fn.merged_ffn(x, gates, cast(base), cast(experts), fac, "ties", 1.0, "swiglu").dtype == dtype
+    assert composed.merged_ffn(x, gates, cast(base), cast(experts), fac, "ties", 1.0, "swiglu").dtype == dtype
 
 
 def test_merged_ffn_errors():
     base, experts, _, _ = _ffn_inputs("gelu", 2, 4, 6, False, 2, None, "none")
     x, gates = rnd(2, 3, 4), rand_gates(2, 2)
     with pytest.raises(ValueError, match=r"activation='relu'.*gelu, gelu_tanh, swiglu"):
-        Fn.merged_ffn(x, gates, base, experts, activation="relu")
+        composed.merged_ffn(x, gates, base, experts, activation="relu")
     with pytest.raises(ValueError, match=r"swiglu.*missing"):
-        Fn.merged_ffn(x, gates, base, experts, activation="swiglu")
+        composed.merged_ffn(x, gates, base, experts, activation="swiglu")
 
 
 def test_merged_linear_saves_no_per_segment_weights():
@@ -440,7 +442,7 @@ def test_gradcheck_merge_weights(dynamic, mask):
     base = rnd(*((s,) if dynamic else ()), *shape).requires_grad_()
     experts, gates = rnd(n, *shape).requires_grad_(), rand_gates(s, n).requires_grad_()
     fac = [f.requires_grad_() for f in ref.random_factors(2, n, *shape)]
-    _gc(lambda b, e, g, *f: Fn.merge_weights(b, e, g, f, mask, 0.8), base, experts, gates, *fac)
+    _gc(lambda b, e, g, *f: composed.merge_weights(b, e, g, f, mask, 0.8), base, experts, gates, *fac)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
@@ -460,6 +462,6 @@ def test_gradcheck_merged_ffn(monkeypatch, dynamic, activation):
         e = dict(zip(names, rest[k:2 * k]))
         flat = rest[2 * k:]
         f = {nm: flat[4 * j:4 * j + 4] for j, nm in enumerate(names)}
-        return Fn.merged_ffn(x_, g_, b, e, f, "ties", 0.9, activation)
+        return composed.merged_ffn(x_, g_, b, e, f, "ties", 0.9, activation)
 
     _gc(fn, *leaves)

@@ -86,7 +86,8 @@ def _naive_layer(args, method):
     mask = method_mask(method)
 
     def forward(x):
-        gates = Fn.segment_gates(x, params["w_gate"], args.T, n, causal=True).reshape(-1, n)
+        gates = Fn.causal_shift(Fn.topk_softmax(Fn.summarize_segments(x, args.T) @ params["w_gate"], n))
+        gates = gates.reshape(-1, n)
         xs = x.reshape(-1, args.T, d)
         weights = {}
         for name in shapes:

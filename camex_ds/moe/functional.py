@@ -321,13 +321,6 @@ def causal_shift(gates: Tensor, first_segment: str = "uniform") -> Tensor:
     return torch.cat([first, gates[:, :-1]], dim=1)
 
 
-def segment_gates(x: Tensor, w_gate: Tensor, segment_len: int, top_k: int, causal: bool,
-                  first_segment: str = "uniform") -> Tensor:
-    """Noise-free routing gates `[B, L//T, N]` from segment means (§2)."""
-    gates = topk_softmax(summarize_segments(x, segment_len) @ w_gate, top_k)
-    return causal_shift(gates, first_segment) if causal else gates
-
-
 def merge_rows(base: Tensor, task_flat: Tensor, gates: Tensor, alpha: float) -> Tensor:
     """`base + alpha * gates @ task` for a static base `[out,in]`: `[S, out, in]`."""
     merged = torch.addmm(base.reshape(1, -1), gates, task_flat, alpha=alpha)
@@ -495,48 +488,8 @@ def span_merge(previous: Tensor, gates: Tensor, coef: Tensor, images: Tensor, al
     return merged.view_as(previous), new
 
 
-def merge_weights(base: Tensor, experts: Tensor, gates: Tensor, factors: Optional[Factors] = None,
-                  mask: Mask = "none", alpha: float = 1.0) -> Tensor:
-    """Per-segment merged weights `[S,out,in]` (§3; §4 when `base` is per-segment `[S,out,in]`)."""
-    if base.dim() == 2:
-        task = curved_task_vectors(experts - base, factors, mask)
-        return merge_rows(base, task.reshape(task.shape[0], -1), gates, alpha)
-    if base.dim() != 3 or base.shape[0] != gates.shape[0]:
-        raise ValueError(f"base must be [out,in] or [S,out,in] with S={gates.shape[0]}, got {tuple(base.shape)}")
-    if factors is not None:
-        _check_factors(experts, factors)
-    curved = experts if factors is None else _curve(experts, factors)
-    return dynamic_merge(base, curved, gates, factors, mask, alpha, raw_experts=experts)
-
-
-def expert_matrix_names(activation: str) -> tuple[str, ...]:
-    if activation in ("gelu", "gelu_tanh"):
-        return ("w_in", "w_out")
-    if activation == "swiglu":
-        return ("w_gate", "w_up", "w_down")
-    raise ValueError(f"activation={activation!r} is invalid: expected one of gelu, gelu_tanh, swiglu")
-
-
 def ffn(x: Tensor, linear, activation: str) -> Tensor:
     """The expert FFN of §1 with `linear(name, input)` applying the named matrix (`gelu_tanh`: GPT-2's GELU)."""
     if activation == "swiglu":
         return linear("w_down", F.silu(linear("w_gate", x)) * linear("w_up", x))
     return linear("w_out", F.gelu(linear("w_in", x), approximate="tanh" if activation == "gelu_tanh" else "none"))
-
-
-def merged_ffn(x: Tensor, gates: Tensor, base: dict, experts: dict, factors: Optional[dict] = None,
-               mask: Union[str, dict] = "none", alpha: float = 1.0, activation: str = "gelu") -> Tensor:
-    """`y_s = FFN(x_s; W_s)` with each matrix merged by `merge_weights`: `x [S,T,d]` -> `[S,T,d]`."""
-    names = expert_matrix_names(activation)
-    missing = [n for n in names if n not in base or n not in experts]
-    if missing:
-        raise ValueError(f"activation {activation!r} needs matrices {names}; missing {missing}")
-
-    def linear(name: str, inp: Tensor) -> Tensor:
-        m = mask[name] if isinstance(mask, dict) else mask
-        f = None if factors is None else factors[name]
-        if base[name].dim() == 2:
-            return merged_linear(inp, base[name], curved_task_vectors(experts[name] - base[name], f, m), gates, alpha)
-        return torch.bmm(inp, merge_weights(base[name], experts[name], gates, f, m, alpha).transpose(1, 2))
-
-    return ffn(x, linear, activation)
