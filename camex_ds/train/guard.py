@@ -17,6 +17,7 @@ from . import checkpoint
 class NonFiniteError(RuntimeError):
     """A step's loss or gradient norm was NaN or Inf, and no more such steps may be skipped."""
 
+
 class StopFlag:
     """SIGTERM/SIGINT ask for a checkpoint at the next step boundary instead of losing the work."""
 

@@ -36,7 +36,6 @@ def micro_batch_of(engine) -> MicroBatch:
                       accumulation=engine.gradient_accumulation_steps())
 
 
-
 def optimizer_step(engine, loader, accum: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step of `accum` micro-batches: its mean loss and aux loss (on the device), and whether it was
     bad on any rank (kept from changing the weights, see `guard`)."""
@@ -50,7 +49,8 @@ def optimizer_step(engine, loader, accum: int) -> tuple[torch.Tensor, torch.Tens
         step_aux = step_aux + out.aux_loss.detach().float() / accum
         engine.backward(out.loss + out.aux_loss)
         # one host read per optimizer step: whether any rank's step is bad (NaN/Inf propagates through the sums)
-        bad = engine.is_gradient_accumulation_boundary() and agree_bad_step(engine, ~torch.isfinite(step_loss + step_aux))
+        bad = engine.is_gradient_accumulation_boundary() and agree_bad_step(
+            engine, ~torch.isfinite(step_loss + step_aux))
         with held(engine.optimizer, bad):
             engine.step()
     return step_loss, step_aux, bad or engine.skipped_steps > skipped_before
@@ -66,6 +66,13 @@ class _Window:
     def reset(self) -> None:
         self.loss, self.aux, self.good, self.steps = 0.0, 0.0, 0, 0
         self.restart_clock()
+
+    def mean_losses(self) -> tuple[float, float]:
+        """The good steps' mean loss and aux loss, averaged over ranks (NaN if every step was skipped)."""
+        if not self.good:
+            return float("nan"), float("nan")
+        loss, aux = parallel.all_reduce_mean([float(self.loss) / self.good, float(self.aux) / self.good])
+        return loss, aux
 
     def restart_clock(self) -> None:
         """Evaluation and saving are not training: their time and traffic stay out of the next row."""
@@ -150,8 +157,7 @@ def run(args: TrainArgs) -> dict:
                 window.loss, window.aux, window.good = window.loss + step_loss, window.aux + step_aux, window.good + 1
             if step % args.log_interval == 0 or step == args.max_steps:
                 elapsed = time.perf_counter() - window.start
-                loss, aux = (parallel.all_reduce_mean([float(window.loss) / window.good, float(window.aux) / window.good])
-                             if window.good else (float("nan"), float("nan")))
+                loss, aux = window.mean_losses()
                 tokens_per_s = tokens_per_step * window.steps / elapsed
                 run_tokens, run_time = run_tokens + tokens_per_step * window.steps, run_time + elapsed
                 last_train_loss = loss
