@@ -7,17 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import ffn
+from .functional import expert_matrix_names, ffn
 
 
 def matrix_shapes(hidden_size: int, ffn_hidden_size: int, activation: str) -> dict:
-    """`name -> (out, in)` for the FFN's matrices (§1)."""
-    h, d = ffn_hidden_size, hidden_size
-    if activation in ("gelu", "gelu_tanh"):
-        return {"w_in": (h, d), "w_out": (d, h)}
-    if activation == "swiglu":
-        return {"w_gate": (h, d), "w_up": (h, d), "w_down": (d, h)}
-    raise ValueError(f"activation={activation!r} is invalid: expected one of gelu, gelu_tanh, swiglu")
+    """`name -> (out, in)` for the FFN's matrices (§1, names from `expert_matrix_names`): each maps d -> h but
+    the last, which maps h -> d."""
+    *up, down = expert_matrix_names(activation)
+    return {**{name: (ffn_hidden_size, hidden_size) for name in up}, down: (hidden_size, ffn_hidden_size)}
 
 
 def ffn_biases(shapes: dict) -> nn.ParameterDict:

@@ -44,7 +44,7 @@ class NonFiniteError(RuntimeError):
 def load_model_config(args: TrainArgs) -> ModelConfig:
     """--model_config, else the --init_from model's own config, else the small default CAMEx model."""
     if args.model_config is None and args.init_from:
-        from ..pretrained import read_config
+        from ..ckpt.format import read_config
 
         cfg = read_config(args.init_from)[0]
     else:
@@ -190,7 +190,7 @@ def prepare_splits(args: TrainArgs, cfg: ModelConfig, micro: int, is_main: bool)
     cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
     tokenizer = args.tokenizer
     if tokenizer is None and args.init_from:  # a pretrained model continues on its own token ids
-        from ..pretrained import find_tokenizer
+        from ..ckpt.format import find_tokenizer
 
         tokenizer = find_tokenizer(args.init_from)
     prepared = prepare_data(args.data, tokenizer, cache, vocab_size=args.vocab_size,
@@ -363,7 +363,7 @@ def run(args: TrainArgs) -> dict:
     if args.compile:
         model.compile_blocks()
     if args.init_from and not args.resume:
-        from ..pretrained import load_state_into
+        from ..ckpt.format import load_state_into
 
         load_state_into(model, args.init_from)  # each EP rank takes its own experts
     try:
