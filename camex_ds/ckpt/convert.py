@@ -13,7 +13,6 @@ Both read the checkpoint into a layout-free `Universal` (`read_universal`); the 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -37,7 +36,7 @@ from .deepspeed import (
     rng_file,
     zero_file,
 )
-from .format import ConvertError, PathLike, atomic_output_dir, save_pretrained, single_rank_config
+from .format import ConvertError, PathLike, atomic_output_dir, read_json_object, save_pretrained, single_rank_config
 from .optimizer import read_torch_optimizer, read_zero_optimizer, torch_optimizer_state, zero_partition_state
 
 
@@ -76,10 +75,7 @@ def find_run_data(ref: CheckpointRef, states: dict) -> tuple:
 
     args = {}
     if ref.run_dir is not None and (ref.run_dir / "train_args.json").is_file():
-        try:
-            args = json.loads((ref.run_dir / "train_args.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ConvertError(f"'{ref.run_dir / 'train_args.json'}' is not valid JSON ({e})")
+        args = read_json_object(ref.run_dir / "train_args.json", "training arguments")
     for key in ("prepared_data", "dataset_path", "dataset"):
         for source in (states, args):
             value = source.get(key)

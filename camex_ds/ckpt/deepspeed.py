@@ -24,7 +24,6 @@ Errors are `ConvertError`s with one line naming the file, tensor or value at fau
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from .format import (
     expert_key,
     global_expert_name,
     meta_model,
+    read_json_object,
     single_rank_config,
 )
 
@@ -227,10 +227,7 @@ def _checkpoint_config(ref: CheckpointRef, states: dict) -> ModelConfig:
     what = f"'{ref.tag_dir / MODEL_STATES}' (client state 'model_config')"
     if raw is None and ref.run_dir is not None and (ref.run_dir / "model_config.json").is_file():
         what = f"'{ref.run_dir / 'model_config.json'}'"
-        try:
-            raw = json.loads((ref.run_dir / "model_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ConvertError(f"{what} is not valid JSON ({e})")
+        raw = read_json_object(ref.run_dir / "model_config.json", "model config")
     if raw is None:
         raise ConvertError(f"'{ref.tag_dir / MODEL_STATES}' has no 'model_config' in its client state and no "
                            "model_config.json is next to it: this is not a checkpoint of launcher/pretrain.py")

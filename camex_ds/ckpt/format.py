@@ -62,6 +62,17 @@ def expert_key(layer: str, expert: int, rest: str = "") -> str:
     return f"{layer}{EXPERTS}{expert}.{rest}"
 
 
+def read_json_object(path: Path, what: str, error: type = ConvertError) -> dict:
+    """The JSON object in the file `path` (a `what`, e.g. 'MoE config'); anything else raises `error` naming it."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} '{path}' is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} '{path}' must hold a JSON object")
+    return raw
+
+
 def torch_dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in table:
@@ -206,12 +217,7 @@ def read_config(path: PathLike) -> tuple:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise PretrainedError(f"'{path}' is not a consolidated model: {CONFIG_FILE} is missing")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PretrainedError(f"'{file}' is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise PretrainedError(f"'{file}' must hold a JSON object")
+    raw = read_json_object(file, "model config", PretrainedError)
     if raw.get("format") != FORMAT:
         raise PretrainedError(f"'{file}' has format {raw.get('format')!r}, expected {FORMAT!r}")
     if raw.get("format_version") != FORMAT_VERSION:

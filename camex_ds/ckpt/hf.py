@@ -32,12 +32,14 @@ import torch
 from ..config import ConfigError, ModelConfig
 from .format import (
     EXPERT_RE,
+    FORMAT,
     ConvertError,
     PathLike,
     atomic_output_dir,
     dtype_name,
     find_tokenizer,
     read_consolidated,
+    read_json_object,
     reference_shapes,
     save_pretrained,
 )
@@ -130,24 +132,14 @@ def _split_sizes(cfg: ModelConfig, rule: Rule) -> list:
 # reading a Hugging Face folder
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{what} '{path}' is not valid JSON ({e})")
-    if not isinstance(raw, dict):
-        raise ConvertError(f"{what} '{path}' must hold a JSON object")
-    return raw
-
-
 def read_hf_config(folder: PathLike) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConvertError(f"Hugging Face model folder '{folder}' does not exist")
     if not (folder / "config.json").is_file():
         raise ConvertError(f"'{folder}' is not a Hugging Face model folder: config.json is missing")
-    hf = _read_json(folder / "config.json", "config")
-    if hf.get("format") == "camex_ds-pretrained":
+    hf = read_json_object(folder / "config.json", "config")
+    if hf.get("format") == FORMAT:
         raise ConvertError(f"'{folder}' is already a consolidated camex_ds model, not a Hugging Face one")
     if hf.get("model_type") not in MODEL_TYPES:
         raise ConvertError(f"model_type {hf.get('model_type')!r} of '{folder}' is not supported: expected one of "
@@ -163,7 +155,7 @@ def _weight_files(folder: Path, allow_pickle: bool) -> tuple:
                                "code, so it is read only with --allow_pickle (then through "
                                "torch.load(weights_only=True))")
         if (folder / index).is_file():
-            weight_map = _read_json(folder / index, "weight index").get("weight_map")
+            weight_map = read_json_object(folder / index, "weight index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConvertError(f"weight index '{folder / index}' has no 'weight_map'")
             return [folder / f for f in dict.fromkeys(weight_map.values())], pickled

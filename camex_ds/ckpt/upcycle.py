@@ -2,7 +2,6 @@
 (camex* -> its Euclidean twin with the curvature folded into the experts, `config.FOLD_TARGET`)."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ from .format import (
     expert_key,
     find_tokenizer,
     read_consolidated,
+    read_json_object,
     reference_shapes,
     save_pretrained,
 )
@@ -43,12 +43,7 @@ def upcycle(input_dir: PathLike, moe_config: PathLike, output: PathLike, noise: 
     path = Path(moe_config)
     if not path.is_file():
         raise ConvertError(f"MoE config '{path}' does not exist")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"MoE config '{path}' is not valid JSON ({e})")
-    if not isinstance(raw, dict):
-        raise ConvertError(f"MoE config '{path}' must be a JSON object")
+    raw = read_json_object(path, "MoE config")
     if "moe" in raw:  # a whole model config: its dimensions must be the dense model's
         for key, value in raw.items():
             if key != "moe" and key in cfg.to_dict() and value is not None and cfg.to_dict()[key] != value:

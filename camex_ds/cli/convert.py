@@ -25,24 +25,30 @@ import sys
 from . import run_cli
 
 
+NEW_FOLDER = "folder to create (must not exist)"
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    """`--checkpoint` and `--tag`: the DeepSpeed checkpoint that consolidate and reshard read."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="the run's output dir, its checkpoints/ dir, or a tag folder")
+    p.add_argument("--tag", help="checkpoint tag, e.g. global_step300 (default: the one 'latest' names)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("consolidate", help="DeepSpeed checkpoint -> consolidated model folder")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="the run's output dir, its checkpoints/ dir, or a tag folder")
-    p.add_argument("--tag", help="checkpoint tag, e.g. global_step300 (default: the one 'latest' names)")
-    p.add_argument("--output", required=True, metavar="OUT", help="folder to create (must not exist)")
+    _add_checkpoint(p)
+    p.add_argument("--output", required=True, metavar="OUT", help=NEW_FOLDER)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights dtype; fp32 from a bf16 run uses the fp32 master weights (%(default)s)")
     p.add_argument("--tokenizer", metavar="TOK.model",
                    help="the run's SentencePiece model (default: found through the run's train_args.json)")
 
     p = sub.add_parser("reshard", help="DeepSpeed checkpoint -> the same for another ep_size")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="the run's output dir, its checkpoints/ dir, or a tag folder")
-    p.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
+    _add_checkpoint(p)
     p.add_argument("--ep_size", required=True, type=int, help="target expert-parallel degree")
     p.add_argument("--world_size", type=int,
                    help="target number of ranks (ZeRO 1/2 partitions depend on it; default: --ep_size)")
@@ -54,19 +60,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", required=True, metavar="DENSE_OUT", help="consolidated dense model folder")
     p.add_argument("--moe_config", required=True, metavar="MOE_JSON",
                    help="JSON object of MoE options (method, num_experts, every, ...) or a model config with 'moe'")
-    p.add_argument("--output", required=True, metavar="OUT", help="folder to create (must not exist)")
+    p.add_argument("--output", required=True, metavar="OUT", help=NEW_FOLDER)
     p.add_argument("--noise", type=float, default=0.0,
                    help="std of Gaussian noise added to each expert copy (symmetry breaking; default 0: exact)")
     p.add_argument("--seed", type=int, default=0, help="seed for the routers and the noise (%(default)s)")
 
     p = sub.add_parser("fold", help="camex* model -> Euclidean twin with the curvature folded in")
     p.add_argument("--input", required=True, metavar="OUT", help="consolidated camex, camex-ties or camex-dare model")
-    p.add_argument("--output", required=True, metavar="OUT2", help="folder to create (must not exist)")
+    p.add_argument("--output", required=True, metavar="OUT2", help=NEW_FOLDER)
 
     p = sub.add_parser("import-hf", help="Hugging Face Llama/Mistral/Qwen2/GPT-2 folder -> consolidated dense model")
     p.add_argument("--input", required=True, metavar="HF_DIR",
                    help="folder with config.json and safetensors weights (sharded with their index, or not)")
-    p.add_argument("--output", required=True, metavar="OUT", help="folder to create (must not exist)")
+    p.add_argument("--output", required=True, metavar="OUT", help=NEW_FOLDER)
     p.add_argument("--seq_len", type=int,
                    help="the model's training length (default: the config's max_position_embeddings / n_positions)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="weights dtype (default: bf16 if stored so, else fp32)")
@@ -76,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser("export-hf", help="consolidated dense model -> Hugging Face folder (GPT-2, Llama or Qwen2)")
     p.add_argument("--input", required=True, metavar="OUT",
                    help="consolidated dense model, or a MoE model whose experts all equal their base")
-    p.add_argument("--output", required=True, metavar="HF_DIR", help="folder to create (must not exist)")
+    p.add_argument("--output", required=True, metavar="HF_DIR", help=NEW_FOLDER)
     return ap.parse_args(argv)
 
 

@@ -24,8 +24,9 @@ try:
 except ImportError:
     # Not installed here: run again with the checkout that wrote the checkpoint on PYTHONPATH (once).
     if CAMEX_DS_ROOT is None or os.environ.get("CAMEX_DS_ROOT_TRIED") == CAMEX_DS_ROOT:
-        sys.exit("error: the camex_ds package is not importable: install it (pip install -e <camex_ds checkout>)"
-                 + (f"; its recorded checkout {CAMEX_DS_ROOT} did not provide it" if CAMEX_DS_ROOT else ""))
+        print("error: the camex_ds package is not importable: install it (pip install -e <camex_ds checkout>)"
+              + (f"; its recorded checkout {CAMEX_DS_ROOT} did not provide it" if CAMEX_DS_ROOT else ""), file=sys.stderr)
+        sys.exit(2)
     path = os.pathsep.join(p for p in (CAMEX_DS_ROOT, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, CAMEX_DS_ROOT_TRIED=CAMEX_DS_ROOT)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
