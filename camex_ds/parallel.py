@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -160,17 +161,20 @@ def _forget_deepspeed_groups() -> None:
         setattr(groups, name, None)
 
 
-def expert_parallel_rank(ep_size: int) -> int:
-    """This rank's place in its expert-parallel group. DeepSpeed's default groups are consecutive ranks, so it
-    is `rank % ep_size`: the one home of that rule (layers, checkpoint readers and writers all ask here)."""
-    if ep_size == 1:
-        return 0
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"ep_size={ep_size} needs torch.distributed initialised (launch with `deepspeed`); "
-                           "use ep_size=1 in a single process")
-    if dist.get_world_size() % ep_size:
-        raise ValueError(f"ep_size={ep_size} does not divide the world size {dist.get_world_size()}")
-    return dist.get_rank() % ep_size
+def expert_parallel_rank(ep_size: int, rank: Optional[int] = None) -> int:
+    """The place of `rank` (default: this process's) in its expert-parallel group. DeepSpeed's default groups are
+    consecutive ranks, so it is `rank % ep_size`: the one home of that rule (layers, checkpoint readers and writers
+    all ask here; converters pass the rank of a saved job)."""
+    if rank is None:
+        if ep_size == 1:
+            return 0
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"ep_size={ep_size} needs torch.distributed initialised (launch with `deepspeed`); "
+                               "use ep_size=1 in a single process")
+        if dist.get_world_size() % ep_size:
+            raise ValueError(f"ep_size={ep_size} does not divide the world size {dist.get_world_size()}")
+        rank = dist.get_rank()
+    return rank % ep_size
 
 
 def global_expert(ep_rank: int, local_count: int, local: int) -> int:

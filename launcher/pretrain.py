@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from camex_ds.cli import run_cli
     from camex_ds.config import ConfigError
     from camex_ds.data import DataError
-    from camex_ds.pretrained import PretrainedError
+    from camex_ds.ckpt.format import PretrainedError
     from camex_ds.train import CheckpointError, TrainArgs
 
     train_args = TrainArgs(**{k: v for k, v in vars(args).items() if k not in ("local_rank", "no_progress")},

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from camex_ds.moe import functional as Fn
-from camex_ds.moe.ffn import matrix_shapes
+from camex_ds.moe.ffn import expert_matrix_names
 
 
 def segment_gates(x: Tensor, w_gate: Tensor, segment_len: int, top_k: int, causal: bool,
@@ -36,7 +36,7 @@ def merge_weights(base: Tensor, experts: Tensor, gates: Tensor, factors: Optiona
 def merged_ffn(x: Tensor, gates: Tensor, base: dict, experts: dict, factors: Optional[dict] = None,
                mask: Union[str, dict] = "none", alpha: float = 1.0, activation: str = "gelu") -> Tensor:
     """`y_s = FFN(x_s; W_s)` with each matrix merged by `merge_weights`: `x [S,T,d]` -> `[S,T,d]`."""
-    names = tuple(matrix_shapes(1, 1, activation))
+    names = expert_matrix_names(activation)
     missing = [n for n in names if n not in base or n not in experts]
     if missing:
         raise ValueError(f"activation {activation!r} needs matrices {names}; missing {missing}")

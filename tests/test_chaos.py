@@ -467,7 +467,7 @@ def test_plain_text_and_val_data_through_launcher_compare_methods_and_evaluate(s
     model = tmp_path / "model"
     distributed.python(distributed.ROOT / "tools" / "convert_checkpoint.py", "consolidate", "--checkpoint", run,
                        "--output", model)
-    from camex_ds.pretrained import read_weights
+    from camex_ds.ckpt.format import read_weights
 
     consolidated = read_weights(model)
     assert weights.keys() == consolidated.keys() and all(torch.equal(weights[k], consolidated[k]) for k in weights)

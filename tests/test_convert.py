@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from camex_ds.ckpt.convert import consolidate, reshard
+from camex_ds.ckpt.format import (ConvertError, PretrainedError, global_expert_name, load_pretrained, load_state_into,
+                                  save_pretrained)
+from camex_ds.ckpt.upcycle import fold, upcycle
 from camex_ds.config import ModelConfig
-from camex_ds.convert import ConvertError, consolidate, fold, reshard, upcycle
 from camex_ds.model import GPT
-from camex_ds.pretrained import load_pretrained
 from camex_ds.parallel import free_port
-from camex_ds.pretrained import PretrainedError, global_expert_name, load_state_into, save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launcher" / "pretrain.py"

@@ -22,13 +22,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from camex_ds.ckpt.convert import consolidate  # noqa: E402
+from camex_ds.ckpt.format import ConvertError, load_pretrained, read_weights  # noqa: E402
+from camex_ds.ckpt.hf import export_hf, import_hf  # noqa: E402
+from camex_ds.ckpt.upcycle import fold, upcycle  # noqa: E402
+from camex_ds.cli import convert as convert_cli  # noqa: E402
 from camex_ds.config import ConfigError, ModelConfig  # noqa: E402
-from camex_ds.convert import ConvertError, consolidate, fold, upcycle  # noqa: E402
 from camex_ds.data import Tokenizer, prepare_data  # noqa: E402
-from camex_ds.hf import export_hf, import_hf  # noqa: E402
 from camex_ds.model import build_model  # noqa: E402
-from camex_ds.pretrained import load_pretrained  # noqa: E402
-from camex_ds.pretrained import read_weights  # noqa: E402
 
 from . import distributed  # noqa: E402
 
@@ -48,7 +49,6 @@ FAMILIES = {
 }
 EOS = {"llama": "</s>", "mistral": "</s>", "qwen2": "<|endoftext|>", "gpt2": "<|endoftext|>"}
 MOE = {"num_experts": 4, "every": 1, "segment_len": 8}
-TOOL = ROOT / "tools" / "convert_checkpoint.py"
 MEASURED: dict = {}  # max-abs-diffs, printed at the end of the module (pytest -s) for the record
 
 
@@ -118,11 +118,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cli(capsys, *args) -> tuple:
-    """Run tools/convert_checkpoint.py in-process: (exit code, last stdout line as JSON or None, stderr)."""
-    spec = importlib.util.spec_from_file_location("convert_tool", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    code = tool.main([str(a) for a in args])
+    """Run `camex-convert` in-process: (exit code, last stdout line as JSON or None, stderr)."""
+    code = convert_cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     return code, json.loads(lines[-1]) if code == 0 and lines else None, err

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def recorded_dataset(model_dir):
     """The prepared dataset consolidate recorded for the model (None if none, or if it is gone)."""
     from camex_ds.data import is_prepared_dataset
-    from camex_ds.pretrained import read_config
+    from camex_ds.ckpt.format import read_config
 
     from camex_ds.config import ConfigError
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from camex_ds.config import ConfigError
     from camex_ds.data import DataError
-    from camex_ds.pretrained import PretrainedError
+    from camex_ds.ckpt.format import PretrainedError
 
     return run_cli(lambda: _evaluate(args), (ConfigError, DataError, PretrainedError))
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 def _evaluate(args) -> int:
     from camex_ds.config import ConfigError
     from camex_ds.data import DataError, prepare_data
-    from camex_ds.pretrained import load_pretrained, tokenizer_path
+    from camex_ds.ckpt.format import load_pretrained, tokenizer_path
     from camex_ds.train.loop import evaluate
 
     for name in ("batch_size", "max_batches"):

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from camex_ds.config import ConfigError
     from camex_ds.data import DataError
-    from camex_ds.pretrained import PretrainedError
+    from camex_ds.ckpt.format import PretrainedError
 
     return run_cli(lambda: _generate(args), (ConfigError, DataError, PretrainedError))
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 def _generate(args) -> int:
     from camex_ds.config import ConfigError
     from camex_ds.data import Tokenizer
-    from camex_ds.pretrained import load_pretrained, tokenizer_path
+    from camex_ds.ckpt.format import load_pretrained, tokenizer_path
 
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max_new_tokens={args.max_new_tokens} is invalid: expected an integer >= 0")

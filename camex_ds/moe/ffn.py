@@ -10,14 +10,20 @@ from torch import Tensor, nn
 from .functional import ffn
 
 
-def matrix_shapes(hidden_size: int, ffn_hidden_size: int, activation: str) -> dict:
-    """`name -> (out, in)` for the FFN's matrices (§1)."""
-    h, d = ffn_hidden_size, hidden_size
+def expert_matrix_names(activation: str) -> tuple[str, ...]:
+    """The FFN's matrix names for `activation`, in order (§1); the last maps back to the hidden size."""
     if activation in ("gelu", "gelu_tanh"):
-        return {"w_in": (h, d), "w_out": (d, h)}
+        return ("w_in", "w_out")
     if activation == "swiglu":
-        return {"w_gate": (h, d), "w_up": (h, d), "w_down": (d, h)}
+        return ("w_gate", "w_up", "w_down")
     raise ValueError(f"activation={activation!r} is invalid: expected one of gelu, gelu_tanh, swiglu")
+
+
+def matrix_shapes(hidden_size: int, ffn_hidden_size: int, activation: str) -> dict:
+    """`name -> (out, in)` for the FFN's matrices (§1, names from `expert_matrix_names`): each maps d -> h but
+    the last, which maps h -> d."""
+    *up, down = expert_matrix_names(activation)
+    return {**{name: (ffn_hidden_size, hidden_size) for name in up}, down: (hidden_size, ffn_hidden_size)}
 
 
 def ffn_biases(shapes: dict) -> nn.ParameterDict:

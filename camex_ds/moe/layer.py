@@ -44,9 +44,15 @@ class KronFactors(nn.Module):
         return split_factors(self.flat, self.shapes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "flat" not in state_dict and all(prefix + k in state_dict for k in "abcd"):
-            state_dict[prefix + "flat"] = torch.cat([state_dict.pop(prefix + k).flatten() for k in "abcd"])
+        upgrade_factor_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def upgrade_factor_keys(state: dict, prefix: str) -> None:
+    """The one reader of the old four-tensor layout: a matrix's factors stored separately (`<prefix>a` ...
+    `<prefix>d`) become, in place, the one flat tensor `<prefix>flat` that `KronFactors` holds."""
+    if prefix + "flat" not in state and all(prefix + k in state for k in "abcd"):
+        state[prefix + "flat"] = torch.cat([state.pop(prefix + k).flatten() for k in "abcd"])
 
 
 def factor_shapes(rank: int, out_features: int, in_features: int) -> list[tuple[int, int, int]]:

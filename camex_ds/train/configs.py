@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError
 def load_model_config(args: TrainArgs) -> ModelConfig:
     """--model_config, else the --init_from model's own config, else the small default CAMEx model."""
     if args.model_config is None and args.init_from:
-        from ..pretrained import read_config
+        from ..ckpt.format import read_config
 
         cfg = read_config(args.init_from)[0]
     else:

@@ -105,7 +105,7 @@ def run(args: TrainArgs) -> dict:
     if args.compile:
         model.compile_blocks()
     if args.init_from and not args.resume:
-        from ..pretrained import load_state_into
+        from ..ckpt.format import load_state_into
 
         load_state_into(model, args.init_from)  # each EP rank takes its own experts
     try:

@@ -20,7 +20,7 @@ def prepare_splits(args: TrainArgs, cfg: ModelConfig, micro: int, is_main: bool)
     cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
     tokenizer = args.tokenizer
     if tokenizer is None and args.init_from:  # a pretrained model continues on its own token ids
-        from ..pretrained import find_tokenizer
+        from ..ckpt.format import find_tokenizer
 
         tokenizer = find_tokenizer(args.init_from)
     prepared = prepare_data(args.data, tokenizer, cache, vocab_size=args.vocab_size,

@@ -9,11 +9,12 @@ camex_ds writes this file there instead, at every save:
 
 It writes what DeepSpeed's script writes (out/pytorch_model.bin, or model.safetensors, sharded with an
 index file above --max_shard_size): the fp32 weights of the whole model with every expert under its
-global id, the state dict of the model at ep_size 1, read by `camex_ds.convert.fp32_weights`. DeepSpeed's
-zero_to_torch.py, which imports this file, works through it too. For a folder that the camex_ds tools
-load (config and tokenizer included), use `tools/convert_checkpoint.py consolidate`.
+global id, the state dict of the model at ep_size 1, read by `camex_ds.ckpt.convert.fp32_weights`.
+DeepSpeed's zero_to_torch.py, which imports this file, works through it too. For a folder that the camex_ds
+tools load (config and tokenizer included), use `camex-convert consolidate`.
 """
 import argparse
+import os
 import sys
 
 CAMEX_DS_ROOT = None  # the checkout that wrote the checkpoint: set in the copy, used if camex_ds is not installed
@@ -21,9 +22,14 @@ CAMEX_DS_ROOT = None  # the checkout that wrote the checkpoint: set in the copy,
 try:
     import camex_ds  # noqa: F401
 except ImportError:
-    if CAMEX_DS_ROOT is None:
-        raise
-    sys.path.insert(0, CAMEX_DS_ROOT)
+    # Not installed here: run again with the checkout that wrote the checkpoint on PYTHONPATH (once).
+    if CAMEX_DS_ROOT is None or os.environ.get("CAMEX_DS_ROOT_TRIED") == CAMEX_DS_ROOT:
+        print("error: the camex_ds package is not importable: install it (pip install -e <camex_ds checkout>)"
+              + (f"; its recorded checkout {CAMEX_DS_ROOT} did not provide it" if CAMEX_DS_ROOT else ""), file=sys.stderr)
+        sys.exit(2)
+    path = os.pathsep.join(p for p in (CAMEX_DS_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, CAMEX_DS_ROOT_TRIED=CAMEX_DS_ROOT)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 from deepspeed.utils import zero_to_fp32 as _deepspeed  # noqa: E402
 # what zero_to_torch.py uses from its sibling zero_to_fp32.py
@@ -39,7 +45,7 @@ debug = 0
 def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=None, exclude_frozen_parameters=False,
                                              lazy_mode=False):
     """DeepSpeed's function of this name, for camex_ds checkpoints (no frozen parameters; always materialised)."""
-    from camex_ds.convert import fp32_weights
+    from camex_ds.ckpt.convert import fp32_weights
 
     return fp32_weights(checkpoint_dir, tag)
 
@@ -59,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("-d", "--debug", action="store_true", help="accepted for DeepSpeed's command line")
     args = ap.parse_args(argv)
     from camex_ds.cli import run_cli
-    from camex_ds.convert import ConvertError
+    from camex_ds.ckpt.format import ConvertError
 
     def body() -> int:
         convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.output_dir,

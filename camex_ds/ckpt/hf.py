@@ -22,28 +22,28 @@ segment, which no stock architecture expresses, and is refused.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .convert import ConvertError, _dtype_name, _fail
-from .pretrained import (
+from ..config import ConfigError, ModelConfig
+from .format import (
     EXPERT_RE,
-    PretrainedError,
+    FORMAT,
+    ConvertError,
+    PathLike,
     atomic_output_dir,
+    dtype_name,
     find_tokenizer,
-    read_config,
-    read_weights,
+    read_consolidated,
+    read_json_object,
     reference_shapes,
     save_pretrained,
 )
 
-PathLike = Union[str, os.PathLike]
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
@@ -132,28 +132,18 @@ def _split_sizes(cfg: ModelConfig, rule: Rule) -> list:
 # reading a Hugging Face folder
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        _fail(f"{what} '{path}' is not valid JSON ({e})")
-    if not isinstance(raw, dict):
-        _fail(f"{what} '{path}' must hold a JSON object")
-    return raw
-
-
 def read_hf_config(folder: PathLike) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
-        _fail(f"Hugging Face model folder '{folder}' does not exist")
+        raise ConvertError(f"Hugging Face model folder '{folder}' does not exist")
     if not (folder / "config.json").is_file():
-        _fail(f"'{folder}' is not a Hugging Face model folder: config.json is missing")
-    hf = _read_json(folder / "config.json", "config")
-    if hf.get("format") == "camex_ds-pretrained":
-        _fail(f"'{folder}' is already a consolidated camex_ds model, not a Hugging Face one")
+        raise ConvertError(f"'{folder}' is not a Hugging Face model folder: config.json is missing")
+    hf = read_json_object(folder / "config.json", "config")
+    if hf.get("format") == FORMAT:
+        raise ConvertError(f"'{folder}' is already a consolidated camex_ds model, not a Hugging Face one")
     if hf.get("model_type") not in MODEL_TYPES:
-        _fail(f"model_type {hf.get('model_type')!r} of '{folder}' is not supported: expected one of "
-              f"{', '.join(MODEL_TYPES)}")
+        raise ConvertError(f"model_type {hf.get('model_type')!r} of '{folder}' is not supported: expected one of "
+                           f"{', '.join(MODEL_TYPES)}")
     return hf
 
 
@@ -161,17 +151,18 @@ def _weight_files(folder: Path, allow_pickle: bool) -> tuple:
     """`(files, pickled)`: the weight files to read, from the index when sharded, safetensors first."""
     for index, single, pickled in ((SAFETENSORS_INDEX, SAFETENSORS, False), (PICKLE_INDEX, PICKLE, True)):
         if pickled and ((folder / index).is_file() or (folder / single).is_file()) and not allow_pickle:
-            _fail(f"'{folder}' has only pickle weights ({single}): loading a pickle can run arbitrary code, so it is "
-                  "read only with --allow_pickle (then through torch.load(weights_only=True))")
+            raise ConvertError(f"'{folder}' has only pickle weights ({single}): loading a pickle can run arbitrary "
+                               "code, so it is read only with --allow_pickle (then through "
+                               "torch.load(weights_only=True))")
         if (folder / index).is_file():
-            weight_map = _read_json(folder / index, "weight index").get("weight_map")
+            weight_map = read_json_object(folder / index, "weight index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                _fail(f"weight index '{folder / index}' has no 'weight_map'")
+                raise ConvertError(f"weight index '{folder / index}' has no 'weight_map'")
             return [folder / f for f in dict.fromkeys(weight_map.values())], pickled
         if (folder / single).is_file():
             return [folder / single], pickled
-    _fail(f"'{folder}' has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} (sharded), or with --allow_pickle "
-          f"{PICKLE}")
+    raise ConvertError(f"'{folder}' has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} (sharded), or with "
+                       f"--allow_pickle {PICKLE}")
 
 
 def read_hf_weights(folder: PathLike, allow_pickle: bool = False) -> dict:
@@ -183,14 +174,14 @@ def read_hf_weights(folder: PathLike, allow_pickle: bool = False) -> dict:
     state = {}
     for file in files:
         if not file.is_file():
-            _fail(f"weight shard '{file}' named by the index is missing")
+            raise ConvertError(f"weight shard '{file}' named by the index is missing")
         try:
             part = torch.load(file, map_location="cpu", weights_only=True) if pickled else load_file(str(file))
         except Exception as e:  # truncated, corrupt, or a pickle that is more than tensors: one line each
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            _fail(f"weight file '{file}' is unreadable or truncated ({detail[:160]})")
+            raise ConvertError(f"weight file '{file}' is unreadable or truncated ({detail[:160]})")
         if not isinstance(part, dict) or not all(torch.is_tensor(v) for v in part.values()):
-            _fail(f"weight file '{file}' does not hold a flat dict of tensors")
+            raise ConvertError(f"weight file '{file}' does not hold a flat dict of tensors")
         state.update(part)
     return state
 
@@ -201,7 +192,8 @@ def _rope(hf: dict) -> tuple:
     params = hf.get("rope_parameters")
     if params:
         if "rope_type" not in params:
-            _fail("per-layer rope_parameters are not supported: one rotary setting for all layers is expected")
+            raise ConvertError("per-layer rope_parameters are not supported: one rotary setting for all layers is "
+                               "expected")
         theta, scaling = params.get("rope_theta", hf.get("rope_theta", 10000.0)), params
     else:
         theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling") or {}
@@ -209,11 +201,11 @@ def _rope(hf: dict) -> tuple:
     if kind == "default":
         return float(theta), None
     if kind != "llama3":
-        _fail(f"rope scaling type {kind!r} is not supported: expected none (default) or 'llama3'")
+        raise ConvertError(f"rope scaling type {kind!r} is not supported: expected none (default) or 'llama3'")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [k for k in keys if k not in scaling]
     if missing:
-        _fail(f"the llama3 rope scaling lacks {', '.join(missing)}")
+        raise ConvertError(f"the llama3 rope scaling lacks {', '.join(missing)}")
     return float(theta), {"rope_type": "llama3", **{k: scaling[k] for k in keys}}
 
 
@@ -221,15 +213,15 @@ def _llama_config(hf: dict, seq_len: Optional[int]) -> dict:
     model_type = hf["model_type"]
     act = hf.get("hidden_act", "silu")
     if act not in LLAMA_ACTIVATIONS:
-        _fail(f"hidden_act {act!r} is not supported for {model_type}: expected silu (SwiGLU)")
+        raise ConvertError(f"hidden_act {act!r} is not supported for {model_type}: expected silu (SwiGLU)")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads
     if head_dim * heads != d:
-        _fail(f"head_dim={head_dim} with {heads} heads is not hidden_size={d}: only head_dim = hidden_size / "
-              "num_attention_heads is supported")
+        raise ConvertError(f"head_dim={head_dim} with {heads} heads is not hidden_size={d}: only head_dim = "
+                           "hidden_size / num_attention_heads is supported")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        _fail(f"partial_rotary_factor={hf['partial_rotary_factor']} is not supported: rotary embeddings over the "
-              "whole head are expected")
+        raise ConvertError(f"partial_rotary_factor={hf['partial_rotary_factor']} is not supported: rotary embeddings "
+                           "over the whole head are expected")
     if model_type == "qwen2":
         bias = "qkv"
     elif model_type == "mistral":
@@ -237,16 +229,17 @@ def _llama_config(hf: dict, seq_len: Optional[int]) -> dict:
     else:
         attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
         if attention_bias != mlp_bias:
-            _fail(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported: biases everywhere or "
-                  "nowhere (or Qwen2's q/k/v biases)")
+            raise ConvertError(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported: biases "
+                               "everywhere or nowhere (or Qwen2's q/k/v biases)")
         bias = "all" if attention_bias else "none"
     seq_len = seq_len or hf.get("max_position_embeddings", 2048)
     window = hf.get("sliding_window")
     sliding = model_type == "mistral" or (hf.get("use_sliding_window") and "sliding_attention" in
                                           hf.get("layer_types", ["sliding_attention"]))
     if sliding and window is not None and window < seq_len:
-        _fail(f"sliding_window={window} is shorter than seq_len={seq_len}: sliding-window attention is not "
-              f"implemented; use --seq_len {window} or less, where it attends to every earlier token anyway")
+        raise ConvertError(f"sliding_window={window} is shorter than seq_len={seq_len}: sliding-window attention is "
+                           f"not implemented; use --seq_len {window} or less, where it attends to every earlier token "
+                           "anyway")
     theta, scaling = _rope(hf)
     return {"architecture": "llama", "d_model": d, "n_layers": hf["num_hidden_layers"], "n_heads": heads,
             "n_kv_heads": hf.get("num_key_value_heads") or heads, "ffn_hidden_size": hf["intermediate_size"],
@@ -258,15 +251,16 @@ def _llama_config(hf: dict, seq_len: Optional[int]) -> dict:
 def _gpt2_config(hf: dict, seq_len: Optional[int]) -> dict:
     act = hf.get("activation_function", "gelu_new")
     if act not in GPT2_ACTIVATIONS:
-        _fail(f"activation_function {act!r} is not supported for gpt2: expected one of {', '.join(GPT2_ACTIVATIONS)}")
+        raise ConvertError(f"activation_function {act!r} is not supported for gpt2: expected one of "
+                           f"{', '.join(GPT2_ACTIVATIONS)}")
     for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                     ("add_cross_attention", False)):
         if hf.get(key, ok) != ok:
-            _fail(f"{key}={hf[key]} is not supported for gpt2: expected {str(ok).lower()}")
+            raise ConvertError(f"{key}={hf[key]} is not supported for gpt2: expected {str(ok).lower()}")
     positions = hf.get("n_positions", 1024)
     seq_len = seq_len or positions
     if seq_len > positions:
-        _fail(f"--seq_len {seq_len} exceeds the {positions} learned positions of this GPT-2")
+        raise ConvertError(f"--seq_len {seq_len} exceeds the {positions} learned positions of this GPT-2")
     d = hf.get("n_embd", 768)
     return {"architecture": "gpt", "d_model": d, "n_layers": hf.get("n_layer", 12), "n_heads": hf.get("n_head", 12),
             "ffn_hidden_size": hf.get("n_inner") or 4 * d, "seq_len": seq_len, "activation": GPT2_ACTIVATIONS[act],
@@ -279,11 +273,11 @@ def model_config_from_hf(hf: dict, seq_len: Optional[int] = None) -> ModelConfig
     try:
         raw = _gpt2_config(hf, seq_len) if hf["model_type"] == "gpt2" else _llama_config(hf, seq_len)
     except KeyError as e:
-        _fail(f"the {hf['model_type']} config.json lacks {e}")
+        raise ConvertError(f"the {hf['model_type']} config.json lacks {e}")
     try:
         return ModelConfig.from_dict(raw)
     except (ConfigError, TypeError) as e:
-        _fail(f"the {hf['model_type']} config.json cannot be expressed: {e}")
+        raise ConvertError(f"the {hf['model_type']} config.json cannot be expressed: {e}")
 
 
 def _normalise_names(hf_state: dict, model_type: str) -> dict:
@@ -307,35 +301,36 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, model_type: str, source: str
         parts = []
         for name in rule.theirs:
             if name not in hf_state:
-                _fail(f"'{source}' lacks tensor '{name}' that a {model_type} with this config.json has")
+                raise ConvertError(f"'{source}' lacks tensor '{name}' that a {model_type} with this config.json has")
             parts.append(hf_state[name].t() if rule.conv1d else hf_state[name])
             used.add(name)
         value = torch.cat(parts) if len(parts) > 1 else parts[0]
         if rule.ours == "wpe.weight":
             value = value[:cfg.seq_len]  # positions beyond seq_len are never used
         if tuple(value.shape) != shapes[rule.ours]:
-            _fail(f"tensor {' + '.join(rule.theirs)} of '{source}' has shape {list(value.shape)}, but its config.json "
-                  f"implies {list(shapes[rule.ours])}")
+            raise ConvertError(f"tensor {' + '.join(rule.theirs)} of '{source}' has shape {list(value.shape)}, but "
+                               f"its config.json implies {list(shapes[rule.ours])}")
         state[rule.ours] = value.contiguous()
     tied = cfg.tie_embeddings and "lm_head.weight" in hf_state
     if tied and not torch.equal(hf_state["lm_head.weight"], state["wte.weight"]):
-        _fail(f"'{source}' has tie_word_embeddings but an lm_head.weight different from the input embeddings")
+        raise ConvertError(f"'{source}' has tie_word_embeddings but an lm_head.weight different from the input "
+                           "embeddings")
     extra = [n for n in hf_state if n not in used and not (tied and n == "lm_head.weight")]
     if extra:
-        _fail(f"tensor '{extra[0]}' of '{source}' has no place in a {model_type} model with this config.json"
-              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ConvertError(f"tensor '{extra[0]}' of '{source}' has no place in a {model_type} model with this "
+                           "config.json" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     return state
 
 
 def import_hf(input_dir: PathLike, output: PathLike, seq_len: Optional[int] = None, allow_pickle: bool = False,
               dtype: Optional[str] = None) -> dict:
     """Hugging Face folder -> consolidated dense model (safetensors, config.json, its tokenizer)."""
-    from .data import DataError, Tokenizer
+    from ..data import DataError, Tokenizer
 
     folder = Path(input_dir)
     hf = read_hf_config(folder)
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
-        _fail(f"--seq_len {seq_len!r} is invalid: expected an integer >= 1")
+        raise ConvertError(f"--seq_len {seq_len!r} is invalid: expected an integer >= 1")
     cfg = model_config_from_hf(hf, seq_len)
     hf_state = read_hf_weights(folder, allow_pickle)
     state = state_from_hf(hf_state, cfg, hf["model_type"], str(folder))
@@ -343,7 +338,7 @@ def import_hf(input_dir: PathLike, output: PathLike, seq_len: Optional[int] = No
     if dtype is None:  # keep bf16; fp16 (and anything mixed) widens to fp32, which holds it exactly
         dtype = "bf16" if floats == {torch.bfloat16} else "fp32"
     if dtype not in ("fp32", "bf16"):
-        _fail(f"--dtype {dtype!r} is invalid: expected fp32 or bf16")
+        raise ConvertError(f"--dtype {dtype!r} is invalid: expected fp32 or bf16")
     tokenizer = find_tokenizer(folder)  # tokenizer.json (or a SentencePiece tokenizer.model), if it has one
     notes = []
     if tokenizer is None:
@@ -352,10 +347,10 @@ def import_hf(input_dir: PathLike, output: PathLike, seq_len: Optional[int] = No
         try:
             tok = Tokenizer.load(tokenizer)
         except DataError as e:
-            _fail(f"the tokenizer of '{folder}' is unusable: {e}")
+            raise ConvertError(f"the tokenizer of '{folder}' is unusable: {e}")
         if tok.vocab_size > cfg.vocab_size:
-            _fail(f"tokenizer '{tokenizer}' has {tok.vocab_size} tokens, more than the model's vocab_size "
-                  f"{cfg.vocab_size}")
+            raise ConvertError(f"tokenizer '{tokenizer}' has {tok.vocab_size} tokens, more than the model's vocab_size "
+                               f"{cfg.vocab_size}")
     info = {"command": "import-hf", "source": str(folder.resolve()), "hf_model_type": hf["model_type"],
             "hf_architecture": (hf.get("architectures") or [HF_CLASSES[hf["model_type"]]])[0],
             "notes": notes}
@@ -375,19 +370,19 @@ def dense_state(state: dict, cfg: ModelConfig, source: str) -> dict:
     moe = cfg.moe
     why = f"'{source}' is a {cfg.method} MoE model"
     if moe.method == "smoe":
-        _fail(f"{why}: token routing (top-{moe.k} experts per token) is not expressible in a dense "
-              f"{'GPT-2' if cfg.architecture == 'gpt' else 'Llama'} model")
+        raise ConvertError(f"{why}: token routing (top-{moe.k} experts per token) is not expressible in a dense "
+                           f"{'GPT-2' if cfg.architecture == 'gpt' else 'Llama'} model")
     if moe.dynamic:
-        _fail(f"{why} with a dynamic chain: its merged weights depend on the previous layers' gates")
+        raise ConvertError(f"{why} with a dynamic chain: its merged weights depend on the previous layers' gates")
     out = {}
     for name, value in state.items():
         m = EXPERT_RE.match(name)
         if m is not None:
-            layer, matrix = m["prefix"].split(".deepspeed_moe.")[0], m["rest"][1:]
-            if ".curvature." not in name and not torch.equal(value, state[f"{layer}.base.{matrix}"]):
-                _fail(f"{why} whose experts differ from their base (first: '{name}'): it merges them per segment "
-                      "with its router's gates, which no stock architecture expresses; only a dense model, or a MoE "
-                      "model whose experts equal their base (upcycled, not yet trained), exports")
+            if ".curvature." not in name and not torch.equal(value, state[f"{m['layer']}.base.{m['rest']}"]):
+                raise ConvertError(f"{why} whose experts differ from their base (first: '{name}'): it merges them per "
+                                   "segment with its router's gates, which no stock architecture expresses; only a "
+                                   "dense model, or a MoE model whose experts equal their base (upcycled, not yet "
+                                   "trained), exports")
             continue
         if ".router." in name:
             continue
@@ -401,7 +396,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
               "initializer_range": cfg.init_std, "torch_dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"}
     if cfg.architecture == "gpt":
         if cfg.activation == "swiglu":
-            _fail("a gpt-family model with swiglu FFNs has no GPT-2 equivalent (GPT-2's MLP is not gated)")
+            raise ConvertError("a gpt-family model with swiglu FFNs has no GPT-2 equivalent (GPT-2's MLP is not gated)")
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.d_model,
                 "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_hidden_size,
                 "n_positions": cfg.seq_len, "n_ctx": cfg.seq_len,
@@ -447,11 +442,7 @@ def export_hf(input_dir: PathLike, output: PathLike) -> dict:
     `transformers.AutoModelForCausalLM.from_pretrained`."""
     from safetensors.torch import save_file
 
-    try:
-        cfg, raw = read_config(input_dir)
-        state = read_weights(input_dir, cfg)
-    except PretrainedError as e:
-        _fail(str(e))
+    cfg, _, state = read_consolidated(input_dir)
     notes, method = [], cfg.method
     if cfg.moe is not None:
         state = dense_state(state, cfg, str(input_dir))
@@ -467,15 +458,15 @@ def export_hf(input_dir: PathLike, output: PathLike) -> dict:
         if tokenizer is not None:
             (work / tokenizer.name).write_bytes(tokenizer.read_bytes())
             if tokenizer.name == "tokenizer.json":  # what AutoTokenizer needs beside it
-                from .data import Tokenizer
+                from ..data import Tokenizer
 
                 (work / "tokenizer_config.json").write_text(json.dumps(
                     {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": Tokenizer.load(tokenizer).eos_token},
                     indent=2) + "\n")
     return {"output": str(output), "model_type": config["model_type"], "architecture": config["architectures"][0],
             "source": str(Path(input_dir).resolve()), "source_method": method,
-            "dtype": _dtype_name(dtype), "notes": notes}
+            "dtype": dtype_name(dtype), "notes": notes}
 
 
-__all__ = ["ConvertError", "MODEL_TYPES", "dense_state", "export_hf", "hf_config", "import_hf",
+__all__ = ["MODEL_TYPES", "dense_state", "export_hf", "hf_config", "import_hf",
            "model_config_from_hf", "read_hf_config", "read_hf_weights", "rules", "state_from_hf", "state_to_hf"]

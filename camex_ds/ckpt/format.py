@@ -13,8 +13,9 @@ weights into an existing model of any expert-parallel layout (each rank takes it
 is how a training job starts from a consolidated or upcycled model. Every reader checks what it reads
 and raises `PretrainedError` with a one-line message naming the file or tensor.
 
-Everything heavy (torch, the model) is imported inside functions: `camex_ds.model` re-exports
-`load_pretrained` from here, so this module must not import `camex_ds.model` at import time.
+Expert tensor names have their one home here: `expert_key` builds
+`<layer>.deepspeed_moe.experts.deepspeed_experts.<id>.<rest>`, `EXPERT_RE` takes it apart, and
+`global_expert_name` renumbers an EP rank's local experts (`parallel.global_expert`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import torch
+
+from .. import parallel
+from ..config import ConfigError, ModelConfig
+from ..model import GPT
+
 FORMAT = "camex_ds-pretrained"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -35,7 +42,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece, or Hug
 RESERVED_KEYS = ("format", "format_version", "conversion")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
-EXPERT_RE = re.compile(r"^(?P<prefix>.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(?P<id>\d+)(?P<rest>\..+)$")
+EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # between a MoE layer's name and an expert's id
+EXPERT_RE = re.compile(r"^(?P<layer>.+)" + re.escape(EXPERTS) + r"(?P<id>\d+)\.(?P<rest>.+)$")
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,13 +52,37 @@ class PretrainedError(ValueError):
     """A consolidated model folder (or what is written into one) is unusable; the message names it."""
 
 
-def torch_dtype(name: str):
-    import torch
+class ConvertError(ValueError):
+    """An input of a conversion (`ckpt.convert`, `ckpt.upcycle`, `ckpt.hf`) is missing or unusable; the message is
+    one line naming it."""
 
+
+def expert_key(layer: str, expert: int, rest: str = "") -> str:
+    """The state-dict name of `rest` (e.g. `w_in`) of expert `expert` of the MoE layer `layer`."""
+    return f"{layer}{EXPERTS}{expert}.{rest}"
+
+
+def read_json_object(path: Path, what: str, error: type = ConvertError) -> dict:
+    """The JSON object in the file `path` (a `what`, e.g. 'MoE config'); anything else raises `error` naming it."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} '{path}' is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} '{path}' must hold a JSON object")
+    return raw
+
+
+def torch_dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in table:
         raise PretrainedError(f"dtype {name!r} is not supported: expected fp32 or bf16")
     return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bf16' or 'fp32': the `dtype` argument of `save_pretrained` that keeps tensors of `dtype` as they are."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,8 +122,6 @@ def atomic_output_dir(output: PathLike) -> Iterator[Path]:
 
 def model_config(raw_or_cfg):
     """A `ModelConfig` from a dict (reserved keys of config.json ignored) or a `ModelConfig`."""
-    from .config import ConfigError, ModelConfig
-
     if isinstance(raw_or_cfg, ModelConfig):
         return raw_or_cfg
     raw = {k: v for k, v in dict(raw_or_cfg).items() if k not in RESERVED_KEYS}
@@ -108,10 +138,6 @@ def single_rank_config(cfg):
 
 def meta_model(cfg):
     """The model of `cfg` (ep_size must be 1) on the meta device: names and shapes, no memory."""
-    import torch
-
-    from .model import GPT
-
     if cfg.moe is not None and cfg.moe.ep_size != 1:
         raise ValueError("meta_model needs an ep_size=1 config")
     if cfg.vocab_size is None:
@@ -173,7 +199,7 @@ def save_pretrained(work_dir: PathLike, state: dict, cfg, tokenizer: Optional[Pa
                conversion={"dtype": DTYPES.get(dtype, dtype), **(conversion or {})})
     (work_dir / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
     if tokenizer is not None:
-        from .data import Tokenizer
+        from ..data import Tokenizer
 
         tok = Tokenizer.load(tokenizer)  # a file or a Hugging Face folder; checked before it is copied
         shutil.copyfile(tok.path, work_dir / tok.file_name)
@@ -191,12 +217,7 @@ def read_config(path: PathLike) -> tuple:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise PretrainedError(f"'{path}' is not a consolidated model: {CONFIG_FILE} is missing")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PretrainedError(f"'{file}' is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise PretrainedError(f"'{file}' must hold a JSON object")
+    raw = read_json_object(file, "model config", PretrainedError)
     if raw.get("format") != FORMAT:
         raise PretrainedError(f"'{file}' has format {raw.get('format')!r}, expected {FORMAT!r}")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -233,6 +254,16 @@ def read_weights(path: PathLike, cfg=None) -> dict:
     return state
 
 
+def read_consolidated(path: PathLike) -> tuple:
+    """`(ModelConfig, raw config dict, state dict)` of a consolidated folder that a conversion starts from; what is
+    wrong with it is a `ConvertError`."""
+    try:
+        cfg, raw = read_config(path)
+        return cfg, raw, read_weights(path, cfg)
+    except PretrainedError as e:
+        raise ConvertError(str(e)) from None
+
+
 def find_tokenizer(path: PathLike) -> Optional[Path]:
     """The tokenizer file of a consolidated folder, or None if it has none."""
     return next((Path(path) / name for name in TOKENIZER_FILES if (Path(path) / name).is_file()), None)
@@ -248,10 +279,6 @@ def tokenizer_path(path: PathLike) -> Path:
 def load_pretrained(path: PathLike, dtype: Optional[str] = None, device="cpu"):
     """The consolidated model at `path` as a `GPT` in eval mode (ep_size 1), in its stored dtype unless
     `dtype` ('fp32' or 'bf16') is given."""
-    import torch
-
-    from .model import GPT
-
     cfg, _ = read_config(path)
     state = read_weights(path, cfg)
     if dtype is not None:
@@ -273,23 +300,19 @@ def global_expert_name(local_name: str, ep_rank: int, local_count: int) -> str:
     m = EXPERT_RE.match(local_name)
     if m is None:
         return local_name
-    return f"{m['prefix']}{ep_rank * local_count + int(m['id'])}{m['rest']}"
+    return expert_key(m["layer"], parallel.global_expert(ep_rank, local_count, int(m["id"])), m["rest"])
 
 
 def load_state_into(model, path: PathLike, strict: bool = True) -> None:
     """Copy a consolidated model's weights into `model` in place, whatever its expert-parallel layout.
 
-    Each MoE layer takes the experts its EP rank owns (`ep_rank * num_local_experts + j`). In-place
-    copies keep DeepSpeed's attributes on the parameters, so call this before `deepspeed.initialize`.
+    Each MoE layer takes the experts its EP rank owns (`parallel.global_expert`). In-place copies keep
+    DeepSpeed's attributes on the parameters, so call this before `deepspeed.initialize`.
     """
-    import torch
-
     cfg, _ = read_config(path)
     state = read_weights(path, cfg)
-    local_counts = {}
-    for prefix, module in model.named_modules():
-        if hasattr(module, "num_local_experts") and hasattr(module, "deepspeed_moe"):
-            local_counts[prefix] = (getattr(module, "ep_rank", None), module.num_local_experts, module)
+    layers = {prefix: module for prefix, module in model.named_modules()
+              if hasattr(module, "num_local_experts") and hasattr(module, "deepspeed_moe")}
     own = model.state_dict()
     missing = []
     with torch.no_grad():
@@ -297,13 +320,12 @@ def load_state_into(model, path: PathLike, strict: bool = True) -> None:
             source = name
             m = EXPERT_RE.match(name)
             if m is not None:
-                layer = m["prefix"].split(".deepspeed_moe.")[0]
-                ep_rank, count, module = local_counts[layer]
-                if ep_rank is None:  # DeepSpeed's default layout: consecutive ranks form an EP group
-                    from . import parallel
-
-                    ep_rank = parallel.rank() % module.ep_size
-                source = global_expert_name(name, ep_rank, count)
+                module = layers[m["layer"]]
+                # our layers record their EP rank; DeepSpeed's own MoE layers follow the default rule
+                ep_rank = getattr(module, "ep_rank", None)
+                if ep_rank is None:
+                    ep_rank = parallel.expert_parallel_rank(module.ep_size)
+                source = global_expert_name(name, ep_rank, module.num_local_experts)
             if source not in state:
                 missing.append(source)
                 continue
@@ -317,5 +339,6 @@ def load_state_into(model, path: PathLike, strict: bool = True) -> None:
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "PretrainedError", "atomic_output_dir", "load_pretrained", "load_state_into",
-           "find_tokenizer", "read_config", "read_weights", "save_pretrained", "tokenizer_path"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ConvertError", "PretrainedError", "atomic_output_dir", "expert_key",
+           "find_tokenizer", "global_expert_name", "load_pretrained", "load_state_into", "read_config", "read_consolidated",
+           "read_weights", "save_pretrained", "tokenizer_path"]
