@@ -55,7 +55,7 @@ def model_config(base: dict, method: str, ep: int, smoe_backend: str) -> dict:
 
 def run_one(args, method: str, ranks: int, ep: int, accum: int, work: Path) -> dict:
     from camex_ds.config import ModelConfig
-    from camex_ds.flops import ep_bytes_per_step
+    from camex_ds.analysis.flops import ep_bytes_per_step
     from camex_ds.parallel import free_port
 
     out = work / f"{method}-r{ranks}-ep{ep}-ga{accum}"

@@ -27,7 +27,8 @@ import torch
 
 from .. import parallel
 from ..config import ConfigError, ModelConfig, TrainArgs, default_model
-from ..flops import flops_per_token, peak_flops
+from ..analysis.flops import flops_per_token
+from ..analysis.hardware import peak_flops
 from ..data import BatchLoader, DataError, bits_per_byte, prepare_data, validation_batches
 from ..model import GPT, param_groups, save_config
 from ..moe import MicroBatch
