@@ -29,7 +29,7 @@ import numpy as np
 from .stats import method_pairs, paired_comparison, summarize
 
 __all__ = ["FINAL_KEYS", "PAIR_METRICS", "PathLike", "run_dir", "read_metrics", "read_final", "as_number",
-           "aggregate_curve", "collect_results", "json_safe", "write_results_json"]
+           "aggregate_curve", "collect_results", "json_safe", "write_json", "write_results_json"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -269,12 +269,16 @@ def json_safe(obj):
     return obj
 
 
-def write_results_json(results: dict, path: PathLike) -> Path:
-    """Write ``results`` as strict JSON (``nan``/``inf`` become ``null``)."""
+def write_json(path: PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically (a reader never sees half a file), creating the folder."""
     p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(json_safe(results), fh, indent=2, allow_nan=False)
-        fh.write("\n")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, p)
     return p
+
+
+def write_results_json(results: dict, path: PathLike) -> Path:
+    """Write ``results`` as strict JSON (``nan``/``inf`` become ``null``)."""
+    return write_json(path, json_safe(results))
