@@ -34,7 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from camex_ds.config import SMOE_BACKENDS  # noqa: E402
 
-METHODS = ("dense", "smoe", "euclid", "ties", "camex", "camex-ties", "camex-dynamic")
+from camex_ds.config import COMPARED_METHODS  # noqa: E402
+
+# What `compare` compares, and camex as a dynamic chain (a pseudo-method: camex with moe.dynamic=true).
+METHODS = COMPARED_METHODS + ("camex-dynamic",)
 
 
 def model_config(base: dict, method: str, ep: int, smoe_backend: str) -> dict:
