@@ -1,5 +1,5 @@
-"""`camex-flops` (`python tools/flops.py`): FLOPs per token and parameters of a model config against its dense, SMoE, Euclidean-merge and dynamic
-variants at equal width (spec §8; formulas in docs/flops.md, library in camex_ds.analysis.flops).
+"""`camex-flops`: FLOPs per token and parameters of a model config against its dense, SMoE, Euclidean-merge and
+dynamic variants at equal width (spec §8; formulas in docs/flops.md, library in camex_ds.analysis.flops).
 
     python tools/flops.py --model_config cfg.json
     python tools/flops.py --model_config cfg.json --seq_len 1024 --micro_batch_tokens 8192 --accumulation 4 --json
