@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Sequence
 
 from .plots import plot_curves
 from .results import FINAL_KEYS, PAIR_METRICS, PathLike, as_number, collect_results, json_safe, write_results_json
@@ -129,26 +129,14 @@ def write_results_md(results: dict, path: PathLike) -> Path:
     return p
 
 
-def write_report(
-    output_dir: PathLike,
-    methods: Sequence[str],
-    seeds: Sequence[int],
-    meta: Optional[Mapping[str, object]] = None,
-    max_steps: Optional[Mapping[str, int]] = None,
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-    bootstrap_seed: int = 0,
-    band: str = "minmax",
-) -> Dict[str, Path]:
-    """Collect the grid under ``output_dir`` and write ``results.json``,
-    ``results.md`` and ``curves.png`` there.  Returns their paths and the
-    results dict under ``"results"``."""
+def write_report(output_dir: PathLike, methods: Sequence[str], seeds: Sequence[int], band: str = "minmax",
+                 **options) -> Dict[str, Path]:
+    """Collect the grid under ``output_dir`` (`collect_results`, which takes ``options``: meta, max_steps,
+    n_resamples, confidence, bootstrap_seed) and write ``results.json``, ``results.md`` and ``curves.png``
+    there (``band``: `plot_curves`'s).  Returns their paths and the results dict under ``"results"``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = collect_results(
-        out, methods, seeds, meta=meta, max_steps=max_steps,
-        n_resamples=n_resamples, confidence=confidence, bootstrap_seed=bootstrap_seed,
-    )
+    results = collect_results(out, methods, seeds, **options)
     n_seeds = len(list(seeds))
     title = f"{', '.join(results['methods_order'])}  ·  {n_seeds} seed{'s' if n_seeds != 1 else ''}"
     paths = {

@@ -96,6 +96,8 @@ def kill_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
 
 def execute(cmd: List[str], rd: Path, log: Path, on_step: Callable[[Optional[int]], None],
              poll_interval: float) -> int:
+    """Run `cmd` from the repository root in its own process group, its output appended to `log`, telling
+    `on_step` the run's latest step every `poll_interval` seconds; its exit code. Interrupted, it stops the group."""
     rd.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -122,6 +124,7 @@ def execute(cmd: List[str], rd: Path, log: Path, on_step: Callable[[Optional[int
 
 
 def fmt_num(x) -> str:
+    """A metric for the progress line: 4 decimals, or n/a."""
     try:
         v = float(x)
     except (TypeError, ValueError):
