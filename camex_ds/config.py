@@ -354,10 +354,12 @@ class ModelConfig:
 # 30 minutes: a rank that died or stopped would hold every other rank, and the job's GPUs, that long.
 DEFAULT_TIMEOUT_S = 300.0
 
+# The checkout the package runs from (an editable install): ds_configs/ and launcher/ live there.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # The DeepSpeed config a run uses when none is given: one CPU rank, fp32, ZeRO 0, no accumulation.
-DEFAULT_DEEPSPEED_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json")
+DEFAULT_DEEPSPEED_CONFIG = str(REPO_ROOT / "ds_configs" / "cpu.json")
 # The model a run trains when none is given: the small CAMEx model, the same file users find and copy.
-DEFAULT_MODEL_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "models" / "camex_small.json")
+DEFAULT_MODEL_CONFIG = str(REPO_ROOT / "ds_configs" / "models" / "camex_small.json")
 
 
 def default_model() -> dict:

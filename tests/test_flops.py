@@ -1,6 +1,6 @@
-"""`camex_ds.flops` (spec §8): analytic FLOPs per token against FlopCounterMode on the real model, forward
-and training step; parameter counts against the model; peaks, MFU and the `tools/flops.py` CLI."""
-import importlib.util
+"""`camex_ds.analysis.flops` (spec §8): analytic FLOPs per token against FlopCounterMode on the real model,
+forward and training step; parameter counts against the model; peaks (`camex_ds.analysis.hardware`), MFU and
+the `camex-flops` CLI (`tools/flops.py`)."""
 import json
 import subprocess
 import sys
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from camex_ds import flops as fl
+from camex_ds.analysis import flops as fl
+from camex_ds.analysis import hardware as hw
+from camex_ds.cli import flops as flops_cli
 from camex_ds.config import ConfigError, ModelConfig
 from camex_ds.model import build_model
 
@@ -232,46 +234,39 @@ def test_ep_bytes_use_the_layer_formula():
 
 
 def test_gpu_table_matching_and_peaks(monkeypatch):
-    assert fl.match_gpu("NVIDIA H100 80GB HBM3")[0] == "H100 SXM"
-    assert fl.match_gpu("NVIDIA H100 PCIe")[0] == "H100 PCIe"
-    assert fl.match_gpu("NVIDIA GH200 480GB")[0] == "GH200"
-    assert fl.match_gpu("NVIDIA A100-SXM4-80GB")[0] == "A100"
-    assert fl.match_gpu("NVIDIA A10G")[0] == "A10G"
-    assert fl.match_gpu("NVIDIA L40S")[0] == "L40S"
-    assert fl.match_gpu("Tesla V100-SXM2-16GB")[0] == "V100 SXM2"
-    assert fl.match_gpu("NVIDIA GeForce RTX 4090") is None
+    assert hw.match_gpu("NVIDIA H100 80GB HBM3")[0] == "H100 SXM"
+    assert hw.match_gpu("NVIDIA H100 PCIe")[0] == "H100 PCIe"
+    assert hw.match_gpu("NVIDIA GH200 480GB")[0] == "GH200"
+    assert hw.match_gpu("NVIDIA A100-SXM4-80GB")[0] == "A100"
+    assert hw.match_gpu("NVIDIA A10G")[0] == "A10G"
+    assert hw.match_gpu("NVIDIA L40S")[0] == "L40S"
+    assert hw.match_gpu("Tesla V100-SXM2-16GB")[0] == "V100 SXM2"
+    assert hw.match_gpu("NVIDIA GeForce RTX 4090") is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert fl.peak_flops("cuda", "bf16") == pytest.approx(989.5e12)
-    assert fl.peak_flops("cuda", "tf32") == pytest.approx(494.5e12)
+    assert hw.peak_flops("cuda", "bf16") == pytest.approx(989.5e12)
+    assert hw.peak_flops("cuda", "tf32") == pytest.approx(494.5e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     with pytest.raises(ValueError, match="bf16"):
-        fl.peak_flops("cuda", "bf16")
+        hw.peak_flops("cuda", "bf16")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
     with pytest.raises(ValueError, match="override"):
-        fl.peak_flops("cuda", "bf16")
-    assert fl.peak_flops("cuda", "bf16", override=1e14) == 1e14
+        hw.peak_flops("cuda", "bf16")
+    assert hw.peak_flops("cuda", "bf16", override=1e14) == 1e14
     with pytest.raises(ValueError, match="dtype"):
-        fl.peak_flops("cpu", "fp8")
+        hw.peak_flops("cpu", "fp8")
 
 
 def test_cpu_probe_and_mfu(monkeypatch):
-    monkeypatch.setattr(fl, "_CPU_PEAK_CACHE", {})
-    peak = fl.cpu_matmul_peak("fp32", size=256, seconds=0.05)
+    monkeypatch.setattr(hw, "_CPU_PEAK_CACHE", {})
+    peak = hw.cpu_matmul_peak("fp32", size=256, seconds=0.05)
     assert 1e8 < peak < 1e14
-    assert fl.cpu_matmul_peak("fp32", size=256, seconds=0.05) == peak  # cached
+    assert hw.cpu_matmul_peak("fp32", size=256, seconds=0.05) == peak  # cached
     assert fl.mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
     assert fl.achieved_flops(1000.0, 6e9) == pytest.approx(6e12)
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("flops_tool", REPO / "tools" / "flops.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_tool_json_and_table(tmp_path, capsys):
-    tool = _tool()
+    tool = flops_cli
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(CONFIGS["camex-R2-every2"]))
     assert tool.main(["--model_config", str(path), "--micro_batch_tokens", "64", "--json", "--sweep", "N=2,4"]) == 0
@@ -301,7 +296,7 @@ def test_tool_bad_config_is_one_line_exit_2(tmp_path):
 
 
 def test_tool_errors_in_process(capsys):
-    tool = _tool()
+    tool = flops_cli
     assert tool.main(["--model_config", "/nonexistent/cfg.json"]) == 2
     assert tool.main(["--model_config", json.dumps(CONFIGS["euclid"]), "--tokenizer", "/nonexistent.model"]) == 2
     assert tool.main(["--model_config", json.dumps(CONFIGS["euclid"]), "--sweep", "Q=1"]) == 2
@@ -314,7 +309,7 @@ def test_tool_errors_in_process(capsys):
 
 
 def test_tool_without_vocab_size_assumes_the_launcher_default(capsys):
-    tool = _tool()
+    tool = flops_cli
     assert tool.main(["--model_config", json.dumps(dict(BASE, vocab_size=None)), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["vocab_size_assumed"] and out["config"]["vocab_size"] == tool.DEFAULT_VOCAB

@@ -44,7 +44,7 @@ def test_two_ranks_expert_parallel_perplexity_falls(tmp_path, cache):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ppl = [r["val_ppl"] for r in rows if "val_ppl" in r]
     from camex_ds.config import ModelConfig
-    from camex_ds.flops import ep_bytes_per_step
+    from camex_ds.analysis.flops import ep_bytes_per_step
 
     analytic = ep_bytes_per_step(ModelConfig.from_dict(dict(small, vocab_size=4096, moe=dict(small["moe"], ep_size=2))),
                                  8 * small["seq_len"], gloo=True)

@@ -1,7 +1,6 @@
-"""Fast tests of camex_ds.stats, camex_ds.report and the grid runner of
-tools/compare_methods.py (with a fake training script instead of the launcher)."""
+"""Fast tests of camex_ds.analysis (stats, results, report, grid, supervise) and the `camex-compare` CLI
+(camex_ds.cli.compare, run as tools/compare_methods.py), with a fake training script instead of the launcher."""
 
-import importlib.util
 import json
 import math
 import sys
@@ -12,23 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from camex_ds.analysis import grid as cgrid
+from camex_ds.analysis import report, results, stats
+from camex_ds.cli import compare as cm
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from camex_ds import stats  # noqa: E402
-from camex_ds import report  # noqa: E402
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("compare_methods_under_test", REPO / "tools" / "compare_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cm = _load_tool()
 
 
 # =========================================================================== stats
@@ -187,21 +174,21 @@ def test_read_metrics_splits_rows_and_dedups_resumed_steps(tmp_path):
         {"step": 2, "loss": 3.9},  # re-logged after resume: last one wins
         {"step": 3, "loss": 3.0},
     ]) + "\nnot json\n")
-    m = report.read_metrics(tmp_path)
+    m = results.read_metrics(tmp_path)
     assert [r["step"] for r in m["train"]] == [1, 2, 3]
     assert m["train"][1]["loss"] == 3.9
     assert [r["val_loss"] for r in m["eval"]] == [4.5]
-    assert report.read_metrics(tmp_path / "nope") == {"train": [], "eval": []}
+    assert results.read_metrics(tmp_path / "nope") == {"train": [], "eval": []}
 
 
 def test_write_report_produces_all_files(tmp_path):
     bpb = {"euclid": [1.50, 1.52, 1.51], "camex": [1.40, 1.43, 1.41], "dense": [1.60, 1.61, 1.62]}
     for m, vals in bpb.items():
         for s, v in enumerate(vals):
-            _write_fake_run(report.run_dir(tmp_path, m, s), v, s,
+            _write_fake_run(results.run_dir(tmp_path, m, s), v, s,
                             flops_per_step=2e9 if m != "dense" else 1e9)
     # a fourth seed of camex that never finished: listed as missing, not used
-    _write_fake_run(report.run_dir(tmp_path, "camex", 3), 0.1, 3, finished=False)
+    _write_fake_run(results.run_dir(tmp_path, "camex", 3), 0.1, 3, finished=False)
     paths = report.write_report(tmp_path, ["dense", "euclid", "camex"], [0, 1, 2, 3],
                                 meta={"budget": "steps"}, max_steps={"dense": 10, "euclid": 10, "camex": 10},
                                 n_resamples=2000)
@@ -239,8 +226,8 @@ def test_write_report_produces_all_files(tmp_path):
 
 
 def test_report_handles_single_seed_and_no_runs(tmp_path):
-    _write_fake_run(report.run_dir(tmp_path, "camex", 0), 1.4, 0)
-    _write_fake_run(report.run_dir(tmp_path, "euclid", 0), 1.5, 0)
+    _write_fake_run(results.run_dir(tmp_path, "camex", 0), 1.4, 0)
+    _write_fake_run(results.run_dir(tmp_path, "euclid", 0), 1.5, 0)
     report.write_report(tmp_path, ["euclid", "camex"], [0], n_resamples=100)
     res = json.loads((tmp_path / "results.json").read_text())
     pair = res["pairs"][0]["val_bpb"]
@@ -347,14 +334,14 @@ def test_grid_resumes_from_checkpoint_or_restarts(fake):
     (with_ckpt / "final_metrics.json").unlink()
     (with_ckpt / "checkpoints" / "global_step2").mkdir(parents=True)
     (no_ckpt / "final_metrics.json").unlink()
-    assert cm.has_checkpoint(with_ckpt) and not cm.has_checkpoint(no_ckpt)
+    assert cgrid.has_checkpoint(with_ckpt) and not cgrid.has_checkpoint(no_ckpt)
     assert fake.run() == 0
     new = fake.calls()[4:]
     assert sorted((c["method"], c["seed"], c["resume"]) for c in new) == [("camex", 0, True), ("euclid", 1, False)]
     assert "--resume" in [c for c in new if c["resume"]][0]["argv"]
     # the stale metrics of the run restarted from scratch were moved aside
     assert (no_ckpt / "metrics.jsonl.prev").exists()
-    assert len(report.read_metrics(no_ckpt)["train"]) == 4
+    assert len(results.read_metrics(no_ckpt)["train"]) == 4
 
 
 def test_grid_failure_reports_log_and_command_and_keeps_finished(fake, monkeypatch, capsys):
@@ -392,8 +379,8 @@ def test_grid_flops_budget(fake, monkeypatch):
         m = cfg["moe"]["method"] if cfg["moe"] else "dense"
         return {"train": fpt[m], "forward": fpt[m] / 3}
 
-    # the tool imports camex_ds.flops lazily; substitute a fake module
-    monkeypatch.setitem(sys.modules, "camex_ds.flops", types.SimpleNamespace(flops_per_token=flops_per_token))
+    # the tool imports camex_ds.analysis.flops lazily; substitute a fake module
+    monkeypatch.setitem(sys.modules, "camex_ds.analysis.flops", types.SimpleNamespace(flops_per_token=flops_per_token))
     # the batch of the launcher's default DeepSpeed config: micro-batch 8, no accumulation, one rank
     assert fake.run("--budget", "flops", "--reference", "camex", methods="dense,euclid,camex", max_steps=9) == 0
     calls = fake.calls()
@@ -409,28 +396,28 @@ def test_grid_flops_budget(fake, monkeypatch):
 
 
 def test_flops_budget_steps_floor():
-    cfgs = {m: cm.build_method_config(cm.DEFAULT_BASE_CONFIG, m) for m in ("dense", "camex", "smoe")}
+    cfgs = {m: cgrid.build_method_config(cm.DEFAULT_BASE_CONFIG, m) for m in ("dense", "camex", "smoe")}
     vals = {"dense": 3.0, "camex": 7.0, "smoe": 3.0}
 
     def fn(cfg, seq_len, micro_batch_tokens, accumulation, vocab_size):
         return {"train": vals[cfg["moe"]["method"] if cfg["moe"] else "dense"]}
 
-    steps, fpt, budget = cm.flops_budget_steps(cfgs, "dense", 10, cm.StepBatch(1, 2, 1), fn)
+    steps, fpt, budget = cgrid.flops_budget_steps(cfgs, "dense", 10, cgrid.StepBatch(1, 2, 1), fn)
     assert budget == 10 * 2 * 256 * 3.0
     assert steps == {"dense": 10, "camex": 4, "smoe": 10}  # floor(30/7) = 4; equal cost keeps 10 exactly
 
 
 def test_build_method_config():
     base = cm.DEFAULT_BASE_CONFIG
-    assert cm.build_method_config(base, "dense")["moe"] is None
-    smoe = cm.build_method_config(base, "smoe")["moe"]
+    assert cgrid.build_method_config(base, "dense")["moe"] is None
+    smoe = cgrid.build_method_config(base, "smoe")["moe"]
     assert smoe["method"] == "smoe" and smoe["top_k"] == 2 and smoe["num_experts"] == 4
     dense_base = dict(base, moe=None)
-    ties = cm.build_method_config(dense_base, "camex-ties")
+    ties = cgrid.build_method_config(dense_base, "camex-ties")
     assert ties["moe"]["method"] == "camex-ties" and ties["moe"]["top_k"] is None
     smoe_base = dict(base, moe=dict(base["moe"], method="smoe", top_k=1, num_experts=8))
-    assert cm.build_method_config(smoe_base, "smoe")["moe"]["top_k"] == 1
-    assert cm.build_method_config(smoe_base, "camex")["moe"] == dict(smoe_base["moe"], method="camex", top_k=None)
+    assert cgrid.build_method_config(smoe_base, "smoe")["moe"]["top_k"] == 1
+    assert cgrid.build_method_config(smoe_base, "camex")["moe"] == dict(smoe_base["moe"], method="camex", top_k=None)
     assert base["moe"]["method"] == "camex"  # base not mutated
 
 
@@ -502,12 +489,12 @@ def test_cli_help_and_error_as_subprocess(tmp_path):
 
 
 def test_step_batch_from_deepspeed_config():
-    assert cm.step_batch({"train_batch_size": 8}, 2, "ds") == cm.StepBatch(4, 1, 2)
-    assert cm.step_batch({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2, "ds") == \
-        cm.StepBatch(4, 2, 2)
-    assert cm.StepBatch(4, 2, 2).tokens(128) == 4 * 2 * 2 * 128
+    assert cgrid.step_batch({"train_batch_size": 8}, 2, "ds") == cgrid.StepBatch(4, 1, 2)
+    assert cgrid.step_batch({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2, "ds") == \
+        cgrid.StepBatch(4, 2, 2)
+    assert cgrid.StepBatch(4, 2, 2).tokens(128) == 4 * 2 * 2 * 128
     with pytest.raises(cm.UsageError, match="ds.json: cannot read the batch"):
-        cm.step_batch({"train_batch_size": "auto"}, 1, "ds.json")
+        cgrid.step_batch({"train_batch_size": "auto"}, 1, "ds.json")
 
 
 def test_report_only_rewrites_report_without_training(fake):
@@ -526,7 +513,7 @@ def test_flops_budget_counts_the_curvature_per_rank_and_optimizer_step(fake, tmp
     """`--budget flops` with 2 ranks, micro-batch 2 and 4 accumulation steps: each rank curves its experts once per
     optimizer step over its own 2·4 sequences, so camex's FLOPs per token are flops_per_token(cfg, seq_len,
     2·seq_len, accumulation=4), not the whole step's tokens (2·4·2 sequences) taken as one forward."""
-    from camex_ds.flops import flops_per_token
+    from camex_ds.analysis.flops import flops_per_token
 
     ds, model = tmp_path / "ds.json", tmp_path / "model.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}))
@@ -534,7 +521,7 @@ def test_flops_budget_counts_the_curvature_per_rank_and_optimizer_step(fake, tmp
     assert fake.run("--budget", "flops", "--reference", "euclid", "--deepspeed_config", str(ds), "--num_gpus", "2",
                     "--model_config", str(model), "--dry_run", methods="euclid,camex", max_steps=10) == 0
     grid = json.loads((fake.out / "grid.json").read_text())
-    camex = cm.build_method_config(dict(cm.DEFAULT_BASE_CONFIG, vocab_size=4096), "camex")
+    camex = cgrid.build_method_config(dict(cm.DEFAULT_BASE_CONFIG, vocab_size=4096), "camex")
     seq = camex["seq_len"]
     want = flops_per_token(camex, seq, 2 * seq, accumulation=4)["train"]
     assert grid["flops_per_token_train"]["camex"] == pytest.approx(want, rel=1e-12)

@@ -193,7 +193,7 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(deepspeed_runs, lay
 @pytest.mark.parametrize("method", METHODS.split(","))
 def test_expert_parallel_traffic_once_per_optimizer_step(deepspeed_runs, method):
     from camex_ds.config import ModelConfig
-    from camex_ds.flops import ep_bytes_per_step
+    from camex_ds.analysis.flops import ep_bytes_per_step
     from dist.ep_step import model_config
 
     cfg = ModelConfig.from_dict(model_config(method, 2))

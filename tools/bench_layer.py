@@ -42,7 +42,8 @@ import subprocess
 import sys
 import time
 
-METHODS = ["euclid", "ties", "dare", "camex", "camex-ties", "camex-dare"]
+from camex_ds.config import MERGE_METHODS as METHODS
+
 SHAPE_KEYS = ("d", "h", "experts", "T", "rank", "batch", "seq", "threads", "device", "dtype", "grad_accum")
 
 

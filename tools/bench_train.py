@@ -4,7 +4,7 @@
 Each (method, ranks, ep) runs `launcher/pretrain.py` (under `deepspeed --num_gpus R` for R > 1) for
 --steps steps on the default corpus and reads its metrics.jsonl: tokens/s and step time are medians over
 the logged windows after the first (warm-up), and `ep_bytes_sent_per_step` is what rank 0's expert-parallel
-collectives sent, next to the analytic `camex_ds.flops.ep_bytes_per_step` (`smoe`'s all-to-all runs inside
+collectives sent, next to the analytic `camex_ds.analysis.flops.ep_bytes_per_step` (`smoe`'s all-to-all runs inside
 DeepSpeed's MoE layer, outside that counter: only its analytic figure is given). Prints a table and a JSON line.
 
     python tools/bench_train.py                                   # dense, smoe, euclid, camex, camex-dynamic; 1 and 2 ranks
@@ -34,7 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from camex_ds.config import SMOE_BACKENDS  # noqa: E402
 
-METHODS = ("dense", "smoe", "euclid", "ties", "camex", "camex-ties", "camex-dynamic")
+from camex_ds.config import COMPARED_METHODS  # noqa: E402
+
+# What `compare` compares, and camex as a dynamic chain (a pseudo-method: camex with moe.dynamic=true).
+METHODS = COMPARED_METHODS + ("camex-dynamic",)
 
 
 def model_config(base: dict, method: str, ep: int, smoe_backend: str) -> dict:
@@ -55,7 +58,7 @@ def model_config(base: dict, method: str, ep: int, smoe_backend: str) -> dict:
 
 def run_one(args, method: str, ranks: int, ep: int, accum: int, work: Path) -> dict:
     from camex_ds.config import ModelConfig
-    from camex_ds.flops import ep_bytes_per_step
+    from camex_ds.analysis.flops import ep_bytes_per_step
     from camex_ds.parallel import free_port
 
     out = work / f"{method}-r{ranks}-ep{ep}-ga{accum}"

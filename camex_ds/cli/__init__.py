@@ -25,3 +25,10 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True, metavar="OUT", help="consolidated model folder")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (default: the stored one)")
     ap.add_argument("--device", default="cpu", help="torch device (%(default)s)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one `PROG: error: ...` line and exit 2, like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -6,7 +6,7 @@ experts). Through the span: `Ŵ^{l−1}_s = Σ_j β_sj V_j` for a basis `V` that
 chain's base `B¹`, layer 1's curved task vectors, and each later layer's images of the basis before it), so
 `M^l_i(Ŵ^{l−1}_s) = Σ_j β_sj M^l_i(V_j)`: `n·K` curvature applications once per optimizer step, then one merge
 GEMM per forward. The basis grows with depth (`K_l = K_{l−1} + n·(K_{l−1} + 1)`), so each layer takes whichever
-costs fewer training FLOPs (`prefer_span`), and `camex_ds.flops` counts exactly the evaluation taken.
+costs fewer training FLOPs (`prefer_span`), and `camex_ds.analysis.flops` counts exactly the evaluation taken.
 The span needs a mask that does not depend on the segment: none or DARE, not TIES.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 
 from .. import parallel
 from ..config import ConfigError, TrainArgs
-from ..flops import flops_per_token
+from ..analysis.flops import flops_per_token
 from ..data import BatchLoader
 from ..model import GPT, param_groups, save_config
 from ..moe import MicroBatch

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .. import parallel
 from ..config import TrainArgs
-from ..flops import peak_flops
+from ..analysis.hardware import peak_flops
 
 
 def layer_stats(model) -> dict:

@@ -1,4 +1,6 @@
-"""FLOPs per token, parameter counts, hardware peaks and MFU for the GPT models of `camex_ds.model` (spec §8).
+"""What a model costs, counted: matmul FLOPs per token, parameters, EP bytes, the same FLOPs measured with
+`FlopCounterMode` on the real model, and MFU, for the GPT models of `camex_ds.model` (spec §8). The hardware's
+peak FLOP/s that MFU divides by is `camex_ds.analysis.hardware`'s.
 
 Convention (spec §8, the one of `torch.utils.flop_counter.FlopCounterMode`): count matrix-multiply FLOPs,
 `2·m·n·k` per GEMM; elementwise work (activations, masks, norms, softmax, the dynamic chain's
@@ -6,7 +8,8 @@ elementwise merge) and embedding look-ups count 0. The analytic numbers below fo
 really executes, op by op, so `FlopCounterMode` on the real model agrees with them (see
 `tests/test_flops.py`); `docs/flops.md` derives every term.
 
-    from camex_ds.flops import flops_per_token, param_counts, peak_flops, mfu
+    from camex_ds.analysis.flops import flops_per_token, param_counts, mfu
+    from camex_ds.analysis.hardware import peak_flops
     f = flops_per_token(cfg, micro_batch_tokens=8 * cfg.seq_len, accumulation=4)  # 8 sequences, 4 micro-batches
     f["forward"], f["train"], f["components"]["curvature"]["train"]
     mfu(tokens_per_s, f["train"], peak_flops(dtype="bf16"))
@@ -19,16 +22,19 @@ terms are shared by `micro_batch_tokens × accumulation` tokens. The eval `forwa
 """
 from __future__ import annotations
 
-import re
-import time
 from typing import Optional, Union
 
 import torch
+from torch.utils import flop_counter as fc
 
-from .config import ConfigError, ModelConfig, MoEConfig
-from .moe.ffn import matrix_shapes
-from .moe.chain import next_span_size, prefer_span, start_span_size
-from .moe.functional import curvature_backward_flops, curvature_flops, kron_factor_shape
+from ..config import ConfigError, ModelConfig, MoEConfig
+from ..model import build_model
+from ..moe import MicroBatch
+from ..moe.chain import next_span_size, prefer_span, start_span_size
+from ..moe.comm import ep_bytes_per_layer
+from ..moe.ffn import matrix_shapes
+from ..moe.functional import curvature_backward_flops, curvature_flops, kron_factor_shape
+from ..moe.token_moe import resolve_backend
 
 # DeepSpeed's `TokenMoE` settings (camex_ds/moe/token_moe.py): min_capacity=4, drop_tokens=True.
 SMOE_MIN_CAPACITY = 4
@@ -90,8 +96,6 @@ def _factor_elements_per_expert(cfg: ModelConfig) -> int:
 
 def smoe_backend(cfg: ModelConfig, backend: Optional[str] = None) -> str:
     """The SMoE implementation the model would build: 'deepspeed' or 'megablocks' ('auto' resolved here)."""
-    from .moe.token_moe import resolve_backend
-
     return resolve_backend(backend or cfg.moe.backend, cfg.moe.ep_size, ffn_bias=cfg.ffn_bias)
 
 
@@ -386,8 +390,6 @@ def ep_bytes_per_step(cfg: CfgLike, micro_batch_tokens: Optional[int] = None, by
     (dispatch and combine, forward and backward) of the `[N, C, d]` capacity buffer, `(ep-1)/ep` of it each,
     every micro-batch.
     """
-    from .moe.comm import ep_bytes_per_layer
-
     cfg = _as_config(cfg)
     if cfg.moe is None or cfg.moe.ep_size == 1:
         return 0
@@ -416,8 +418,6 @@ def flop_counter_mapping() -> dict:
     kernels are registered, the CPU one counts 0), mapped to the same formulas so a CPU count equals a GPU
     count; and the in-place GEMMs `addmm_`/`baddbmm_` (only the out-of-place ops are registered), which
     `_MergedLinear`'s backward uses for the task-vector gradient."""
-    from torch.utils import flop_counter as fc
-
     aten = torch.ops.aten
     mapping = {}
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -451,11 +451,6 @@ def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int]
     `batch` sequences, each told its place in the step as DeepSpeed's trainer tells it. Returns `forward`,
     `backward`, `train` (when `train`) and `by_op`. Analytic counterpart:
     `flops_per_token(cfg, seq_len, batch·seq_len, accumulation=accumulation)`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .model import build_model
-    from .moe import MicroBatch
-
     cfg = _with_seq_len(_as_config(cfg), seq_len)
     if model is None:
         torch.manual_seed(seed)
@@ -472,10 +467,10 @@ def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int]
         for i in range(accumulation):
             ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
             micro_batch = MicroBatch(step=0, last=i == accumulation - 1, accumulation=accumulation)
-            with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
+            with fc.FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
                 out = model(ids, labels=ids, micro_batch=micro_batch)
                 loss = out.loss + out.aux_loss
-            with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
+            with fc.FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
                 loss.backward()
             f, b = f + fwd.get_total_flops(), b + bwd.get_total_flops()
             for k, v in fwd.get_flop_counts()["Global"].items():
@@ -484,99 +479,14 @@ def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int]
         return {"forward": f / step_tokens, "backward": b / step_tokens, "train": (f + b) / step_tokens,
                 "by_op": by_op}
     ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
+    with torch.no_grad(), fc.FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
         model(ids)
     by_op = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}
     return {"forward": fwd.get_total_flops() / tokens, "by_op": by_op}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hardware peaks and MFU
-
-# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets; the datasheets print Tensor Core rates
-# "with sparsity", these are half of those. fp32 = CUDA cores (no TF32). None: no such Tensor Core path.
-# Sources are listed in docs/flops.md. Matched against torch.cuda.get_device_name() in order (first hit wins).
-GPU_PEAKS_TFLOPS = [
-    # (name, regular expressions that must all match the upper-cased device name, {dtype: TFLOP/s})
-    ("GH200", (r"\bGH200\b",), {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5, "fp16": 989.5}),
-    ("H200 NVL", (r"\bH200\b", r"\bNVL\b"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
-    ("H200 SXM", (r"\bH200\b",), {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5, "fp16": 989.5}),
-    ("H100 NVL", (r"\bH100\b", r"\bNVL\b"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}),
-    ("H100 PCIe", (r"\bH100\b", r"\bPCIE\b"), {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5, "fp16": 756.5}),
-    ("H100 SXM", (r"\bH100\b",), {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5, "fp16": 989.5}),
-    ("A100", (r"\bA100\b",), {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
-    ("L40S", (r"\bL40S\b",), {"fp32": 91.6, "tf32": 183.0, "bf16": 362.05, "fp16": 362.05}),
-    ("L40", (r"\bL40\b",), {"fp32": 90.5, "tf32": 90.5, "bf16": 181.05, "fp16": 181.05}),
-    ("L4", (r"\bL4\b",), {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
-    ("A10G", (r"\bA10G\b",), {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),
-    ("A10", (r"\bA10\b",), {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),
-    ("V100 PCIe", (r"\bV100\b", r"\bPCIE\b"), {"fp32": 14.0, "tf32": None, "bf16": None, "fp16": 112.0}),
-    ("V100 SXM2", (r"\bV100\b",), {"fp32": 15.7, "tf32": None, "bf16": None, "fp16": 125.0}),
-    ("T4", (r"\bT4\b",), {"fp32": 8.1, "tf32": None, "bf16": None, "fp16": 65.0}),
-]
-DTYPES = ("fp32", "tf32", "bf16", "fp16")
-_CPU_PEAK_CACHE: dict = {}
-
-
-def match_gpu(name: str) -> Optional[tuple]:
-    """The table row for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
-    upper = name.upper()
-    for row in GPU_PEAKS_TFLOPS:
-        if all(re.search(pattern, upper) for pattern in row[1]):
-            return row
-    return None
-
-
-def cpu_matmul_peak(dtype: str = "fp32", size: int = 1024, seconds: float = 0.5) -> float:
-    """Measured FLOP/s of a `size³` matmul on this CPU with `torch.get_num_threads()` threads (cached):
-    an achievable peak for this process, not a datasheet number."""
-    key = (dtype, size, torch.get_num_threads())
-    if key in _CPU_PEAK_CACHE:
-        return _CPU_PEAK_CACHE[key]
-    tdtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(tdtype)
-    b = torch.randn(size, size, generator=gen).to(tdtype)
-    out = torch.empty(size, size, dtype=tdtype)
-    torch.mm(a, b, out=out)  # warm-up
-    runs, start = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b, out=out)
-        runs += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-    peak = 2.0 * size ** 3 * runs / elapsed
-    _CPU_PEAK_CACHE[key] = peak
-    return peak
-
-
-def peak_flops(device=None, dtype: str = "fp32", override: Optional[float] = None) -> float:
-    """Peak FLOP/s of `device` (default: the current CUDA device if any, else the CPU) for `dtype`
-    ('fp32', 'tf32', 'bf16', 'fp16'): datasheet dense peaks for known GPUs, a measured matmul probe on CPU.
-    `override` (FLOP/s) wins over both; an unknown GPU without `override` is an error."""
-    if override is not None:
-        if not isinstance(override, (int, float)) or isinstance(override, bool) or override <= 0:
-            raise ValueError(f"override={override!r} is invalid: expected a positive number of FLOP/s")
-        return float(override)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    if device.type == "cpu":
-        return cpu_matmul_peak(dtype)
-    if device.type != "cuda":
-        raise ValueError(f"no peak known for device type {device.type!r}: pass override (FLOP/s)")
-    name = torch.cuda.get_device_name(device)
-    row = match_gpu(name)
-    if row is None:
-        raise ValueError(f"GPU {name!r} is not in camex_ds.flops.GPU_PEAKS_TFLOPS: pass override (FLOP/s)")
-    value = row[2][dtype]
-    if value is None:
-        raise ValueError(f"{row[0]} has no {dtype} Tensor Core path; use fp32/fp16 or pass override")
-    return value * 1e12
-
+# MFU
 
 def mfu(tokens_per_s: float, flops_per_token_train: float, peak: float) -> float:
     """Model FLOPs utilisation: achieved `tokens/s × FLOPs/token` over the peak FLOP/s (a fraction)."""
@@ -591,5 +501,4 @@ def achieved_flops(tokens_per_s: float, flops_per_token_train: float) -> float:
 
 __all__ = ["COMPONENTS", "flops_per_token", "param_counts", "ep_bytes_per_step", "curvature_flops_per_expert",
            "curvature_backward_flops_per_expert", "smoe_capacity",
-           "flop_counter_mapping", "measure_flops_per_token", "peak_flops", "cpu_matmul_peak", "match_gpu",
-           "mfu", "achieved_flops", "GPU_PEAKS_TFLOPS"]
+           "flop_counter_mapping", "measure_flops_per_token", "mfu", "achieved_flops"]

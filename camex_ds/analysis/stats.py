@@ -37,9 +37,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
+from ..config import EUCLIDEAN_TWIN
+
 __all__ = [
-    "METHODS",
-    "EUCLIDEAN_TWIN",
     "REASON_TOO_FEW",
     "REASON_ALL_ZERO",
     "REASON_CONSTANT",
@@ -49,25 +49,6 @@ __all__ = [
     "paired_comparison",
     "method_pairs",
 ]
-
-#: All method names understood by the launcher, in canonical order.
-METHODS: Tuple[str, ...] = (
-    "dense",
-    "smoe",
-    "euclid",
-    "ties",
-    "dare",
-    "camex",
-    "camex-ties",
-    "camex-dare",
-)
-
-#: Curvature-aware method -> its Euclidean merging twin.
-EUCLIDEAN_TWIN: Dict[str, str] = {
-    "camex": "euclid",
-    "camex-ties": "ties",
-    "camex-dare": "dare",
-}
 
 REASON_TOO_FEW = "fewer than 2 paired seeds: t-test undefined (p = nan)"
 REASON_ALL_ZERO = "all paired differences are zero: no evidence of a difference (p = 1.0)"

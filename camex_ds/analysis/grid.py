@@ -1,0 +1,312 @@
+"""A compare grid of (method x seed) pretraining runs: each method's model config, the batch of one optimizer
+step, the FLOPs-budget policy that gives every method its steps, and each run's folder, spec and launcher
+command. Running the grid is `camex_ds.analysis.supervise`'s job; the command line is `camex_ds.cli.compare`'s."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..config import METHODS, ModelConfig, TrainArgs, default_model
+from .report import write_report
+from .results import run_dir
+
+LAUNCHER_VOCAB_SIZE = TrainArgs.vocab_size  # the tokenizer the launcher trains when a config leaves vocab_size out
+SMOE_DEFAULT_TOP_K = 2
+CHECKPOINT_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
+class UsageError(Exception):
+    """A grid setting the user gave is wrong: the command line reports it as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def build_method_config(base: dict, method: str) -> dict:
+    """Model config of ``method`` derived from ``base`` (see --help, 'methods')."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    cfg = copy.deepcopy(base)
+    if method == "dense":
+        cfg["moe"] = None
+        return cfg
+    base_moe = base.get("moe")
+    moe = copy.deepcopy(base_moe) if isinstance(base_moe, dict) else default_model()["moe"]
+    base_method = moe.get("method")
+    base_top_k = moe.get("top_k")
+    if method == "smoe":
+        n_exp = moe.get("num_experts")
+        default_k = min(SMOE_DEFAULT_TOP_K, n_exp) if isinstance(n_exp, int) and n_exp >= 1 else SMOE_DEFAULT_TOP_K
+        moe["top_k"] = base_top_k if (base_method == "smoe" and base_top_k) else default_k
+    else:
+        # merging methods keep a top_k only if the base config was itself a merging config
+        moe["top_k"] = None if base_method in (None, "smoe", "dense") else base_top_k
+    moe["method"] = method
+    cfg["moe"] = moe
+    return cfg
+
+
+def validate_configs(configs: Dict[str, dict]) -> None:
+    """Check each method's config with `ModelConfig`, so a bad base config fails here in one line instead of in
+    every run."""
+    for m, cfg in configs.items():
+        try:
+            ModelConfig.from_dict(copy.deepcopy(cfg))
+        except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+            raise UsageError(f"model config for method {m!r} is invalid: {e}")
+
+
+@dataclass
+class Grid:
+    """Everything a grid run needs; `method_steps`, `flops_per_token_train` and `flops_budget` fill in as the
+    FLOPs budget resolves (the reference method's runs first)."""
+
+    methods: List[str]
+    seeds: List[int]
+    base_config: dict
+    configs: Dict[str, dict]
+    output: Path
+    data: str
+    data_seed: int
+    max_steps: Optional[int]
+    eval_interval: Optional[int]
+    budget: str
+    reference: str
+    step_batch: "StepBatch"
+    deepspeed_config: Optional[str]
+    num_gpus: Optional[int]
+    launcher: Path
+    extra_args: List[str]
+    model_config_path: Optional[str]
+    val_data: Optional[str] = None
+    method_steps: Dict[str, Optional[int]] = field(default_factory=dict)
+    flops_per_token_train: Dict[str, float] = field(default_factory=dict)
+    flops_budget: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One optimizer step's batch: `micro` sequences per rank and forward, `accumulation` forwards, `ranks` ranks."""
+
+    micro: int
+    accumulation: int
+    ranks: int
+
+    def tokens(self, seq_len: int) -> int:
+        return self.micro * self.accumulation * self.ranks * seq_len
+
+
+def step_batch(ds: dict, ranks: int, source: str) -> StepBatch:
+    """The batch DeepSpeed derives from its config: `train_micro_batch_size_per_gpu` and
+    `gradient_accumulation_steps`, or `train_batch_size` = micro × accumulation × ranks."""
+    def positive(key, default=None):
+        v = ds.get(key, default)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    accumulation = positive("gradient_accumulation_steps", 1)
+    micro = positive("train_micro_batch_size_per_gpu")
+    total = positive("train_batch_size")
+    if micro is None and total is not None and accumulation and total % (accumulation * ranks) == 0:
+        micro = total // (accumulation * ranks)
+    if micro is None or accumulation is None:
+        raise UsageError(f"{source}: cannot read the batch for --budget flops: expected integer "
+                         "train_micro_batch_size_per_gpu (or train_batch_size divisible by accumulation x GPUs) and "
+                         "gradient_accumulation_steps")
+    return StepBatch(micro, accumulation, ranks)
+
+
+# --------------------------------------------------------------------------- FLOPs budget
+
+
+def flops_budget_steps(
+    configs: Dict[str, dict],
+    reference: str,
+    reference_steps: int,
+    batch: StepBatch,
+    flops_fn: Callable,
+) -> Tuple[Dict[str, int], Dict[str, float], float]:
+    """max_steps per method under the reference's FLOPs budget.
+
+    Returns ``(steps, flops_per_token_train, budget)`` with
+    ``budget = reference_steps * tokens_per_step * fpt(reference)`` and
+    ``steps[m] = floor(budget / (fpt(m) * tokens_per_step))`` (``steps[reference]
+    = reference_steps`` exactly), where ``fpt`` counts one rank's forward of ``batch.micro`` sequences and
+    its per-step work once per ``batch.accumulation`` forwards.
+    """
+    fpt: Dict[str, float] = {}
+    for m, cfg in configs.items():
+        seq_len = cfg["seq_len"]
+        val = float(flops_fn(cfg, seq_len, batch.micro * seq_len, accumulation=batch.accumulation,
+                             vocab_size=cfg.get("vocab_size") or LAUNCHER_VOCAB_SIZE)["train"])
+        if not (math.isfinite(val) and val > 0):
+            raise ValueError(f"flops_per_token(...)['train'] for {m} is {val!r}; expected a positive number")
+        fpt[m] = val
+    tokens = batch.tokens(configs[reference]["seq_len"])
+    budget = reference_steps * tokens * fpt[reference]
+    steps: Dict[str, int] = {}
+    for m in configs:
+        if m == reference:
+            steps[m] = reference_steps
+        else:
+            # tiny relative slack so exact ratios do not lose a step to rounding
+            steps[m] = int(math.floor(budget / (fpt[m] * tokens) * (1 + 1e-12)))
+    return steps, fpt, budget
+
+
+def resolve_flops_budget(grid: Grid, flops_fn: Optional[Callable] = None) -> None:
+    """Give every method its steps under `--budget flops` (`flops_budget_steps`), once `grid` knows enough;
+    `flops_fn` defaults to `camex_ds.analysis.flops.flops_per_token`."""
+    if grid.budget != "flops" or all(v is not None for v in grid.method_steps.values()):
+        return
+    if flops_fn is None:
+        from .flops import flops_per_token as flops_fn  # lazy: torch and DeepSpeed load only for --budget flops
+    steps, fpt, budget = flops_budget_steps(grid.configs, grid.reference, grid.max_steps, grid.step_batch, flops_fn)
+    for m, n in steps.items():
+        if n < 1:
+            raise UsageError(f"the FLOPs budget of {grid.reference} ({budget:.3e}) buys {m} less than one "
+                             f"step; raise --max_steps")
+    grid.method_steps, grid.flops_per_token_train, grid.flops_budget = steps, fpt, budget
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def has_checkpoint(path: Path) -> bool:
+    """Whether a run folder holds a checkpoint to --resume from (see --help)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    stack = [(path, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            name = e.name
+            if e.is_file():
+                if name == "latest" or name.endswith(CHECKPOINT_FILE_SUFFIXES):
+                    return True
+            elif e.is_dir():
+                if name.startswith("global_step"):
+                    return True
+                if depth < 2:
+                    stack.append((Path(e.path), depth + 1))
+    return False
+
+
+def run_spec(grid: Grid, method: str, seed: int) -> dict:
+    return {
+        "method": method,
+        "seed": seed,
+        "model_config": grid.configs[method],
+        "max_steps": grid.method_steps[method],
+        "data": grid.data,
+        "val_data": grid.val_data,
+        "data_seed": grid.data_seed,
+        "eval_interval": grid.eval_interval,
+        "deepspeed_config": grid.deepspeed_config,
+        "launcher_args": grid.extra_args,
+    }
+
+
+def check_spec(path: Path, spec: dict, label: str) -> None:
+    f = path / "run_spec.json"
+    if not f.exists():
+        return
+    try:
+        old = json.loads(f.read_text())
+    except ValueError:
+        return
+    diff = [k for k in spec if k in old and old[k] != spec[k]]
+    if diff:
+        details = "; ".join(f"{k}: {json.dumps(old[k])} -> {json.dumps(spec[k])}" for k in diff)
+        raise UsageError(
+            f"run {label} in {str(path)!r} was started with different settings ({details}); "
+            f"use a new --output or delete that run folder"
+        )
+
+
+def launcher_command(grid: Grid, method: str, seed: int, resume: bool) -> List[str]:
+    rd = run_path(grid, method, seed)
+    args = [
+        str(grid.launcher),
+        "--model_config", str(grid.output / "configs" / f"{method}.json"),
+        *(["--data", grid.data] if grid.data else []),
+        *(["--val_data", grid.val_data] if grid.val_data else []),
+        "--output_dir", str(rd),
+        "--max_steps", str(grid.method_steps[method]),
+        "--seed", str(seed),
+        "--data_seed", str(grid.data_seed),
+        "--eval_interval", str(grid.eval_interval),
+    ]
+    if grid.deepspeed_config:
+        args += ["--deepspeed_config", grid.deepspeed_config]
+    if resume:
+        args.append("--resume")
+    args += grid.extra_args
+    if grid.num_gpus is not None:
+        return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(grid.num_gpus)] + args
+    return [sys.executable] + args
+
+
+def run_path(grid: Grid, method: str, seed: int) -> Path:
+    return run_dir(grid.output, method, seed)
+
+
+def grid_meta(grid: Grid) -> dict:
+    """What `grid.json` and the report's settings table record about the grid."""
+    return {
+        "methods": grid.methods,
+        "seeds": grid.seeds,
+        "data": grid.data,
+        "val_data": grid.val_data,
+        "data_seed": grid.data_seed,
+        "budget": grid.budget,
+        "reference": grid.reference if grid.budget == "flops" else None,
+        "max_steps": grid.max_steps,
+        "max_steps_per_method": grid.method_steps,
+        "tokens_per_step": grid.step_batch.tokens(grid.base_config["seq_len"]),
+        "step_batch": dataclasses.asdict(grid.step_batch),
+        "flops_per_token_train": grid.flops_per_token_train or None,
+        "flops_budget": grid.flops_budget,
+        "eval_interval": grid.eval_interval,
+        "model_config": grid.model_config_path or "built-in",
+        "deepspeed_config": grid.deepspeed_config,
+        "num_gpus": grid.num_gpus,
+        "launcher": str(grid.launcher),
+        "launcher_args": grid.extra_args,
+    }
+
+
+def _steps_from_specs(grid: Grid) -> Dict[str, Optional[int]]:
+    """max_steps per method as recorded in existing run folders (for --report_only)."""
+    out: Dict[str, Optional[int]] = {}
+    for m in grid.methods:
+        out[m] = grid.method_steps.get(m)
+        if out[m] is None:
+            for s in grid.seeds:
+                try:
+                    out[m] = json.loads((run_path(grid, m, s) / "run_spec.json").read_text())["max_steps"]
+                    break
+                except (OSError, ValueError, KeyError):
+                    continue
+    return out
+
+
+def write_grid_report(grid: Grid, bootstrap_resamples: int, band: str) -> Dict[str, Path]:
+    steps = _steps_from_specs(grid)
+    meta = grid_meta(grid)
+    meta["max_steps_per_method"] = steps
+    meta["bootstrap_resamples"] = bootstrap_resamples
+    return write_report(grid.output, grid.methods, grid.seeds, meta=meta, max_steps=steps,
+                        n_resamples=bootstrap_resamples, band=band)
