@@ -21,7 +21,7 @@ from .dataset import (
     validation_batches,
     write_dataset,
 )
-from .prepare import build_dataset, prepare_data, train_texts
+from .prepare import build_dataset, cache_dir, prepare_data, train_texts
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Tokenizer",
     "bits_per_byte",
     "build_dataset",
+    "cache_dir",
     "default_corpus",
     "is_prepared_dataset",
     "prepare_data",

@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .corpus import DataError, Source, resolve_source
 from .dataset import (
@@ -44,6 +44,11 @@ from .tokenizer import DEFAULT_INPUT_SENTENCE_SIZE, Tokenizer, train_tokenizer
 
 # How prepare_data trains a tokenizer when none is given; part of the cache key.
 TOKENIZER_SETTINGS = {"model_type": "bpe", "input_sentence_size": DEFAULT_INPUT_SENTENCE_SIZE, "seed": 0}
+
+
+def cache_dir(given: Optional[str] = None) -> str:
+    """Where prepared datasets are cached: `given` (a --cache_dir), else $CAMEX_DS_CACHE, else ~/.cache/camex_ds."""
+    return given or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
 
 
 def train_texts(source: Source, val_percent: int) -> Iterator[str]:
