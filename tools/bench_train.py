@@ -29,10 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, SMOE_BACKENDS
 
-from camex_ds.config import SMOE_BACKENDS  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("dense", "smoe", "euclid", "ties", "camex", "camex-ties", "camex-dynamic")
 
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log_interval", type=int, default=5, help="steps per timed window (default: %(default)s)")
     ap.add_argument("--model", help="base model JSON whose trunk, expert count and MoE placement every method "
                                     "shares (default: the launcher's small default model)")
-    ap.add_argument("--deepspeed_config", default=str(ROOT / "ds_configs" / "cpu.json"),
+    ap.add_argument("--deepspeed_config", default=DEFAULT_DEEPSPEED_CONFIG,
                     help="DeepSpeed JSON of every run (default: %(default)s; on GPUs: ds_configs/gpu_zero2_bf16.json)")
     ap.add_argument("--smoe_backend", choices=SMOE_BACKENDS, default="auto",
                     help="smoe's implementation (default: %(default)s: MegaBlocks where CUDA and the package are "
