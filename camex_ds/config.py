@@ -354,6 +354,9 @@ class ModelConfig:
 # 30 minutes: a rank that died or stopped would hold every other rank, and the job's GPUs, that long.
 DEFAULT_TIMEOUT_S = 300.0
 
+#: Pieces of the SentencePiece tokenizer trained when none is given (launcher, preprocess, train-tokenizer, data).
+DEFAULT_VOCAB_SIZE = 4096
+
 # The DeepSpeed config a run uses when none is given: one CPU rank, fp32, ZeRO 0, no accumulation.
 DEFAULT_DEEPSPEED_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json")
 # The model a run trains when none is given: the small CAMEx model, the same file users find and copy.
@@ -389,7 +392,7 @@ class TrainArgs:
     tokenizer: Optional[str] = _flag(
         None, "SentencePiece .model, or a Hugging Face tokenizer.json or the folder holding it; default: the "
         "--init_from model's own, else train one on the data (cached)")
-    vocab_size: int = _flag(4096, "vocabulary of a tokenizer trained here (%(default)s)")
+    vocab_size: int = _flag(DEFAULT_VOCAB_SIZE, "vocabulary of a tokenizer trained here (%(default)s)")
     cache_dir: Optional[str] = _flag(None, "where prepared datasets are cached (default: $CAMEX_DS_CACHE or "
                                            "~/.cache/camex_ds)")
     output_dir: str = _flag("runs/default", "metrics, TensorBoard, checkpoints (%(default)s)")

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, SMOE_BACKENDS
+from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, DEFAULT_VOCAB_SIZE, SMOE_BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def run_one(args, method: str, ranks: int, ep: int, accum: int, work: Path) -> d
         sys.exit(f"{method} on {ranks} rank(s) failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
-    model = ModelConfig.from_dict(dict(cfg, vocab_size=4096))
+    model = ModelConfig.from_dict(dict(cfg, vocab_size=DEFAULT_VOCAB_SIZE))
     micro = args.micro_batch
     # smoe's all-to-all runs inside DeepSpeed's MoE layer, which the trainer's byte counter does not see
     sent = None if method == "smoe" else statistics.median(r["ep_bytes_sent_per_step"] for r in rows)

@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from camex_ds.data import DATA_HELP, DataError, build_dataset, resolve_source
+from camex_ds.config import DEFAULT_VOCAB_SIZE
+from camex_ds.data import DATA_HELP, DEFAULT_VAL_PERCENT, DataError, build_dataset, resolve_source
 from camex_ds.cli import run_cli
 
 
@@ -32,13 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "holding it; default: train one on the train split first",
     )
     parser.add_argument(
-        "--vocab_size", metavar="N", type=int, default=4096, help="pieces of a tokenizer trained here (%(default)s)"
+        "--vocab_size", metavar="N", type=int, default=DEFAULT_VOCAB_SIZE, help="pieces of a tokenizer trained here (%(default)s)"
     )
     parser.add_argument(
         "--output", metavar="DIR", default="out/data", help="dataset folder to create; must not exist (%(default)s)"
     )
     parser.add_argument(
-        "--val_percent", metavar="P", type=int, default=5, help="percent of documents to validate on (%(default)s)"
+        "--val_percent", metavar="P", type=int, default=DEFAULT_VAL_PERCENT, help="percent of documents to validate on (%(default)s)"
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)

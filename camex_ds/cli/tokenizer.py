@@ -9,7 +9,8 @@ import argparse
 import sys
 import time
 
-from camex_ds.data import DATA_HELP, DataError, resolve_source, train_texts, train_tokenizer
+from camex_ds.config import DEFAULT_VOCAB_SIZE
+from camex_ds.data import DATA_HELP, DEFAULT_VAL_PERCENT, DataError, resolve_source, train_texts, train_tokenizer
 from camex_ds.data.tokenizer import DEFAULT_INPUT_SENTENCE_SIZE
 from camex_ds.cli import run_cli
 
@@ -21,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--data", metavar="PATH", default=None, help=DATA_HELP)
     parser.add_argument(
-        "--vocab_size", metavar="N", type=int, default=4096, help="pieces, 256 byte pieces included (%(default)s)"
+        "--vocab_size", metavar="N", type=int, default=DEFAULT_VOCAB_SIZE, help="pieces, 256 byte pieces included (%(default)s)"
     )
     parser.add_argument("--output", metavar="PREFIX", default="out/tokenizer", help="writes PREFIX.model (%(default)s)")
     parser.add_argument(
@@ -31,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--val_percent",
         metavar="P",
         type=int,
-        default=5,
+        default=DEFAULT_VAL_PERCENT,
         help="percent of documents held out for validation; use the same value when preprocessing (%(default)s)",
     )
     parser.add_argument(

@@ -12,6 +12,7 @@ Typical use in a training script::
 """
 from .corpus import DATA_HELP, DEFAULT_CORPUS_MAX_BYTES, DataError, Document, Source, default_corpus, resolve_source
 from .dataset import (
+    DEFAULT_VAL_PERCENT,
     BatchLoader,
     PreparedDataset,
     TokenDataset,
@@ -27,6 +28,7 @@ from .tokenizer import Tokenizer, train_tokenizer
 __all__ = [
     "DATA_HELP",
     "DEFAULT_CORPUS_MAX_BYTES",
+    "DEFAULT_VAL_PERCENT",
     "BatchLoader",
     "DataError",
     "Document",

@@ -30,8 +30,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..config import DEFAULT_VOCAB_SIZE
 from .corpus import DataError, Source, resolve_source
 from .dataset import (
+    DEFAULT_VAL_PERCENT,
     FORMAT_VERSION,
     PreparedDataset,
     check_val_percent,
@@ -84,8 +86,8 @@ def build_dataset(
     output_dir: str | os.PathLike,
     tokenizer: str | os.PathLike | None = None,
     *,
-    vocab_size: int = 4096,
-    val_percent: int = 5,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    val_percent: int = DEFAULT_VAL_PERCENT,
     progress: bool = False,
 ) -> PreparedDataset:
     """Tokenize ``source`` into ``output_dir``, first training a tokenizer on its train split if none is given."""
@@ -104,10 +106,10 @@ def prepare_data(
     data: str | os.PathLike | None,
     tokenizer: str | os.PathLike | None,
     cache_dir: str | os.PathLike,
-    vocab_size: int = 4096,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     progress: bool = False,
     *,
-    val_percent: int = 5,
+    val_percent: int = DEFAULT_VAL_PERCENT,
 ) -> PreparedDataset:
     """Resolve ``data`` (None: the default corpus) to a preprocessed dataset, building and caching it if needed.
 
