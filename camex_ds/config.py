@@ -356,6 +356,10 @@ DEFAULT_TIMEOUT_S = 300.0
 
 # The checkout the package runs from (an editable install): ds_configs/ and launcher/ live there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Pieces of the SentencePiece tokenizer trained when none is given (launcher, preprocess, train-tokenizer, data).
+DEFAULT_VOCAB_SIZE = 4096
+
 # The DeepSpeed config a run uses when none is given: one CPU rank, fp32, ZeRO 0, no accumulation.
 DEFAULT_DEEPSPEED_CONFIG = str(REPO_ROOT / "ds_configs" / "cpu.json")
 # The model a run trains when none is given: the small CAMEx model, the same file users find and copy.
@@ -367,35 +371,64 @@ def default_model() -> dict:
     return json.loads(Path(DEFAULT_MODEL_CONFIG).read_text())
 
 
+def _flag(default: Any, help: str, **argparse_options) -> Any:
+    """A `TrainArgs` field and the text of its command-line flag (`camex_ds.cli.pretrain` builds the parser from
+    these), so that each default is written once. `argparse_options` are `metavar`, and `flag` for a flag named
+    otherwise than the field (`--no_progress` clears `progress`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+
+
 @dataclass
 class TrainArgs:
-    """A pretraining run's arguments (`launcher/pretrain.py`'s flags); `camex_ds.train.run` validates them."""
+    """A pretraining run's arguments, each with its flag of `launcher/pretrain.py` (`camex-pretrain`), in the
+    order `--help` lists them; `camex_ds.train.run` validates them."""
 
-    deepspeed_config: str = DEFAULT_DEEPSPEED_CONFIG
-    output_dir: str = "runs/default"
-    model_config: Optional[str] = None
-    data: Optional[str] = None
-    tokenizer: Optional[str] = None
-    vocab_size: int = 4096
-    cache_dir: Optional[str] = None
-    max_steps: int = 300
-    eval_interval: int = 100
-    eval_batches: int = 16
-    save_interval: int = 100
-    log_interval: int = 10
-    ep_size: Optional[int] = None
-    resume: bool = False
-    stop_at_step: Optional[int] = None
-    seed: int = 1234
-    data_seed: int = 1234
-    progress: bool = True
-    peak_tflops: Optional[float] = None
-    init_from: Optional[str] = None
-    dist_timeout: float = DEFAULT_TIMEOUT_S
-    compile: bool = False
-    val_data: Optional[str] = None
-    keep_checkpoints: Optional[int] = None
-    skip_nonfinite: int = 0
+    deepspeed_config: str = _flag(
+        DEFAULT_DEEPSPEED_CONFIG, "DeepSpeed JSON (batch size, optimizer, scheduler, ZeRO stage, bf16, TensorBoard); "
+        "'auto' values are filled from this run (default: %(default)s)")
+    model_config: Optional[str] = _flag(None, "model JSON (see README: config reference); default: a small CAMEx model")
+    # the CLI appends the forms a --data value takes (camex_ds.data.DATA_HELP, whose home is the data package)
+    data: Optional[str] = _flag(None, "a preprocessed dataset folder, ", data_forms=True)
+    val_data: Optional[str] = _flag(
+        None, "a separate validation text (a corpus's valid.txt; any --data form, a preprocessed folder gives its "
+        "validation split): --data is then all trained on")
+    tokenizer: Optional[str] = _flag(
+        None, "SentencePiece .model, or a Hugging Face tokenizer.json or the folder holding it; default: the "
+        "--init_from model's own, else train one on the data (cached)")
+    vocab_size: int = _flag(DEFAULT_VOCAB_SIZE, "vocabulary of a tokenizer trained here (%(default)s)")
+    cache_dir: Optional[str] = _flag(None, "where prepared datasets are cached (default: $CAMEX_DS_CACHE or "
+                                           "~/.cache/camex_ds)")
+    output_dir: str = _flag("runs/default", "metrics, TensorBoard, checkpoints (%(default)s)")
+    max_steps: int = _flag(300, "optimizer steps in total (%(default)s)")
+    eval_interval: int = _flag(100, "validate every N steps and at the end (%(default)s)")
+    eval_batches: int = _flag(16, "validation batches per evaluation (%(default)s)")
+    save_interval: int = _flag(100, "checkpoint every N steps and at the end (%(default)s)")
+    keep_checkpoints: Optional[int] = _flag(
+        None, "keep only the newest K checkpoints, deleting older ones once a new one is complete (default: all)",
+        metavar="K")
+    log_interval: int = _flag(10, "log training metrics every N steps (%(default)s)")
+    ep_size: Optional[int] = _flag(None, "expert-parallel degree; overrides moe.ep_size of the model config")
+    resume: bool = _flag(False, "continue from OUTPUT_DIR/checkpoints/latest exactly (model, optimizer, scheduler, "
+                                "data position, RNG)")
+    init_from: Optional[str] = _flag(
+        None, "start from a consolidated/upcycled model folder (tools/convert_checkpoint.py) instead of a random "
+        "init (its config is the model config unless --model_config is given)")
+    stop_at_step: Optional[int] = _flag(
+        None, "checkpoint and exit after this step without changing the schedule of --max_steps (time-sliced jobs; "
+        "continue with --resume)")
+    seed: int = _flag(1234, "initialisation and routing-noise seed (%(default)s)")
+    data_seed: int = _flag(1234, "data-order seed, independent of --seed (%(default)s)")
+    peak_tflops: Optional[float] = _flag(None, "peak TFLOP/s per rank for MFU (default: known-GPU table, or a CPU "
+                                               "matmul probe)")
+    skip_nonfinite: int = _flag(
+        0, "skip up to K steps whose loss or gradient norm is NaN/Inf (counted as skipped_steps in the metrics) "
+        "instead of stopping at the first; a bad step never changes the weights (%(default)s)", metavar="K")
+    dist_timeout: float = _flag(
+        DEFAULT_TIMEOUT_S, "seconds a collective waits for a lost or stopped rank before the job fails, instead of "
+        "torch's 30 minutes (%(default)s)")
+    compile: bool = _flag(False, "torch.compile every transformer block (inductor). Off by default: not faster on "
+                                 "CPUs, not yet measured on GPUs")
+    progress: bool = _flag(True, "no progress bar", flag="--no_progress")
 
 
 def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:

@@ -1,14 +1,8 @@
-"""Shared test setup: `tests/` importable (for `reference`), a fixed torch seed per test, quiet DeepSpeed."""
+"""Shared test setup: a fixed torch seed per test, quiet DeepSpeed, shared fixtures."""
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
 
 
 def _quiet_deepspeed() -> None:
@@ -35,7 +29,7 @@ def seeded():
 @pytest.fixture(scope="session")
 def text_files(tmp_path_factory):
     """`(train.txt, valid.txt)` of plain English text (this Python's docstrings), shared by the robustness tests."""
-    from launch import text_corpus
+    from tests.launch import text_corpus
 
     return text_corpus(tmp_path_factory.mktemp("text"))
 

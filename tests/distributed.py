@@ -1,4 +1,7 @@
-"""Helpers for tests that start real multi-process DeepSpeed jobs (2 CPU ranks, gloo)."""
+"""Helpers for tests that start real multi-process DeepSpeed jobs (2 CPU ranks, gloo).
+
+A program is a script file (a `Path`, e.g. launcher/pretrain.py) or a module name run from the repository root
+(a dotted `str`, e.g. `tests.dist.ep_step`)."""
 import os
 import subprocess
 import sys
@@ -18,6 +21,11 @@ def env() -> dict:
     return e
 
 
+def program(target) -> list:
+    """The arguments after `python` (or DeepSpeed's launcher, whose flag is `--module`) that start `target`."""
+    return ["-m", target] if isinstance(target, str) and not target.endswith(".py") else [str(target)]
+
+
 def run(cmd, timeout=600, check=True, extra_env=None) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
@@ -28,13 +36,14 @@ def run(cmd, timeout=600, check=True, extra_env=None) -> subprocess.CompletedPro
 
 
 def deepspeed(script, *args, num_gpus=2, **kw) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return run(launcher + ["--num_gpus", str(num_gpus), "--master_port", str(free_port()), str(script), *map(str, args)],
-               **kw)
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port",
+                str(free_port())]
+    start = ["--module", script] if program(script)[0] == "-m" else [str(script)]
+    return run(launcher + start + list(map(str, args)), **kw)
 
 
 def python(script, *args, **kw) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(script), *map(str, args)], **kw)
+    return run([sys.executable, *program(script), *map(str, args)], **kw)
 
 
 def ranks(script, *args, world=2, extra_env=None, timeout=300, watch=None) -> list:
@@ -48,7 +57,7 @@ def ranks(script, *args, world=2, extra_env=None, timeout=300, watch=None) -> li
         e = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(extra_env or {}))
         logs.append(tempfile.TemporaryFile(mode="w+"))
-        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=e,
+        procs.append(subprocess.Popen([sys.executable, *program(script), *map(str, args)], cwd=ROOT, env=e,
                                       stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
     started = time.monotonic()
     ended = [None] * world

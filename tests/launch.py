@@ -2,9 +2,9 @@
 
 `text_corpus` writes the docstrings of this Python's standard library (English prose, as a public corpus
 would ship it) into a train.txt and a valid.txt: paragraphs separated by blank lines, no other structure.
-`launch(argv)` runs `launcher/pretrain.py`'s `main(argv)` in this process and returns its exit code and what
-it printed: a job costs ~0.5 s instead of a new interpreter's ~5 s, which is what makes hundreds of runs
-affordable. The process environment and signal handlers are left as they were.
+`launch(argv)` runs `launcher/pretrain.py`'s `main(argv)` (camex_ds.cli.pretrain) in this process and returns
+its exit code and what it printed: a job costs ~0.5 s instead of a new interpreter's ~5 s, which is what makes
+hundreds of runs affordable. The process environment and signal handlers are left as they were.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import ast
 import contextlib
 import io
 import os
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -46,17 +45,10 @@ def text_corpus(folder: Path, train_bytes: int = 300_000, valid_bytes: int = 40_
     return folder / "train.txt", folder / "valid.txt"
 
 
-def _launcher_module():
-    if str(LAUNCHER.parent) not in sys.path:
-        sys.path.insert(0, str(LAUNCHER.parent))
-    import pretrain
-
-    return pretrain
-
-
 def launch(argv) -> tuple[int, str, str]:
     """`(exit code, stderr, stdout)` of `launcher/pretrain.py ARGV`, run in this process."""
-    pretrain = _launcher_module()
+    from camex_ds.cli import pretrain
+
     saved = {k: os.environ.get(k) for k in DIST_ENV}
     err, out = io.StringIO(), io.StringIO()
     try:

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed
-from launch import LAUNCHER, TINY, error_lines, launch
+from tests import distributed
+from tests.launch import LAUNCHER, TINY, error_lines, launch
 from camex_ds.data import PreparedDataset
 from camex_ds.train import manifest
 
-FAULTY = distributed.ROOT / "tests" / "dist" / "faulty_pretrain.py"
+FAULTY = "tests.dist.faulty_pretrain"
 
 
 def _json(path: Path, obj) -> Path:
@@ -409,7 +409,7 @@ def _launcher_with_fault(args, fault: str, log: Path, num_gpus=2):
     """The real DeepSpeed launcher on the fault-injecting launcher; `(returncode, output, seconds from the
     fault to the launcher's exit)`."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port",
-           str(distributed.free_port()), str(FAULTY), *map(str, args)]
+           str(distributed.free_port()), "--module", FAULTY, *map(str, args)]
     proc = subprocess.run(cmd, cwd=distributed.ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(distributed.env(), CAMEX_FAULT=fault, CAMEX_FAULT_LOG=str(log)))
     ended = time.time()

@@ -97,7 +97,7 @@ def test_compiled_model_matches_eager(name, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_expert_parallel_step_matches_eager(tmp_path):
-    script = distributed.ROOT / "tests" / "dist" / "ep_step.py"
+    script = "tests.dist.ep_step"
     distributed.python(script, "--out", tmp_path, "--layouts", "ref", "--methods", "camex")
     distributed.deepspeed(script, "--out", tmp_path, "--layouts", "ep2", "--methods", "camex", "--compile")
     want = torch.load(tmp_path / "ref_rank0.pt")

@@ -323,11 +323,8 @@ def test_load_state_into_and_global_expert_names(tmp_path):
 
 
 def test_padded_forward_is_exact_for_causal_routing():
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import generate as gen_tool
-    finally:
-        sys.path.remove(str(TOOLS))
+    from camex_ds.cli import generate as gen_tool
+
     model = _perturb(_tiny_model(TINY_MOE, seed=2))
     ids = torch.randint(2, 64, (1, 64), generator=torch.Generator().manual_seed(3))
     full = _logits(model, ids)[0]

@@ -15,7 +15,7 @@ from camex_ds.moe.comm import ep_bytes_per_layer as ep_bytes_per_step
 from . import distributed
 
 pytestmark = pytest.mark.slow
-SCRIPT = distributed.ROOT / "tests" / "dist" / "ep_step.py"
+SCRIPT = "tests.dist.ep_step"
 REL_TOL = 1e-5
 
 

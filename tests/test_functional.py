@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-import reference as ref
+from tests import reference as ref
 from camex_ds.moe import functional as Fn
 
 from . import composed

@@ -15,10 +15,9 @@ from collections import Counter
 
 import pytest
 
-from fuzz_inputs import cases
-from launch import LAUNCHER, error_lines, launch
-
-import distributed
+from tests import distributed
+from tests.fuzz_inputs import cases
+from tests.launch import LAUNCHER, error_lines, launch
 
 SEED, N_CASES = 15, 320
 

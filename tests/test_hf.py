@@ -10,7 +10,6 @@ and train the Llama-family CAMEx config from scratch with an exact resume.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -340,9 +339,8 @@ def test_hf_tokenizer_in_the_data_pipeline_and_generate(hf, imported, tmp_path, 
     train = prepared.split("train")
     assert train.num_tokens > 0
 
-    spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools" / "generate.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    from camex_ds.cli import generate as gen
+
     assert gen.main(["--model", str(imported["qwen2"]), "--prompt", "def value(", "--max_new_tokens", "5",
                      "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

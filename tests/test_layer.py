@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-import reference as ref
+from tests import reference as ref
 from camex_ds.config import ConfigError
 from camex_ds.moe import CAMExMoE, MergeChain
 from camex_ds.moe.layer import split_factors

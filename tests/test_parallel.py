@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed import ROOT, env, free_port
+from tests.distributed import ROOT, env, free_port
 
 SHM = Path("/dev/shm")
 

@@ -8,7 +8,7 @@ import pytest
 from . import distributed
 
 LAUNCHER = distributed.ROOT / "launcher" / "pretrain.py"
-FAULTY = distributed.ROOT / "tests" / "dist" / "faulty_pretrain.py"
+FAULTY = "tests.dist.faulty_pretrain"
 TINY = {"d_model": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 128, "seq_len": 64,
         "moe": {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 16}}
 
@@ -69,7 +69,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, cache):
     distributed.python(LAUNCHER, *_args(tmp_path, cache, stopped, extra=["--resume"]))
 
     # SIGKILL just before step 21, right after the step-20 checkpoint (injected by the test-side wrapper)
-    proc = distributed.run([sys.executable, FAULTY, *map(str, _args(tmp_path, cache, killed))], check=False,
+    proc = distributed.run([sys.executable, "-m", FAULTY, *map(str, _args(tmp_path, cache, killed))], check=False,
                            extra_env={"CAMEX_FAULT": "0:KILL:step:21"})
     assert proc.returncode == -signal.SIGKILL
     assert (killed / "checkpoints" / "latest").read_text() == "global_step20"

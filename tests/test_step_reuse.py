@@ -8,7 +8,7 @@ import torch
 
 from camex_ds.moe import MergeChain, MicroBatch
 from camex_ds.moe import functional as Fn
-from test_layer import F64, make, make_chain
+from tests.test_layer import F64, make, make_chain
 
 from . import distributed
 
@@ -159,7 +159,7 @@ def test_dare_mask_is_drawn_once_per_step(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # DeepSpeed: one optimizer step with gradient_accumulation_steps=4 equals one step on the concatenated batch
 
-SCRIPT = distributed.ROOT / "tests" / "dist" / "ep_step.py"
+SCRIPT = "tests.dist.ep_step"
 METHODS = "camex,camex-ties,camex-dynamic"
 
 
@@ -194,7 +194,7 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(deepspeed_runs, lay
 def test_expert_parallel_traffic_once_per_optimizer_step(deepspeed_runs, method):
     from camex_ds.config import ModelConfig
     from camex_ds.analysis.flops import ep_bytes_per_step
-    from dist.ep_step import model_config
+    from tests.dist.ep_step import model_config
 
     cfg = ModelConfig.from_dict(model_config(method, 2))
     assert deepspeed_runs["ep2"][f"{method}-zero0"]["ep_bytes"] == ep_bytes_per_step(cfg, gloo=True) > 0

@@ -16,11 +16,8 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from camex_ds.config import MERGE_METHODS  # noqa: E402
+from camex_ds.config import MERGE_METHODS
 
 TINY = {"vocab_size": 256, "d_model": 32, "n_layers": 12, "n_heads": 2, "ffn_hidden_size": 64, "seq_len": 64,
         "moe": {"method": "camex", "num_experts": 8, "every": 2, "segment_len": 16, "ep_size": 1}}

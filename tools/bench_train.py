@@ -29,10 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, DEFAULT_VOCAB_SIZE, SMOE_BACKENDS
 
-from camex_ds.config import SMOE_BACKENDS  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 from camex_ds.config import COMPARED_METHODS  # noqa: E402
 
@@ -87,7 +86,7 @@ def run_one(args, method: str, ranks: int, ep: int, accum: int, work: Path) -> d
         sys.exit(f"{method} on {ranks} rank(s) failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
-    model = ModelConfig.from_dict(dict(cfg, vocab_size=4096))
+    model = ModelConfig.from_dict(dict(cfg, vocab_size=DEFAULT_VOCAB_SIZE))
     micro = args.micro_batch
     # smoe's all-to-all runs inside DeepSpeed's MoE layer, which the trainer's byte counter does not see
     sent = None if method == "smoe" else statistics.median(r["ep_bytes_sent_per_step"] for r in rows)
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log_interval", type=int, default=5, help="steps per timed window (default: %(default)s)")
     ap.add_argument("--model", help="base model JSON whose trunk, expert count and MoE placement every method "
                                     "shares (default: the launcher's small default model)")
-    ap.add_argument("--deepspeed_config", default=str(ROOT / "ds_configs" / "cpu.json"),
+    ap.add_argument("--deepspeed_config", default=DEFAULT_DEEPSPEED_CONFIG,
                     help="DeepSpeed JSON of every run (default: %(default)s; on GPUs: ds_configs/gpu_zero2_bf16.json)")
     ap.add_argument("--smoe_backend", choices=SMOE_BACKENDS, default="auto",
                     help="smoe's implementation (default: %(default)s: MegaBlocks where CUDA and the package are "

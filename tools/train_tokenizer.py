@@ -1,76 +1,9 @@
 #!/usr/bin/env python
-"""Train a SentencePiece tokenizer on the train split of a corpus and write PREFIX.model.
-
-    python tools/train_tokenizer.py                               # default corpus, 4096 pieces -> out/tokenizer.model
-    python tools/train_tokenizer.py --data corpus/ --vocab_size 8192 --output out/tok8k
-"""
-from __future__ import annotations
-
-import argparse
+"""`python tools/train_tokenizer.py ...` (kept for existing users and docs): the
+`camex-train-tokenizer` command (camex_ds.cli.tokenizer)."""
 import sys
-import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO_ROOT))
-
-from camex_ds.data import DATA_HELP, DataError, resolve_source, train_texts, train_tokenizer  # noqa: E402
-from camex_ds.data.tokenizer import DEFAULT_INPUT_SENTENCE_SIZE  # noqa: E402
-from camex_ds.cli import run_cli  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Train a SentencePiece tokenizer (BPE, byte fallback, exact round trip, deterministic) on the "
-        "documents of --data that fall in the train split, so validation text stays unseen.",
-    )
-    parser.add_argument("--data", metavar="PATH", default=None, help=DATA_HELP)
-    parser.add_argument(
-        "--vocab_size", metavar="N", type=int, default=4096, help="pieces, 256 byte pieces included (%(default)s)"
-    )
-    parser.add_argument("--output", metavar="PREFIX", default="out/tokenizer", help="writes PREFIX.model (%(default)s)")
-    parser.add_argument(
-        "--model_type", choices=("bpe", "unigram"), default="bpe", help="unigram trains ~15x slower (%(default)s)"
-    )
-    parser.add_argument(
-        "--val_percent",
-        metavar="P",
-        type=int,
-        default=5,
-        help="percent of documents held out for validation; use the same value when preprocessing (%(default)s)",
-    )
-    parser.add_argument(
-        "--input_sentence_size",
-        metavar="N",
-        type=int,
-        default=DEFAULT_INPUT_SENTENCE_SIZE,
-        help="train on at most N lines, sampled deterministically (%(default)s)",
-    )
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_cli(lambda: _train(args), (DataError, OSError))
-
-
-def _train(args) -> int:
-    start = time.perf_counter()
-    source = resolve_source(args.data)
-    tokenizer = train_tokenizer(
-        train_texts(source, args.val_percent),
-        args.vocab_size,
-        args.output,
-        model_type=args.model_type,
-        input_sentence_size=args.input_sentence_size,
-        progress=not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    print(f"wrote {tokenizer.path}: {tokenizer.vocab_size} pieces from {source.description} in {seconds:.1f} s")
-    return 0
-
+from camex_ds.cli.tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main())

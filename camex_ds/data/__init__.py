@@ -12,6 +12,7 @@ Typical use in a training script::
 """
 from .corpus import DATA_HELP, DEFAULT_CORPUS_MAX_BYTES, DataError, Document, Source, default_corpus, resolve_source
 from .dataset import (
+    DEFAULT_VAL_PERCENT,
     BatchLoader,
     PreparedDataset,
     TokenDataset,
@@ -21,12 +22,13 @@ from .dataset import (
     validation_batches,
     write_dataset,
 )
-from .prepare import build_dataset, prepare_data, train_texts
+from .prepare import build_dataset, cache_dir, prepare_data, train_texts
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
     "DATA_HELP",
     "DEFAULT_CORPUS_MAX_BYTES",
+    "DEFAULT_VAL_PERCENT",
     "BatchLoader",
     "DataError",
     "Document",
@@ -36,6 +38,7 @@ __all__ = [
     "Tokenizer",
     "bits_per_byte",
     "build_dataset",
+    "cache_dir",
     "default_corpus",
     "is_prepared_dataset",
     "prepare_data",

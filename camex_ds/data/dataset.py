@@ -46,6 +46,9 @@ from tqdm import tqdm
 from .corpus import INDEX_FILE, DataError, Source
 from .tokenizer import Tokenizer
 
+#: Percent of documents a dataset validates on unless told otherwise (the split rule is `split_of`).
+DEFAULT_VAL_PERCENT = 5
+
 FORMAT = "camex_ds-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -112,7 +115,7 @@ def write_dataset(
     tokenizer: Tokenizer,
     output_dir: str | os.PathLike,
     *,
-    val_percent: int = 5,
+    val_percent: int = DEFAULT_VAL_PERCENT,
     progress: bool = False,
 ) -> "PreparedDataset":
     """Tokenize every document of ``source`` into a new dataset folder ``output_dir`` (atomically)."""

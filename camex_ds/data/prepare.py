@@ -28,10 +28,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
+from ..config import DEFAULT_VOCAB_SIZE
 from .corpus import DataError, Source, resolve_source
 from .dataset import (
+    DEFAULT_VAL_PERCENT,
     FORMAT_VERSION,
     PreparedDataset,
     check_val_percent,
@@ -44,6 +46,11 @@ from .tokenizer import DEFAULT_INPUT_SENTENCE_SIZE, Tokenizer, train_tokenizer
 
 # How prepare_data trains a tokenizer when none is given; part of the cache key.
 TOKENIZER_SETTINGS = {"model_type": "bpe", "input_sentence_size": DEFAULT_INPUT_SENTENCE_SIZE, "seed": 0}
+
+
+def cache_dir(given: Optional[str] = None) -> str:
+    """Where prepared datasets are cached: `given` (a --cache_dir), else $CAMEX_DS_CACHE, else ~/.cache/camex_ds."""
+    return given or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
 
 
 def train_texts(source: Source, val_percent: int) -> Iterator[str]:
@@ -79,8 +86,8 @@ def build_dataset(
     output_dir: str | os.PathLike,
     tokenizer: str | os.PathLike | None = None,
     *,
-    vocab_size: int = 4096,
-    val_percent: int = 5,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    val_percent: int = DEFAULT_VAL_PERCENT,
     progress: bool = False,
 ) -> PreparedDataset:
     """Tokenize ``source`` into ``output_dir``, first training a tokenizer on its train split if none is given."""
@@ -99,10 +106,10 @@ def prepare_data(
     data: str | os.PathLike | None,
     tokenizer: str | os.PathLike | None,
     cache_dir: str | os.PathLike,
-    vocab_size: int = 4096,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     progress: bool = False,
     *,
-    val_percent: int = 5,
+    val_percent: int = DEFAULT_VAL_PERCENT,
 ) -> PreparedDataset:
     """Resolve ``data`` (None: the default corpus) to a preprocessed dataset, building and caching it if needed.
 

@@ -1,25 +1,23 @@
 """One DeepSpeed optimizer step per (method, ZeRO stage, layout); writes every parameter by global name.
 
-Run under `deepspeed --num_gpus 2` (layouts ep2 and dp2, each rank on its half of a fixed global batch)
-or as plain `python` (layout ref: one rank, ep_size 1, the whole batch). With `--accum K` each rank's part
-of the batch goes through K micro-batches of DeepSpeed's gradient accumulation. tests/test_expert_parallel.py
-and tests/test_step_reuse.py compare the files. Curvature factors are moved away from identity by a seed
+A module run from the repository root: under `deepspeed --num_gpus 2 --module tests.dist.ep_step` (layouts ep2
+and dp2, each rank on its half of a fixed global batch) or as `python -m tests.dist.ep_step` (layout ref: one
+rank, ep_size 1, the whole batch). With `--accum K` each rank's part of the batch goes through K micro-batches
+of DeepSpeed's gradient accumulation. tests/test_expert_parallel.py and tests/test_step_reuse.py compare the
+files. Curvature factors are moved away from identity by a seed
 that depends only on the global expert id, so every layout starts from the same model. `camex-dynamic` is a
 dynamic chain of camex layers.
 """
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from camex_ds import parallel  # noqa: E402
-from camex_ds.model import build_model  # noqa: E402
-from camex_ds.moe import CAMExMoE  # noqa: E402
-from camex_ds.train.loop import micro_batch_of  # noqa: E402
+from camex_ds import parallel
+from camex_ds.model import build_model
+from camex_ds.moe import CAMExMoE
+from camex_ds.train.loop import micro_batch_of
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 32, 64
 

@@ -1,8 +1,8 @@
 """launcher/pretrain.py with one fault injected from the test side (the production loop has no hooks).
 
-Run it like the launcher (plain `python`, under `deepspeed`, or as rank processes). `CAMEX_FAULT` says
-what happens, `RANK:SIGNAL:POINT:N`: rank RANK sends itself SIGNAL (KILL or STOP) at its N-th (1-based)
-POINT event:
+Run it like the launcher, as the module `tests.dist.faulty_pretrain` from the repository root (`python -m`,
+`deepspeed --module`, or as rank processes). `CAMEX_FAULT` says what happens, `RANK:SIGNAL:POINT:N`: rank RANK
+sends itself SIGNAL (KILL or STOP) at its N-th (1-based) POINT event:
 
 * `save`: an event of a checkpoint save, in order: each file written (`torch.save`: once just before the
   file is opened, once after half of it is on disk), each file hashed for the manifest, and each atomic
@@ -20,11 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "launcher"))
-sys.path.insert(0, str(ROOT))
-
-import pretrain  # noqa: E402
+from camex_ds.cli import pretrain
 
 
 def install(spec: str, log: str) -> None:

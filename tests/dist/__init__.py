@@ -1,0 +1,1 @@
+"""Scripts the multi-process tests start as modules (`python -m tests.dist.<name>`, `deepspeed --module`)."""
