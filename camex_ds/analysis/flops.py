@@ -1,5 +1,5 @@
 """What a model costs, counted: matmul FLOPs per token, parameters, EP bytes, the same FLOPs measured with
-`FlopCounterMode` on the real model, and MFU, for the GPT models of `camex_ds.model` (spec §8). The hardware's
+`FlopCounterMode` on the real model (`camex_ds.analysis.measured`), and MFU, for the GPT models of `camex_ds.model` (spec §8). The hardware's
 peak FLOP/s that MFU divides by is `camex_ds.analysis.hardware`'s.
 
 Convention (spec §8, the one of `torch.utils.flop_counter.FlopCounterMode`): count matrix-multiply FLOPs,
@@ -25,11 +25,8 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch.utils import flop_counter as fc
 
 from ..config import ConfigError, ModelConfig, MoEConfig
-from ..model import build_model
-from ..moe import MicroBatch
 from ..moe.chain import next_span_size, prefer_span, start_span_size
 from ..moe.comm import ep_bytes_per_layer
 from ..moe.ffn import matrix_shapes
@@ -57,6 +54,11 @@ def _with_seq_len(cfg: ModelConfig, seq_len: Optional[int]) -> ModelConfig:
     if seq_len is None or seq_len == cfg.seq_len:
         return cfg
     return cfg.replace(seq_len=seq_len)  # re-validates (segment_len must divide it)
+
+
+def resolve_config(cfg: CfgLike, seq_len: Optional[int] = None) -> ModelConfig:
+    """`cfg` as a validated `ModelConfig` (a dict is parsed), at `seq_len` when given."""
+    return _with_seq_len(_as_config(cfg), seq_len)
 
 
 def _vocab(cfg: ModelConfig, vocab_size: Optional[int]) -> int:
@@ -410,82 +412,6 @@ def ep_bytes_per_step(cfg: CfgLike, micro_batch_tokens: Optional[int] = None, by
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Measuring with FlopCounterMode
-
-def flop_counter_mapping() -> dict:
-    """Extra formulas for `FlopCounterMode(custom_mapping=...)` covering two gaps of torch's registry:
-    SDPA's CPU kernel (`_scaled_dot_product_flash_attention_for_cpu` and its backward; only the CUDA
-    kernels are registered, the CPU one counts 0), mapped to the same formulas so a CPU count equals a GPU
-    count; and the in-place GEMMs `addmm_`/`baddbmm_` (only the out-of-place ops are registered), which
-    `_MergedLinear`'s backward uses for the task-vector gradient."""
-    aten = torch.ops.aten
-    mapping = {}
-    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-    def addmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-    def baddbmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
-
-    mapping[aten.addmm_] = addmm_
-    mapping[aten.baddbmm_] = baddbmm_
-    if fwd is not None:
-        mapping[fwd] = forward
-    if bwd is not None:
-        mapping[bwd] = backward
-    return mapping
-
-
-def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int] = None, *, train: bool = False,
-                            accumulation: int = 1, model: Optional[torch.nn.Module] = None, seed: int = 0) -> dict:
-    """FlopCounterMode's count per token on the real model (`build_model`), eval forward or, with `train`, one
-    optimizer step's training-mode forwards and backwards of `loss + aux_loss`: `accumulation` micro-batches of
-    `batch` sequences, each told its place in the step as DeepSpeed's trainer tells it. Returns `forward`,
-    `backward`, `train` (when `train`) and `by_op`. Analytic counterpart:
-    `flops_per_token(cfg, seq_len, batch·seq_len, accumulation=accumulation)`."""
-    cfg = _with_seq_len(_as_config(cfg), seq_len)
-    if model is None:
-        torch.manual_seed(seed)
-        model = build_model(cfg)
-    model.train(train)
-    vocab = cfg.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    tokens = batch * cfg.seq_len
-    mapping = flop_counter_mapping()
-    if train:
-        model.zero_grad(set_to_none=True)
-        f = b = 0
-        by_op: dict = {}
-        for i in range(accumulation):
-            ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
-            micro_batch = MicroBatch(step=0, last=i == accumulation - 1, accumulation=accumulation)
-            with fc.FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
-                out = model(ids, labels=ids, micro_batch=micro_batch)
-                loss = out.loss + out.aux_loss
-            with fc.FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
-                loss.backward()
-            f, b = f + fwd.get_total_flops(), b + bwd.get_total_flops()
-            for k, v in fwd.get_flop_counts()["Global"].items():
-                by_op[str(k)] = by_op.get(str(k), 0) + v
-        step_tokens = tokens * accumulation
-        return {"forward": f / step_tokens, "backward": b / step_tokens, "train": (f + b) / step_tokens,
-                "by_op": by_op}
-    ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
-    with torch.no_grad(), fc.FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
-        model(ids)
-    by_op = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}
-    return {"forward": fwd.get_total_flops() / tokens, "by_op": by_op}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # MFU
 
 def mfu(tokens_per_s: float, flops_per_token_train: float, peak: float) -> float:
@@ -500,5 +426,4 @@ def achieved_flops(tokens_per_s: float, flops_per_token_train: float) -> float:
 
 
 __all__ = ["COMPONENTS", "flops_per_token", "param_counts", "ep_bytes_per_step", "curvature_flops_per_expert",
-           "curvature_backward_flops_per_expert", "smoe_capacity",
-           "flop_counter_mapping", "measure_flops_per_token", "mfu", "achieved_flops"]
+           "curvature_backward_flops_per_expert", "smoe_capacity", "resolve_config", "mfu", "achieved_flops"]

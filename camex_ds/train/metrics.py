@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .. import parallel
 from ..config import TrainArgs
+from ..analysis.flops import achieved_flops, mfu
 from ..analysis.hardware import peak_flops
 
 
@@ -38,9 +39,9 @@ def mfu_peak(args: TrainArgs, ds_config: dict) -> Optional[float]:
 def flops_row(tokens: int, tokens_per_s: float, flops_per_token_train: float, peak: Optional[float]) -> dict:
     """Cumulative training FLOPs, achieved FLOP/s of the whole job, and MFU against every rank's peak."""
     row = {"train_flops": tokens * flops_per_token_train, "flops_per_token": flops_per_token_train,
-           "achieved_flops_per_s": tokens_per_s * flops_per_token_train}
+           "achieved_flops_per_s": achieved_flops(tokens_per_s, flops_per_token_train)}
     if peak:
-        row["mfu"] = row["achieved_flops_per_s"] / (peak * parallel.world_size())
+        row["mfu"] = mfu(tokens_per_s, flops_per_token_train, peak * parallel.world_size())
     return row
 
 
