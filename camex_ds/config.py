@@ -368,7 +368,22 @@ DEFAULT_MODEL_CONFIG = str(REPO_ROOT / "ds_configs" / "models" / "camex_small.js
 
 def default_model() -> dict:
     """The raw dict of `DEFAULT_MODEL_CONFIG` (a fresh copy: callers edit it)."""
-    return json.loads(Path(DEFAULT_MODEL_CONFIG).read_text())
+    return read_json_object(Path(DEFAULT_MODEL_CONFIG), "the default model config")
+
+
+def read_json_object(path: Path, what: str, error: type = ConfigError) -> dict:
+    """The JSON object in the file `path` (a `what`: a flag, or e.g. 'MoE config'); a missing file, bad JSON or
+    another JSON value raises `error` naming it. Every config, manifest and model file is read through here."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what}: file '{path}' does not exist")
+    try:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} '{path}' is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} '{path}' must hold a JSON object")
+    return raw
 
 
 def _flag(default: Any, help: str, **argparse_options) -> Any:

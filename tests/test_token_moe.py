@@ -3,6 +3,7 @@ package are present (a clear error elsewhere; the GPU test skips without them)."
 import pytest
 import torch
 
+from camex_ds.config import MoEConfig
 from camex_ds.model import build_model
 from camex_ds.moe import token_moe
 from camex_ds.moe.token_moe import MegaBlocksMoE, TokenMoE, megablocks_available, resolve_backend
@@ -52,7 +53,7 @@ def test_megablocks_backend_without_cuda_is_a_clear_error():
 def test_megablocks_dmoe_trains_on_gpu():
     """bf16, as DeepSpeed's bf16 mode runs it (MegaBlocks' grouped GEMM is bf16-only); fp32 is a clear error."""
     torch.manual_seed(0)
-    layer = MegaBlocksMoE(64, 128, 4, top_k=2, bf16=True).cuda()
+    layer = MegaBlocksMoE(64, 128, MoEConfig(num_experts=4, method="smoe", top_k=2), bf16=True).cuda()
     x = torch.randn(2, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, aux, _ = layer(x)
     (out.float().square().mean() + aux).backward()

@@ -31,10 +31,8 @@ from ..moe.chain import next_span_size, prefer_span, start_span_size
 from ..moe.comm import ep_bytes_per_layer
 from ..moe.ffn import matrix_shapes
 from ..moe.functional import curvature_backward_flops, curvature_flops, kron_factor_shape
-from ..moe.token_moe import resolve_backend
+from ..moe.token_moe import SMOE_MIN_CAPACITY, resolve_backend
 
-# DeepSpeed's `TokenMoE` settings (camex_ds/moe/token_moe.py): min_capacity=4, drop_tokens=True.
-SMOE_MIN_CAPACITY = 4
 # FlopCounterMode's fused-attention backward formula: scores recomputed + 2 GEMMs for dV, dP + 2 for dQ, dK,
 # against 2 GEMMs forward.
 SDPA_BACKWARD_MULTIPLIER = 2.5

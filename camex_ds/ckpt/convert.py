@@ -13,14 +13,13 @@ Both read the checkpoint into a layout-free `Universal` (`read_universal`); the 
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import DEFAULT_VOCAB_SIZE, ConfigError, ModelConfig, read_json_object
 from .deepspeed import (
     LATEST,
     MODEL_STATES,
@@ -36,7 +35,7 @@ from .deepspeed import (
     rng_file,
     zero_file,
 )
-from .format import ConvertError, PathLike, atomic_output_dir, read_json_object, save_pretrained, single_rank_config
+from .format import ConvertError, PathLike, atomic_output_dir, save_pretrained, single_rank_config
 from .optimizer import read_torch_optimizer, read_zero_optimizer, torch_optimizer_state, zero_partition_state
 
 
@@ -71,11 +70,11 @@ def find_run_data(ref: CheckpointRef, states: dict) -> tuple:
     --tokenizer, and finally the run's dataset cache through `prepare_data` with the run's settings
     (a cache hit costs nothing; a deleted cache entry is rebuilt, identically, from the run's data).
     """
-    from ..data import DataError, PreparedDataset, is_prepared_dataset, prepare_data
+    from ..data import DataError, PreparedDataset, cache_dir, is_prepared_dataset, prepare_data
 
     args = {}
     if ref.run_dir is not None and (ref.run_dir / "train_args.json").is_file():
-        args = read_json_object(ref.run_dir / "train_args.json", "training arguments")
+        args = read_json_object(ref.run_dir / "train_args.json", "training arguments", ConvertError)
     for key in ("prepared_data", "dataset_path", "dataset"):
         for source in (states, args):
             value = source.get(key)
@@ -95,9 +94,9 @@ def find_run_data(ref: CheckpointRef, states: dict) -> tuple:
     if not args:
         raise ConvertError(f"cannot find the run's tokenizer: no train_args.json next to '{ref.root}'; pass "
                            "--tokenizer")
-    cache = args.get("cache_dir") or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
     try:
-        prepared = prepare_data(data, None, cache, vocab_size=args.get("vocab_size", 4096))
+        prepared = prepare_data(data, None, cache_dir(args.get("cache_dir")),
+                                vocab_size=args.get("vocab_size", DEFAULT_VOCAB_SIZE))
     except DataError as e:
         raise ConvertError(f"cannot find the run's tokenizer through its data ({e}); pass --tokenizer")
     return prepared.tokenizer_path, prepared.path

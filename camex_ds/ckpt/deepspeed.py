@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, read_json_object
 from .format import (
     EXPERT_RE,
     ConvertError,
@@ -41,7 +41,6 @@ from .format import (
     expert_key,
     global_expert_name,
     meta_model,
-    read_json_object,
     single_rank_config,
 )
 
@@ -227,7 +226,7 @@ def _checkpoint_config(ref: CheckpointRef, states: dict) -> ModelConfig:
     what = f"'{ref.tag_dir / MODEL_STATES}' (client state 'model_config')"
     if raw is None and ref.run_dir is not None and (ref.run_dir / "model_config.json").is_file():
         what = f"'{ref.run_dir / 'model_config.json'}'"
-        raw = read_json_object(ref.run_dir / "model_config.json", "model config")
+        raw = read_json_object(ref.run_dir / "model_config.json", "model config", ConvertError)
     if raw is None:
         raise ConvertError(f"'{ref.tag_dir / MODEL_STATES}' has no 'model_config' in its client state and no "
                            "model_config.json is next to it: this is not a checkpoint of launcher/pretrain.py")

@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .. import parallel
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, read_json_object
 from ..model import GPT
 
 FORMAT = "camex_ds-pretrained"
@@ -60,17 +60,6 @@ class ConvertError(ValueError):
 def expert_key(layer: str, expert: int, rest: str = "") -> str:
     """The state-dict name of `rest` (e.g. `w_in`) of expert `expert` of the MoE layer `layer`."""
     return f"{layer}{EXPERTS}{expert}.{rest}"
-
-
-def read_json_object(path: Path, what: str, error: type = ConvertError) -> dict:
-    """The JSON object in the file `path` (a `what`, e.g. 'MoE config'); anything else raises `error` naming it."""
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{what} '{path}' is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise error(f"{what} '{path}' must hold a JSON object")
-    return raw
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, read_json_object
 from .format import (
     EXPERT_RE,
     FORMAT,
@@ -39,7 +39,6 @@ from .format import (
     dtype_name,
     find_tokenizer,
     read_consolidated,
-    read_json_object,
     reference_shapes,
     save_pretrained,
 )
@@ -138,7 +137,7 @@ def read_hf_config(folder: PathLike) -> dict:
         raise ConvertError(f"Hugging Face model folder '{folder}' does not exist")
     if not (folder / "config.json").is_file():
         raise ConvertError(f"'{folder}' is not a Hugging Face model folder: config.json is missing")
-    hf = read_json_object(folder / "config.json", "config")
+    hf = read_json_object(folder / "config.json", "config", ConvertError)
     if hf.get("format") == FORMAT:
         raise ConvertError(f"'{folder}' is already a consolidated camex_ds model, not a Hugging Face one")
     if hf.get("model_type") not in MODEL_TYPES:
@@ -155,7 +154,7 @@ def _weight_files(folder: Path, allow_pickle: bool) -> tuple:
                                "code, so it is read only with --allow_pickle (then through "
                                "torch.load(weights_only=True))")
         if (folder / index).is_file():
-            weight_map = read_json_object(folder / index, "weight index").get("weight_map")
+            weight_map = read_json_object(folder / index, "weight index", ConvertError).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConvertError(f"weight index '{folder / index}' has no 'weight_map'")
             return [folder / f for f in dict.fromkeys(weight_map.values())], pickled

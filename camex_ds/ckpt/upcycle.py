@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FOLD_TARGET, ConfigError, ModelConfig
+from ..config import FOLD_TARGET, ConfigError, ModelConfig, read_json_object
 from ..model import GPT
 from ..moe import functional as Fn
 from ..moe.ffn import expert_matrix_names
@@ -23,7 +23,6 @@ from .format import (
     expert_key,
     find_tokenizer,
     read_consolidated,
-    read_json_object,
     reference_shapes,
     save_pretrained,
 )
@@ -44,7 +43,7 @@ def upcycle(input_dir: PathLike, moe_config: PathLike, output: PathLike, noise: 
     path = Path(moe_config)
     if not path.is_file():
         raise ConvertError(f"MoE config '{path}' does not exist")
-    raw = read_json_object(path, "MoE config")
+    raw = read_json_object(path, "MoE config", ConvertError)
     if "moe" in raw:  # a whole model config: its dimensions must be the dense model's
         for key, value in raw.items():
             if key != "moe" and key in cfg.to_dict() and value is not None and cfg.to_dict()[key] != value:

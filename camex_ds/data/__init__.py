@@ -2,7 +2,7 @@
 
 Typical use in a training script::
 
-    prepared = prepare_data(args.data, args.tokenizer, cache_dir, vocab_size=4096, progress=rank == 0)
+    prepared = prepare_data(args.data, args.tokenizer, cache_dir, vocab_size=DEFAULT_VOCAB_SIZE, progress=rank == 0)
     train = BatchLoader(prepared.split("train"), seq_len, micro_batch, dp_rank, dp_world_size, seed)
     x, y = next(train)                        # LongTensors [micro_batch, seq_len]; y is x shifted by one
     checkpoint["data"] = train.state_dict()   # identical on every rank; train.load_state_dict() resumes

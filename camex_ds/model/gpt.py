@@ -68,11 +68,8 @@ def build_moe_layer(cfg: ModelConfig, chain_start: bool) -> nn.Module:
         return CAMExMoE(d, h, moe=moe, activation=cfg.activation, chain_start=chain_start, init_std=cfg.init_std,
                         bias=cfg.ffn_bias)
     if resolve_backend(moe.backend, moe.ep_size, ffn_bias=cfg.ffn_bias) == "megablocks":
-        return MegaBlocksMoE(d, h, moe.num_experts, top_k=moe.k, activation=cfg.activation,
-                             aux_loss_coef=moe.aux_loss_coef, init_std=cfg.init_std)
-    return TokenMoE(d, h, moe.num_experts, top_k=moe.k, ep_size=moe.ep_size, activation=cfg.activation,
-                    capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, init_std=cfg.init_std,
-                    bias=cfg.ffn_bias)
+        return MegaBlocksMoE(d, h, moe, activation=cfg.activation, init_std=cfg.init_std)
+    return TokenMoE(d, h, moe, activation=cfg.activation, init_std=cfg.init_std, bias=cfg.ffn_bias)
 
 
 class Block(nn.Module):

@@ -8,8 +8,11 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from .. import parallel
-from ..config import ConfigError
+from ..config import ConfigError, MoEConfig
 from .ffn import FFN, matrix_shapes
+
+# DeepSpeed's MoE keeps at least this many token slots per expert (its `min_capacity`); the FLOPs count reads it.
+SMOE_MIN_CAPACITY = 4
 
 
 def megablocks_available() -> bool:
@@ -43,18 +46,19 @@ class TokenMoE(MoE):
     `deepspeed.initialize`, which gives the layer its expert-parallel group; with `ep_size` 1 it runs anywhere.
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, top_k: int = 2,
-                 ep_size: int = 1, activation: str = "gelu", capacity_factor: float = 1.0,
-                 aux_loss_coef: float = 1e-2, init_std: float = 0.02, bias: bool = False):
-        ep_rank = parallel.expert_parallel_rank(ep_size)  # before DeepSpeed builds anything: a clear error first
-        super().__init__(hidden_size, FFN(hidden_size, ffn_hidden_size, activation, init_std, bias), num_experts,
-                         ep_size=ep_size, k=top_k, capacity_factor=capacity_factor,
-                         eval_capacity_factor=capacity_factor, min_capacity=4, drop_tokens=True, use_rts=False)
-        self.aux_loss_coef = aux_loss_coef
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, moe: MoEConfig, *, activation: str = "gelu",
+                 init_std: float = 0.02, bias: bool = False):
+        """`moe`: the layer's `MoEConfig` (num_experts, k, ep_size, capacity_factor, aux_loss_coef)."""
+        ep_rank = parallel.expert_parallel_rank(moe.ep_size)  # before DeepSpeed builds anything: a clear error first
+        super().__init__(hidden_size, FFN(hidden_size, ffn_hidden_size, activation, init_std, bias), moe.num_experts,
+                         ep_size=moe.ep_size, k=moe.k, capacity_factor=moe.capacity_factor,
+                         eval_capacity_factor=moe.capacity_factor, min_capacity=SMOE_MIN_CAPACITY, drop_tokens=True,
+                         use_rts=False)
+        self.aux_loss_coef = moe.aux_loss_coef
         with torch.no_grad():
             self.deepspeed_moe.gate.wg.weight.normal_(0.0, init_std)
             for name, shape in matrix_shapes(hidden_size, ffn_hidden_size, activation).items():
-                full = torch.randn(num_experts, *shape) * init_std
+                full = torch.randn(moe.num_experts, *shape) * init_std
                 for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
                     getattr(expert, name).copy_(full[parallel.global_expert(ep_rank, self.num_local_experts, j)])
 
@@ -78,9 +82,8 @@ class TokenMoE(MoE):
 class MegaBlocksMoE(nn.Module):
     """MegaBlocks dropless MoE (grouped GEMM on CUDA), for the `smoe` baseline on GPUs."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, *, top_k: int = 2,
-                 activation: str = "gelu", aux_loss_coef: float = 1e-2, init_std: float = 0.02,
-                 bf16: bool = False):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, moe: MoEConfig, *, activation: str = "gelu",
+                 init_std: float = 0.02, bf16: bool = False):
         super().__init__()
         if not megablocks_available():
             raise RuntimeError("moe.backend='megablocks' needs CUDA and the `megablocks` package "
@@ -90,11 +93,11 @@ class MegaBlocksMoE(nn.Module):
 
         gelu = functools.partial(torch.nn.functional.gelu,
                                  approximate="tanh" if activation == "gelu_tanh" else "none")
-        self.args = Arguments(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, moe_num_experts=num_experts,
-                              moe_top_k=top_k, mlp_type="glu" if activation == "swiglu" else "mlp",
+        self.args = Arguments(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, moe_num_experts=moe.num_experts,
+                              moe_top_k=moe.k, mlp_type="glu" if activation == "swiglu" else "mlp",
                               activation_fn=torch.nn.functional.silu if activation == "swiglu" else gelu,
                               mlp_impl="grouped", init_method=lambda w: torch.nn.init.normal_(w, 0.0, init_std),
-                              fp16=False, bf16=bf16, moe_loss_weight=aux_loss_coef,
+                              fp16=False, bf16=bf16, moe_loss_weight=moe.aux_loss_coef,
                               device=torch.cuda.current_device())
         self.dmoe = dMoE(self.args)
 

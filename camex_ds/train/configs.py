@@ -3,13 +3,12 @@ the output folder. Every check fails on every rank alike, with one line that say
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import socket
 from pathlib import Path
 
-from ..config import ConfigError, ModelConfig, TrainArgs, default_model
+from ..config import ConfigError, ModelConfig, TrainArgs, default_model, read_json_object
 from ..moe.token_moe import resolve_backend
 from . import checkpoint
 from .checkpoint import CheckpointError
@@ -22,23 +21,13 @@ def load_model_config(args: TrainArgs) -> ModelConfig:
 
         cfg = read_config(args.init_from)[0]
     else:
-        raw = default_model() if args.model_config is None else read_json(args.model_config, "--model_config")
+        raw = default_model() if args.model_config is None else read_json_object(args.model_config, "--model_config")
         cfg = ModelConfig.from_dict(raw)
     if args.ep_size is not None:
         if cfg.moe is None:
             raise ConfigError(f"--ep_size={args.ep_size} given, but the model is dense (moe is null)")
         cfg = cfg.with_moe(ep_size=args.ep_size)
     return cfg
-
-
-def read_json(path: str, flag: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"{flag}: file '{path}' does not exist")
-    with open(path, "rb") as f:
-        try:
-            return json.loads(f.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{flag}: '{path}' is not valid JSON ({e})") from None
 
 
 # Fields DeepSpeed reads without checking their types (it would fail later, or with a message about Python)
@@ -55,9 +44,7 @@ def _ds_section(ds: dict, name: str) -> dict:
 
 def deepspeed_config(args: TrainArgs) -> dict:
     """The user's DeepSpeed JSON with our run's facts filled in where it says "auto"."""
-    ds = read_json(args.deepspeed_config, "--deepspeed_config")
-    if not isinstance(ds, dict):
-        raise ConfigError(f"--deepspeed_config: '{args.deepspeed_config}' must hold a JSON object")
+    ds = read_json_object(args.deepspeed_config, "--deepspeed_config")
     for name in _DS_COUNTS:
         value = ds.get(name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import parallel
+from ..config import read_json_object
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -48,11 +49,8 @@ def read(tag_dir: os.PathLike) -> dict:
     path = Path(tag_dir) / MANIFEST
     if not path.is_file():
         raise ValueError(f"'{path}' is missing (the save did not complete)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"'{path}' is unreadable ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    manifest = read_json_object(path, "checkpoint manifest", ValueError)
+    if not isinstance(manifest.get("files"), dict):
         raise ValueError(f"'{path}' is not a checkpoint manifest")
     return manifest
 

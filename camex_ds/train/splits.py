@@ -2,11 +2,9 @@
 record of them that a resume must match."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 from ..config import ModelConfig, TrainArgs
-from ..data import DataError, prepare_data
+from ..data import DataError, cache_dir, prepare_data
 from . import manifest
 from .checkpoint import CheckpointError
 
@@ -17,7 +15,7 @@ def prepare_splits(args: TrainArgs, cfg: ModelConfig, micro: int, is_main: bool)
     With --val_data the training data are all trained on and the validation split is all of --val_data,
     tokenized with the training data's tokenizer.
     """
-    cache = args.cache_dir or os.environ.get("CAMEX_DS_CACHE", str(Path.home() / ".cache" / "camex_ds"))
+    cache = cache_dir(args.cache_dir)
     tokenizer = args.tokenizer
     if tokenizer is None and args.init_from:  # a pretrained model continues on its own token ids
         from ..ckpt.format import find_tokenizer
