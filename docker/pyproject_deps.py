@@ -59,10 +59,20 @@ def load_requirements(pyproject: Path, extras: list[str]) -> list[str]:
         project = tomllib.load(fh)["project"]
     reqs = list(project.get("dependencies", []))
     optional = project.get("optional-dependencies", {})
-    for extra in extras:
+    pending, seen = list(extras), set()
+    while pending:  # an extra may name the project's own extras (`test = ["camex_ds[hf]"]`): expand them
+        extra = pending.pop(0)
+        if extra in seen:
+            continue
+        seen.add(extra)
         if extra not in optional:
             raise SystemExit(f"unknown extra {extra!r}; have {sorted(optional)}")
-        reqs.extend(optional[extra])
+        for req in optional[extra]:
+            own = re.fullmatch(r"\s*([A-Za-z0-9._-]+)\[([^\]]+)\]\s*", req)
+            if own and normalize(own.group(1)) == normalize(project["name"]):
+                pending.extend(e.strip() for e in own.group(2).split(","))
+            else:
+                reqs.append(req)
     return reqs
 
 
