@@ -206,7 +206,7 @@ def test_eval_and_checkpoint_mid_run_keep_the_losses(tmp_path, text_files, dynam
     evaluation and a checkpoint save + load between steps 1 and 2 give the losses of three plain steps."""
     import json
 
-    from launch import TINY, launch
+    from .launch import TINY, launch
 
     model = {**TINY, "moe": {**TINY["moe"], "method": "camex-dare", "dynamic": dynamic}}
     (tmp_path / "model.json").write_text(json.dumps(model))
