@@ -29,11 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, DEFAULT_VOCAB_SIZE, SMOE_BACKENDS
+from camex_ds.config import COMPARED_METHODS, DEFAULT_DEEPSPEED_CONFIG, DEFAULT_VOCAB_SIZE, SMOE_BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-from camex_ds.config import COMPARED_METHODS  # noqa: E402
 
 # What `compare` compares, and camex as a dynamic chain (a pseudo-method: camex with moe.dynamic=true).
 METHODS = COMPARED_METHODS + ("camex-dynamic",)

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from .. import parallel
+from ..ckpt.deepspeed import LATEST, rng_file
 from . import manifest
 from .peers import is_communication_error
 
-LATEST = "latest"
 TAG_RE = re.compile(r"global_step(\d+)")
 
 
@@ -85,7 +85,7 @@ def save(engine, ckpt_dir: os.PathLike, step: int, client_state: dict, run: dict
     parallel.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(_rng_state(), tag_dir / f"rng_state_rank{parallel.rank()}.pt")
+        torch.save(_rng_state(), rng_file(tag_dir, parallel.rank()))
         parallel.barrier()
         manifest.write(tag_dir, run)
         if parallel.rank() == 0:
@@ -204,7 +204,7 @@ def load(engine, ckpt_dir: os.PathLike, tag: str) -> dict:
         raise CheckpointError(f"DeepSpeed cannot load checkpoint '{ckpt_dir / tag}': {detail[:300]}") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rng_file = ckpt_dir / tag / f"rng_state_rank{parallel.rank()}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    rng_path = rng_file(ckpt_dir / tag, parallel.rank())
+    if rng_path.is_file():
+        _set_rng_state(torch.load(rng_path, weights_only=False))
     return client_state or {}
