@@ -20,15 +20,11 @@ import os
 import sys
 import typing
 
+from camex_ds.cli import ArgumentParser
 from camex_ds.config import TrainArgs
 
 # The name in argparse's error lines: the same whether the launcher script, `camex-pretrain` or a test calls main
 PROG = "pretrain.py"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error of the launcher
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _value_type(annotation) -> type:
@@ -56,7 +52,7 @@ def add_dataclass_arguments(ap: argparse.ArgumentParser, cls) -> None:
 
 
 def parse_args(argv=None) -> TrainArgs:
-    ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(ap, TrainArgs)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = vars(ap.parse_args(argv))

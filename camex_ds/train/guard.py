@@ -71,6 +71,7 @@ def held(optimizer, bad: bool):
     finally:
         del optimizer.step
 
+
 def stop_or_skip(step: int, loss: float, count: int, allowed: int, ckpt_dir: Path) -> None:
     """A bad step (already kept from changing the weights): stop, or say it was skipped."""
     loss = parallel.all_reduce_mean([loss])[0]

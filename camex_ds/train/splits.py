@@ -2,7 +2,6 @@
 record of them that a resume must match."""
 from __future__ import annotations
 
-
 from ..config import ModelConfig, TrainArgs
 from ..data import DataError, cache_dir, prepare_data
 from . import manifest
