@@ -416,7 +416,13 @@ class TrainArgs:
     output_dir: str = _flag("runs/default", "metrics, TensorBoard, checkpoints (%(default)s)")
     max_steps: int = _flag(300, "optimizer steps in total (%(default)s)")
     eval_interval: int = _flag(100, "validate every N steps and at the end (%(default)s)")
-    eval_batches: int = _flag(16, "validation batches per evaluation (%(default)s)")
+    eval_windows: Optional[int] = _flag(
+        None, "validation windows (seq_len + 1 tokens each) per evaluation, the same at any micro batch; default: "
+        "the whole validation split, up to a cap that keeps evaluation near 10%% of training time (logged, and "
+        "recorded as val_windows and val_tokens)", metavar="N")
+    eval_batches: Optional[int] = _flag(
+        None, "or: validation batches of the micro batch size per evaluation (K x micro batch windows, so they "
+        "change with the micro batch)", metavar="K")
     save_interval: int = _flag(100, "checkpoint every N steps and at the end (%(default)s)")
     keep_checkpoints: Optional[int] = _flag(
         None, "keep only the newest K checkpoints, deleting older ones once a new one is complete (default: all)",

@@ -438,7 +438,7 @@ def test_validation_batches_cover_the_split_in_order(tmp_path):
     batches = list(validation_batches(ds, seq_len=10, batch_size=4))
     assert [x[:, 0].tolist() for x, _ in batches] == [[0, 10, 20, 30], [40, 50, 60, 70], [80]]
     assert all((y == x + 1).all() for x, y in batches)
-    assert len(list(validation_batches(ds, 10, 4, max_batches=2))) == 2
+    assert [len(x) for x, _ in validation_batches(ds, 10, 4, max_windows=6)] == [4, 2]
     with pytest.raises(DataError, match=r"validation split of .* has 95 tokens, fewer than seq_len \+ 1 = 101"):
         validation_batches(ds, 100, 4)
 

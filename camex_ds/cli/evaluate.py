@@ -1,15 +1,15 @@
 """Perplexity and bits per byte of a consolidated model (tools/convert_checkpoint.py consolidate).
 
     camex-evaluate --model out/model                  # the validation split of the training data
-    camex-evaluate --model out/model --data corpus/ --max_batches 16
+    camex-evaluate --model out/model --data corpus/ --max_windows 128
     camex-evaluate --model out/model --data default   # the launcher's default corpus
     camex-evaluate --model out/model --val_data corpus/valid.txt   # all of a separate validation text
 
 The data are tokenized with the model's own tokenizer through `camex_ds.data.prepare_data` (cached),
 so the validation split is the one `launcher/pretrain.py` evaluates on, and the loss is computed by
-the launcher's `evaluate` over the same windows: `--batch_size` B and `--max_batches` K cover the first
-B*K windows (the launcher uses its micro batch size and --eval_batches). The last stdout line is a
-JSON object with val_loss, val_ppl and val_bpb.
+the launcher's `evaluate` over the same windows: `--max_windows` N covers the first N windows, as the launcher's
+--eval_windows does (its final_metrics.json records val_windows); `--batch_size` only groups them. The last stdout
+line is a JSON object with val_loss, val_ppl, val_bpb, val_windows and val_tokens.
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "--data; the launcher's --val_data), tokenized with the model's tokenizer")
     ap.add_argument("--split", choices=("validation", "train"), default="validation", help="(%(default)s)")
     ap.add_argument("--batch_size", type=int, default=8, help="windows per batch (%(default)s)")
+    ap.add_argument("--max_windows", type=int,
+                    help="evaluate the first N windows only, like the launcher's --eval_windows (default: all)")
     ap.add_argument("--max_batches", type=int,
-                    help="evaluate the first K batches only, like the launcher's --eval_batches (default: all)")
+                    help="or: the first K batches of --batch_size windows, like the launcher's --eval_batches")
     ap.add_argument("--cache_dir", help="where prepared datasets are cached (default: $CAMEX_DS_CACHE or "
                                         "~/.cache/camex_ds)")
     return ap.parse_args(argv)
@@ -69,10 +71,13 @@ def _evaluate(args) -> int:
     from camex_ds.ckpt.format import load_pretrained, tokenizer_path
     from camex_ds.train.evaluate import evaluate
 
-    for name in ("batch_size", "max_batches"):
+    for name in ("batch_size", "max_windows", "max_batches"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
+    if args.max_windows is not None and args.max_batches is not None:
+        raise ConfigError("--max_windows and --max_batches both set the windows: give one of them")
+    max_windows = args.max_windows if args.max_batches is None else args.max_batches * args.batch_size
     model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     tok = tokenizer_path(args.model)
     cache = cache_dir(args.cache_dir)
@@ -88,7 +93,7 @@ def _evaluate(args) -> int:
                         f"vocab_size {model.config.vocab_size}")
     split = prepared.split(args.split)
     start = time.perf_counter()
-    result = evaluate(model, split, model.config.seq_len, args.batch_size, args.max_batches, args.device)
+    result = evaluate(model, split, model.config.seq_len, args.batch_size, max_windows, args.device)
     result = {"split": args.split, **result, "seconds": round(time.perf_counter() - start, 3),
               "model": str(args.model), "data": str(prepared.path)}
     print(f"{args.split}: loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.3f}  bpb {result['val_bpb']:.4f}",

@@ -364,17 +364,19 @@ class BatchLoader:
 
 
 def validation_batches(
-    dataset: TokenDataset, seq_len: int, batch_size: int, max_batches: int | None = None
+    dataset: TokenDataset, seq_len: int, batch_size: int, max_windows: int | None = None
 ) -> Iterator:
-    """The split's windows in order, without shuffling or overlap, as ``(input_ids, labels)`` batches.
+    """The split's first ``max_windows`` windows (default: all) in order, without shuffling or overlap, as
+    ``(input_ids, labels)`` batches of ``batch_size``.
 
-    The last batch may be smaller. Every call yields the same batches, so evaluations are comparable.
+    The last batch may be smaller. The windows do not depend on ``batch_size``, so evaluations at any batch size
+    are comparable.
     """
     if batch_size < 1:
         raise DataError(f"batch_size {batch_size} must be at least 1")
     n = _require_windows(dataset, seq_len)
-    if max_batches is not None:
-        n = min(n, max_batches * batch_size)
+    if max_windows is not None:
+        n = min(n, max_windows)
     return (
         dataset.windows(np.arange(i, min(i + batch_size, n)) * seq_len, seq_len) for i in range(0, n, batch_size)
     )

@@ -82,11 +82,14 @@ def deepspeed_config(args: TrainArgs) -> dict:
 
 def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
     """Everything checkable before processes talk: flags, configs, the output folder."""
-    for name in ("max_steps", "eval_interval", "save_interval", "log_interval", "eval_batches", "stop_at_step",
-                 "keep_checkpoints"):
+    for name in ("max_steps", "eval_interval", "save_interval", "log_interval", "eval_windows", "eval_batches",
+                 "stop_at_step", "keep_checkpoints"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name}={value} is invalid: expected an integer >= 1")
+    if args.eval_windows is not None and args.eval_batches is not None:
+        raise ConfigError(f"--eval_windows={args.eval_windows} and --eval_batches={args.eval_batches} both set the "
+                          "validation windows: give one of them")
     for name in ("seed", "data_seed", "skip_nonfinite"):
         value = getattr(args, name)
         if not 0 <= value < 2 ** 63:

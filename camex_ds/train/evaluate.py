@@ -11,14 +11,16 @@ from ..data import DataError, bits_per_byte, validation_batches
 
 
 @torch.no_grad()
-def evaluate(model, val, seq_len: int, batch_size: int, max_batches: Optional[int], device="cpu") -> dict:
-    """Mean next-token loss over a fixed set of validation windows, sharded over ranks, exact in total.
+def evaluate(model, val, seq_len: int, batch_size: int, max_windows: Optional[int], device="cpu") -> dict:
+    """Mean next-token loss over the split's first `max_windows` windows (None: all), sharded over ranks, exact
+    in total, with the number of windows and tokens it covered.
 
-    `model` is a DeepSpeed engine or a plain `GPT`; `max_batches=None` evaluates the whole split.
+    `model` is a DeepSpeed engine or a plain `GPT`. `batch_size` only groups the windows: which windows are
+    evaluated, and so the loss for given weights, does not depend on it.
     """
     was_training = model.training
     model.eval()
-    batches = list(validation_batches(val, seq_len, batch_size, max_batches))
+    batches = list(validation_batches(val, seq_len, batch_size, max_windows))
     if not batches:
         raise DataError(f"the validation split ({val.num_tokens} tokens) is shorter than one sequence of "
                         f"{seq_len + 1} tokens: use more data or a smaller seq_len")
@@ -37,4 +39,5 @@ def evaluate(model, val, seq_len: int, batch_size: int, max_batches: Optional[in
     loss_sum, tokens = (v * parallel.world_size() for v in parallel.all_reduce_mean([loss_sum, float(tokens)]))
     loss = loss_sum / tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
-            "val_bpb": bits_per_byte(loss, val.num_tokens, val.num_bytes)}
+            "val_bpb": bits_per_byte(loss, val.num_tokens, val.num_bytes),
+            "val_windows": sum(len(x) for x, _ in batches), "val_tokens": round(tokens)}

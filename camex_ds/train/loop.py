@@ -92,7 +92,8 @@ def run(args: TrainArgs) -> dict:
                           f"{cfg.moe.ep_size} ranks (deepspeed --num_gpus {cfg.moe.ep_size} launcher/pretrain.py ...) "
                           "or lower --ep_size")
     micro, accum = deepspeed_batch(args, ds_config)
-    prepared, train_split, val, data_record = prepare_splits(args, cfg, micro, is_main)
+    prepared, train_split, val, val_windows, data_record = prepare_splits(args, cfg, micro, micro * accum * world,
+                                                                          is_main)
     if cfg.vocab_size is None:
         cfg = cfg.replace(vocab_size=prepared.vocab_size)
     elif cfg.vocab_size < prepared.vocab_size:
@@ -171,7 +172,7 @@ def run(args: TrainArgs) -> dict:
                 logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
                 window.reset()
             if step % args.eval_interval == 0 or step == args.max_steps:
-                last_eval = evaluate(engine, val, cfg.seq_len, micro, args.eval_batches, engine.device)
+                last_eval = evaluate(engine, val, cfg.seq_len, micro, val_windows, engine.device)
                 logger.log({"step": step, **last_eval, "tokens": step * tokens_per_step,
                             "train_flops": step * tokens_per_step * train_flops_per_token})
                 window.restart_clock()
