@@ -7,8 +7,9 @@
 * a ``.parquet`` file: read through ``datasets``, each row's ``text`` column is a document;
 * any other file: plain UTF-8 text. A file of up to ``PIECE_BYTES`` is one document; a longer one is cut
   into documents of at most ``PIECE_BYTES``: consecutive paragraphs (separated by blank lines) are joined
-  while they fit, and a longer paragraph is cut at line ends. The pieces concatenate to the file exactly.
-  So a single text file (a corpus's ``train.txt``) gives both splits;
+  while they fit, a longer paragraph is cut at line ends, and a longer line at whitespace (``cut_line``).
+  The pieces concatenate to the file exactly. So a single text file (a corpus's ``train.txt``) gives both
+  splits, even when it has no line break at all;
 * a folder: every file below it whose suffix is in ``TEXT_SUFFIXES`` (hidden entries and
   ``__pycache__`` skipped), in sorted relative-path order, each read as above;
 * ``hf:NAME`` or ``hf:NAME:CONFIG``: the ``train`` split of a Hugging Face hub dataset (needs a
@@ -16,8 +17,10 @@
   network request.
 
 Every document carries a stable key: its relative path (a whole text file), ``path:LINE`` for a piece of a
-text file (the 1-based line it starts on) or a JSONL line, ``path#ROW`` for a Parquet or hub row (0-based). The key alone decides the document's split (see
-``dataset.py``), so it must not depend on anything but the document's place in the source.
+text file that starts a line (the 1-based line) or for a JSONL line, ``path:LINE:BYTE`` for a piece of a text
+file that starts inside a long line (BYTE: its 0-based UTF-8 byte offset in that line), ``path#ROW`` for a
+Parquet or hub row (0-based). The key alone decides the document's split (see ``dataset.py``), so it must
+not depend on anything but the document's place in the source.
 Empty documents are skipped.
 
 Default corpus: the running interpreter's standard-library ``.py`` files
@@ -44,6 +47,7 @@ from typing import Iterator
 
 DEFAULT_CORPUS_MAX_BYTES = 8_000_000
 PIECE_BYTES = 4096  # longer plain text files are cut into documents of at most this size (UTF-8 bytes)
+WHITESPACE_BYTES = b" \t\n\r\x0b\x0c"  # where cut_line prefers to cut (ASCII whitespace)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
 INDEX_FILE = "index.json"  # marks a preprocessed dataset folder (see dataset.py)
@@ -121,8 +125,8 @@ class FileSource(Source):
                     if text:
                         yield Document(rel, text)
                     continue
-                for line, piece in text_pieces(text, self.piece_bytes):
-                    yield Document(f"{rel}:{line}", piece)
+                for line, offset, piece in text_pieces(text, self.piece_bytes):
+                    yield Document(f"{rel}:{line}:{offset}" if offset else f"{rel}:{line}", piece)
 
 
 class HubSource(Source):
@@ -200,25 +204,57 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> Source:
     return FileSource(root, files, description, f"python{version}-stdlib", skip_undecodable=True, piece_bytes=None)
 
 
-def text_pieces(text: str, max_bytes: int = PIECE_BYTES) -> list[tuple[int, str]]:
-    """``(first line, piece)`` of a plain text cut into pieces of at most ``max_bytes`` UTF-8 bytes.
+def text_pieces(text: str, max_bytes: int = PIECE_BYTES) -> list[tuple[int, int, str]]:
+    """``(first line, byte offset in it, piece)`` of a plain text cut into pieces of at most ``max_bytes``
+    UTF-8 bytes.
 
     Paragraphs (a run of non-blank lines and the blank lines after it) are joined while they fit; a
-    paragraph longer than ``max_bytes`` is cut at line ends (a single longer line stays whole). The
-    pieces concatenate to ``text``, and each is keyed by the line it starts on, so a piece's key
-    depends only on the text before it.
+    paragraph longer than ``max_bytes`` is cut at line ends, and a longer line by ``cut_line``. The pieces
+    concatenate to ``text``, and each is keyed by where it starts (line, and byte offset for a piece that
+    starts inside a line), so a piece's key depends only on the text before it.
     """
-    pieces = []  # [first line, parts, bytes]
+    pieces = []  # [first line, byte offset, parts, bytes]
     for start, paragraph in _paragraphs(_lines(text)):
         whole = "".join(paragraph)
-        units = [(start, whole)] if len(whole.encode("utf-8")) <= max_bytes else enumerate(paragraph, start)
-        for line, part in units:
+        if len(whole.encode("utf-8")) <= max_bytes:
+            units = [(start, 0, whole)]
+        else:
+            units = [(line, offset, part) for line, full in enumerate(paragraph, start)
+                     for offset, part in cut_line(full, max_bytes)]
+        for line, offset, part in units:
             size = len(part.encode("utf-8"))
-            if not pieces or pieces[-1][2] + size > max_bytes:
-                pieces.append([line, [], 0])
-            pieces[-1][1].append(part)
-            pieces[-1][2] += size
-    return [(line, "".join(parts)) for line, parts, _ in pieces]
+            if not pieces or pieces[-1][3] + size > max_bytes:
+                pieces.append([line, offset, [], 0])
+            pieces[-1][2].append(part)
+            pieces[-1][3] += size
+    return [(line, offset, "".join(parts)) for line, offset, parts, _ in pieces]
+
+
+def cut_line(line: str, max_bytes: int) -> list[tuple[int, str]]:
+    """``(byte offset, part)`` of ``line`` cut into parts of at most ``max_bytes`` UTF-8 bytes.
+
+    Needed because text can come as one huge line (minified or exported), which SentencePiece would skip
+    and the document split would keep whole. Each part ends after the last ASCII whitespace that fits, or,
+    in a stretch without whitespace, at the last UTF-8 character boundary that fits. The parts concatenate
+    to ``line``; a line that fits is one part.
+    """
+    if max_bytes < 4:
+        raise ValueError(f"max_bytes {max_bytes} cannot hold every UTF-8 character; use 4 or more")
+    data = line.encode("utf-8")
+    if len(data) <= max_bytes:
+        return [(0, line)]
+    parts, start = [], 0
+    while len(data) - start > max_bytes:
+        limit = start + max_bytes
+        end = max(data.rfind(byte, start, limit) for byte in WHITESPACE_BYTES) + 1
+        if end <= start:  # no whitespace: back off continuation bytes (10xxxxxx) to a character start
+            end = limit
+            while data[end] & 0xC0 == 0x80:
+                end -= 1
+        parts.append((start, data[start:end].decode("utf-8")))
+        start = end
+    parts.append((start, data[start:].decode("utf-8")))
+    return parts
 
 
 def _lines(text: str) -> list[str]:

@@ -12,7 +12,8 @@ Format (``FORMAT_VERSION`` 1), one folder:
 
 Validation split rule: a document goes to validation iff
 ``zlib.crc32(key.encode("utf-8")) % 100 < val_percent`` (default 5), where ``key`` is the document's
-source key (relative path, ``path:LINE`` for JSONL, ``path#ROW`` for Parquet/hub rows; see corpus.py).
+source key (relative path, ``path:LINE`` or ``path:LINE:BYTE`` for a piece of a text file, ``path:LINE`` for
+JSONL, ``path#ROW`` for Parquet/hub rows; see corpus.py).
 It depends on nothing but the key, so adding documents never moves existing ones between splits.
 ``val_percent`` 0 puts everything in train and 100 everything in validation: a source that is only
 trained on, or only validated on (``--val_data``). Between them, two guards for small corpora,

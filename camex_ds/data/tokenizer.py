@@ -10,6 +10,8 @@ Training settings, and why:
   exactly, which keeps code indentation and makes bits-per-byte honest.
 * whitespace-only pieces and split digits: indentation runs become single pieces, numbers are
   spelled digit by digit.
+* lines longer than ``MAX_LINE_BYTES`` (SentencePiece's ``max_sentence_length``, beyond which it skips a
+  sentence) are cut at whitespace by ``corpus.cut_line``, so text without line breaks trains too.
 * deterministic: SentencePiece sees at most ``input_sentence_size`` non-blank lines, chosen by seeded
   reservoir sampling (its own sampling is off), and trains on one thread because its result depends
   on the thread count (one thread measured as fast as two for BPE).
@@ -26,12 +28,12 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from tqdm import tqdm
 
-from .corpus import DataError
+from .corpus import DataError, cut_line
 from .hf_tokenizer import HFTokenizer, is_hf_tokenizer
 
 MIN_VOCAB_SIZE = 258  # 256 byte pieces + <unk> + </s>
 DEFAULT_INPUT_SENTENCE_SIZE = 500_000  # lines; ~5 s of BPE training, far more than the default corpus has
-MAX_LINE_BYTES = 16384  # longer lines are left out of tokenizer training (they are still encoded)
+MAX_LINE_BYTES = 16384  # longer lines are cut into sentences of at most this size for tokenizer training
 
 
 class Tokenizer:
@@ -82,7 +84,7 @@ def train_tokenizer(
     seed: int = 0,
     progress: bool = False,
 ) -> Tokenizer:
-    """Train on the documents' non-blank lines and write ``{output_prefix}.model`` atomically.
+    """Train on the documents' non-blank lines (long ones cut) and write ``{output_prefix}.model`` atomically.
 
     The same documents and arguments give a byte-identical model on any machine.
     """
@@ -98,15 +100,16 @@ def train_tokenizer(
     seen = 0
     for text in tqdm(documents, desc="sampling tokenizer text", unit="doc", disable=not progress):
         for line in text.split("\n"):
-            if not line.strip() or len(line.encode()) > MAX_LINE_BYTES:
-                continue
-            seen += 1
-            if len(sample) < input_sentence_size:
-                sample.append(line)
-            else:
-                slot = rng.randrange(seen)
-                if slot < input_sentence_size:
-                    sample[slot] = line
+            for _, sentence in cut_line(line, MAX_LINE_BYTES):
+                if not sentence.strip():
+                    continue
+                seen += 1
+                if len(sample) < input_sentence_size:
+                    sample.append(sentence)
+                else:
+                    slot = rng.randrange(seen)
+                    if slot < input_sentence_size:
+                        sample[slot] = sentence
     if not sample:
         raise DataError("cannot train a tokenizer: the documents have no non-blank lines")
 
