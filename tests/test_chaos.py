@@ -386,7 +386,8 @@ def test_sigkill_at_random_moments_of_checkpoint_saves(setup, tmp_path):
         moments.insert(5 * (i + 1), (0, per_save[0] + 1 - last))
     started = time.perf_counter()
     for rank, event in moments:
-        resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else []
+        # killed before its first checkpoint, the run left metrics and a partial folder: start it afresh
+        resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else ["--overwrite_output_dir"]
         results = distributed.ranks(FAULTY, *_two_rank_args(setup, run, steps, *resume),
                                     extra_env={"CAMEX_FAULT": f"{rank}:KILL:save:{event}"})
         assert results[rank][0] == -signal.SIGKILL, (rank, event, results[rank][1][-2000:])
