@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import distributed
-from tests.launch import LAUNCHER, TINY, error_lines, launch
+from tests.launch import LAUNCHER, TINY, error_lines, launch, one_error
 from camex_ds.train import manifest, run_dir
 
 
@@ -46,14 +46,6 @@ def _ok(result) -> str:
     code, err, _ = result
     assert code == 0, err[-3000:]
     return err
-
-
-def _one_error(result, code: int, *needles: str) -> str:
-    got, err, _ = result
-    lines = error_lines(err)
-    assert got == code and len(lines) == 1 and "Traceback" not in err, (got, err[-3000:])
-    assert all(n in lines[0] for n in needles), lines[0]
-    return lines[0]
 
 
 def _hashes(folder: Path) -> dict:
@@ -84,12 +76,12 @@ def _copy(run: Path, dest: Path) -> Path:
 def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_moves_the_old_run_aside(setup, earlier, tmp_path):
     run = _copy(earlier, tmp_path / "run")
     before = _hashes(run)
-    line = _one_error(launch(_args(setup, run)), 2, f"--output_dir '{run}' holds an earlier run (metrics.jsonl, "
-                      "final_metrics.json, checkpoints global_step2, global_step1)", "--resume",
-                      "another --output_dir", "--overwrite_output_dir")
+    line = one_error(launch(_args(setup, run)), 2, f"--output_dir '{run}' holds an earlier run (metrics.jsonl, "
+                     "final_metrics.json, checkpoints global_step2, global_step1)", "--resume",
+                     "another --output_dir", "--overwrite_output_dir")
     assert _hashes(run) == before
     print(line.replace(str(run), "RUN"))
-    _one_error(launch(_args(setup, run, "--resume", "--overwrite_output_dir")), 2, "contradict each other")
+    one_error(launch(_args(setup, run, "--resume", "--overwrite_output_dir")), 2, "contradict each other")
     assert _hashes(run) == before
 
     err = _ok(launch(_args(setup, run, "--overwrite_output_dir", "--seed", 7)))
@@ -113,8 +105,8 @@ def test_a_live_run_s_lock_is_refused_naming_its_holder(setup, earlier, tmp_path
         before = _hashes(run)
         holder = f"(pid {os.getpid()} on host {socket.gethostname()}, started "
         for extra in (["--resume", "--max_steps", 3], ["--overwrite_output_dir"]):
-            line = _one_error(launch(_args(setup, run, *extra)), 2, f"--output_dir '{run}' is in use by another "
-                              f"run {holder}", "wait for it to end, or use another --output_dir")
+            line = one_error(launch(_args(setup, run, *extra)), 2, f"--output_dir '{run}' is in use by another "
+                             f"run {holder}", "wait for it to end, or use another --output_dir")
             assert _hashes(run) == before
     finally:
         lock.release()
@@ -125,15 +117,16 @@ def test_a_live_run_s_lock_is_refused_naming_its_holder(setup, earlier, tmp_path
 
 def test_another_host_s_lock_is_never_taken_over(setup, earlier, tmp_path):
     run = _copy(earlier, tmp_path / "run")
-    (run / run_dir.LOCK).write_text(json.dumps({"host": "node-17", "pid": 4242, "started": "2026-01-01T09:00:00+00:00"}))
+    holder = {"host": "node-17", "pid": 4242, "started": "2026-01-01T09:00:00+00:00"}
+    (run / run_dir.LOCK).write_text(json.dumps(holder))
     before = _hashes(run)
-    line = _one_error(launch(_args(setup, run, "--resume", "--max_steps", 3)), 2,
-                      "is in use by another run (pid 4242 on host node-17, started 2026-01-01T09:00:00+00:00)",
-                      f"if that run has ended (this host cannot see it), remove '{run / run_dir.LOCK}'")
+    line = one_error(launch(_args(setup, run, "--resume", "--max_steps", 3)), 2,
+                     "is in use by another run (pid 4242 on host node-17, started 2026-01-01T09:00:00+00:00)",
+                     f"if that run has ended (this host cannot see it), remove '{run / run_dir.LOCK}'")
     assert _hashes(run) == before
     print(line.replace(str(run), "RUN"))
     (run / run_dir.LOCK).write_text("")
-    _one_error(launch(_args(setup, run, "--resume", "--max_steps", 3)), 2, "which does not say by whom")
+    one_error(launch(_args(setup, run, "--resume", "--max_steps", 3)), 2, "which does not say by whom")
 
 
 def _dead_pid() -> int:
@@ -169,7 +162,7 @@ def test_the_lock_is_released_however_the_run_ends(setup, tmp_path, monkeypatch)
     from camex_ds.train import loop
 
     run = tmp_path / "run"
-    _one_error(launch(_args(setup, run, "--eval_batches", 100_000)), 2, "lower --eval_batches")
+    one_error(launch(_args(setup, run, "--eval_batches", 100_000)), 2, "lower --eval_batches")
     assert not (run / run_dir.LOCK).exists() and not (run / "checkpoints").exists()
 
     real_splits, real_forward = loop.prepare_splits, GPT.forward
@@ -204,9 +197,9 @@ def test_a_resume_from_a_folder_mixing_two_runs_is_refused_naming_the_other_run_
     shutil.copytree(other / "checkpoints" / "global_step1", run / "checkpoints" / "global_step1")
     (run / "checkpoints" / "latest").write_text("global_step1")
     before = _hashes(run)
-    line = _one_error(launch(_args(setup, run, "--resume", "--max_steps", 3)), 2,
-                      f"--resume: '{run / 'checkpoints'}' mixes two runs: global_step2's, the newest, and another "
-                      "run's global_step1:", "move the checkpoints of the run not to resume out of that folder")
+    line = one_error(launch(_args(setup, run, "--resume", "--max_steps", 3)), 2,
+                     f"--resume: '{run / 'checkpoints'}' mixes two runs: global_step2's, the newest, and another "
+                     "run's global_step1:", "move the checkpoints of the run not to resume out of that folder")
     assert _hashes(run) == before
     print(line.replace(str(run), "RUN"))
 
