@@ -431,6 +431,9 @@ class TrainArgs:
     ep_size: Optional[int] = _flag(None, "expert-parallel degree; overrides moe.ep_size of the model config")
     resume: bool = _flag(False, "continue from OUTPUT_DIR/checkpoints/latest exactly (model, optimizer, scheduler, "
                                 "data position, RNG)")
+    overwrite_output_dir: bool = _flag(
+        False, "start afresh in an --output_dir that holds an earlier run: its files are moved into "
+        "OUTPUT_DIR/replaced-<time>/, nothing is deleted (without it such a run is refused)")
     init_from: Optional[str] = _flag(
         None, "start from a consolidated/upcycled model folder (tools/convert_checkpoint.py) instead of a random "
         "init (its config is the model config unless --model_config is given)")

@@ -51,7 +51,9 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     dist.distributed_c10d.default_pg_timeout = timeout
     with _fail_together():
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
-    if backend == "gloo":
+    if backend == "nccl":  # as deepspeed.initialize will: a collective before it (train.run_dir's) needs the device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
         _unlink_shm_workspace()
 
 
@@ -207,8 +209,8 @@ def all_reduce_mean(values: list[float]) -> list[float]:
 
 
 def all_gather_object(obj) -> list:
-    """`obj` from every rank, in rank order (pickled: for small things). On GPUs call it after
-    `deepspeed.initialize`, which sets each rank's device (NCCL gathers through it)."""
+    """`obj` from every rank, in rank order (pickled: for small things). On GPUs NCCL gathers through each
+    rank's device, which `init_distributed` sets."""
     if world_size() == 1:
         return [obj]
     out = [None] * world_size()

@@ -49,8 +49,8 @@ def python(script, *args, **kw) -> subprocess.CompletedProcess:
 def ranks(script, *args, world=2, extra_env=None, timeout=300, watch=None) -> list:
     """Run `script` as `world` rank processes of one job on this host, as a launcher would start them, but
     without one (no launcher start-up): when a rank fails, the others are killed, as DeepSpeed's launcher does;
-    with `watch=R`, only once rank R has ended by itself. Returns `(returncode, stdout + stderr, seconds to
-    its end)` per rank."""
+    with `watch=R` (or a tuple of ranks), only once rank R (each of them) has ended by itself. Returns
+    `(returncode, stdout + stderr, seconds to its end)` per rank."""
     port = str(free_port())
     procs, logs = [], []
     for rank in range(world):
@@ -67,7 +67,7 @@ def ranks(script, *args, world=2, extra_env=None, timeout=300, watch=None) -> li
             if ended[i] is None and p.poll() is not None:
                 ended[i] = time.monotonic() - started
         if watch is not None:
-            return procs[watch].returncode is not None
+            return all(procs[r].returncode is not None for r in ((watch,) if isinstance(watch, int) else watch))
         return all(p.returncode is not None for p in procs) or any(p.returncode not in (None, 0) for p in procs)
 
     try:

@@ -69,3 +69,12 @@ def launch(argv) -> tuple[int, str, str]:
 def error_lines(stderr: str) -> list:
     """The lines of a run's stderr that report an error (ours start `error:`, argparse's `PROG: error:`)."""
     return [line for line in stderr.splitlines() if line.startswith("error:") or ": error:" in line]
+
+
+def one_error(result, code: int, *needles: str) -> str:
+    """`launch`'s `result` failed with `code` and one error line containing every needle, and no traceback."""
+    got, err, _ = result
+    lines = error_lines(err)
+    assert got == code and len(lines) == 1 and "Traceback" not in err, (got, err[-3000:])
+    assert all(n in lines[0] for n in needles), lines[0]
+    return lines[0]

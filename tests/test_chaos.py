@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests import distributed
-from tests.launch import LAUNCHER, TINY, error_lines, launch
+from tests.launch import LAUNCHER, TINY, launch, one_error
 from camex_ds.data import PreparedDataset
 from camex_ds.train import manifest
 
@@ -62,15 +62,6 @@ def _losses(run: Path) -> dict:
 def _ok(result) -> None:
     code, err, _ = result
     assert code == 0, err[-3000:]
-
-
-def _one_error(result, code: int, *needles: str) -> str:
-    """The run failed with `code` and one `error:` line containing every needle, and no traceback."""
-    got, err, _ = result
-    lines = error_lines(err)
-    assert got == code and len(lines) == 1 and "Traceback" not in err, (got, err[-3000:])
-    assert all(n in lines[0] for n in needles), lines[0]
-    return lines[0]
 
 
 def _nothing_lost(run: Path, tag: str, s: dict) -> None:
@@ -149,7 +140,7 @@ def test_no_checkpoint_verifies_is_one_line(setup, trained, tmp_path):
     run = _copy(trained[0], tmp_path / "run")
     for tag in ("global_step2", "global_step4"):
         _truncate(run / "checkpoints" / tag / "mp_rank_00_model_states.pt")
-    _one_error(launch(_args(setup, run, "--max_steps", 6, "--resume")), 2, "none verifies", "global_step4")
+    one_error(launch(_args(setup, run, "--max_steps", 6, "--resume")), 2, "none verifies", "global_step4")
 
 
 def test_garbage_latest_resumes_from_the_newest_checkpoint_that_verifies(setup, trained, tmp_path):
@@ -184,20 +175,20 @@ def test_damaged_input_without_a_fallback_is_one_line_naming_it(setup, trained, 
            "index": prepared / "index.json", "model config": model}[damage]
     _truncate(bad)
     argv = [*_args(setup, tmp_path / "out", "--max_steps", 1, model=model), "--data", prepared]
-    _one_error(launch(argv), 2, str(bad))
+    one_error(launch(argv), 2, str(bad))
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_resume_with_another_model_or_data_lists_the_differences(setup, trained, tmp_path):
     run = _copy(trained[0], tmp_path / "run")
     wider = _json(tmp_path / "wider.json", {**TINY, "d_model": 48, "moe": {**TINY["moe"], "num_experts": 2}})
-    line = _one_error(launch(_args(setup, run, "--max_steps", 6, "--resume", model=wider)), 2,
-                      "model_config.d_model (32 -> 48)", "model_config.moe.num_experts (4 -> 2)")
+    line = one_error(launch(_args(setup, run, "--max_steps", 6, "--resume", model=wider)), 2,
+                     "model_config.d_model (32 -> 48)", "model_config.moe.num_experts (4 -> 2)")
     assert "data." not in line
-    line = _one_error(launch([*_args(setup, run, "--max_steps", 6, "--resume"), "--data_seed", 7]), 2,
-                      "data.data_seed (1234 -> 7)")
-    _one_error(launch([*_args(setup, run, "--max_steps", 6, "--resume"), "--val_data", setup["valid"]]), 2,
-               "data.train.tokens", "data.validation.sha256")
+    line = one_error(launch([*_args(setup, run, "--max_steps", 6, "--resume"), "--data_seed", 7]), 2,
+                     "data.data_seed (1234 -> 7)")
+    one_error(launch([*_args(setup, run, "--max_steps", 6, "--resume"), "--val_data", setup["valid"]]), 2,
+              "data.train.tokens", "data.validation.sha256")
     _nothing_lost(run, "global_step4", setup)
 
 
@@ -215,11 +206,11 @@ def test_checks_before_the_first_step(setup, tmp_path):
         (["--max_steps", 0], "--max_steps=0 is invalid"),
     ]
     for extra, needle in cases:
-        _one_error(launch([*_args(setup, out, "--max_steps", 2), *extra]), 2, needle)
+        one_error(launch([*_args(setup, out, "--max_steps", 2), *extra]), 2, needle)
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists(), extra
     small_vocab = _json(tmp_path / "v.json", {**TINY, "vocab_size": 300})
-    _one_error(launch(_args(setup, out, "--max_steps", 2, model=small_vocab)), 2,
-               "vocab_size=300 is smaller than the tokenizer's 512")
+    one_error(launch(_args(setup, out, "--max_steps", 2, model=small_vocab)), 2,
+              "vocab_size=300 is smaller than the tokenizer's 512")
 
 
 def _mount_tmpfs(folder: Path, size: str) -> bool:
@@ -249,8 +240,8 @@ def test_disk_full_during_a_save(setup, trained, tmp_path, monkeypatch):
             monkeypatch.setattr(torch, "save", full_after_first_checkpoint)
         result = launch(_args(setup, run, "--max_steps", 4, "--save_interval", 2, "--eval_interval", 4))
         monkeypatch.undo()
-        line = _one_error(result, 2, f"cannot save checkpoint '{run / 'checkpoints' / 'global_step4'}'",
-                          "the disk is full", "bytes)", "'latest' still names global_step2")
+        line = one_error(result, 2, f"cannot save checkpoint '{run / 'checkpoints' / 'global_step4'}'",
+                         "the disk is full", "bytes)", "'latest' still names global_step2")
         needed = int(line.split("MB (")[1].split(" bytes")[0])
         assert abs(needed - manifest.total_bytes(run / "checkpoints" / "global_step2")) == 0
         assert not (run / "checkpoints" / "global_step4").exists()
@@ -324,7 +315,7 @@ def test_nan_loss_stops_with_the_step_and_saves_no_bad_weights(setup, tmp_path, 
     _poison(monkeypatch, at_call=3)
     result = launch(_args(setup, run, "--max_steps", 4, "--save_interval", 2, "--eval_interval", 4,
                           ds=_ds(tmp_path / "ds.json", stage)))
-    _one_error(result, 1, "step 3: the loss or gradient norm is not finite", "newest checkpoint: global_step2")
+    one_error(result, 1, "step 3: the loss or gradient norm is not finite", "newest checkpoint: global_step2")
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["global_step2"]
     _nothing_lost(run, "global_step2", setup)
 
@@ -386,7 +377,8 @@ def test_sigkill_at_random_moments_of_checkpoint_saves(setup, tmp_path):
         moments.insert(5 * (i + 1), (0, per_save[0] + 1 - last))
     started = time.perf_counter()
     for rank, event in moments:
-        resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else []
+        # killed before its first checkpoint, the run left metrics and a partial folder: start it afresh
+        resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else ["--overwrite_output_dir"]
         results = distributed.ranks(FAULTY, *_two_rank_args(setup, run, steps, *resume),
                                     extra_env={"CAMEX_FAULT": f"{rank}:KILL:save:{event}"})
         assert results[rank][0] == -signal.SIGKILL, (rank, event, results[rank][1][-2000:])

@@ -79,10 +79,10 @@ def run_one(args, method: str, ranks: int, ep: int, accum: int, work: Path) -> d
             str(free_port()), launcher])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd + flags, cwd=ROOT, env=env, capture_output=True, text=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if proc.returncode:
         sys.exit(f"{method} on {ranks} rank(s) failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)  # the next round's run of this configuration starts in an empty folder
     rows = [r for r in rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
     model = ModelConfig.from_dict(dict(cfg, vocab_size=DEFAULT_VOCAB_SIZE))
     micro = args.micro_batch

@@ -101,6 +101,9 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
     if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
         bf16 = bool(ds.get("bf16", {}).get("enabled"))
         cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16, cfg.ffn_bias))
+    if args.resume and args.overwrite_output_dir:
+        raise ConfigError("--resume and --overwrite_output_dir contradict each other: --resume continues the run in "
+                          "--output_dir, --overwrite_output_dir moves it aside to start afresh; give one")
     check_writable(Path(args.output_dir))
     if args.resume and not checkpoint.tags(Path(args.output_dir) / "checkpoints"):
         raise CheckpointError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'}; run without "

@@ -2,9 +2,10 @@
 
 `run(TrainArgs)` is what `launcher/pretrain.py` calls, on every rank. Flags and configs are validated
 before any process group exists (`configs`); what needs the job (the world size, DeepSpeed's reading of its
-config, the data, the resume point) is checked before the first step. Every check fails on every rank alike,
-with one line that says what to change; after that every rank does the same work. A step whose loss or
-gradient norm is NaN or Inf never changes the weights or the optimizer state (`guard`).
+config, the data, the resume point) is checked before the first step; `run_dir` keeps the output folder to this
+one run. Every check fails on every rank alike, with one line that says what to change; after that every rank
+does the same work. A step whose loss or gradient norm is NaN or Inf never changes the weights or the optimizer
+state (`guard`).
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from pathlib import Path
 import torch
 
 from .. import parallel
-from ..config import ConfigError, TrainArgs
+from ..config import ConfigError, ModelConfig, TrainArgs
 from ..analysis.flops import flops_per_token
 from ..data import BatchLoader
 from ..model import GPT, param_groups, save_config
 from ..moe import MicroBatch
-from . import checkpoint, peers
+from . import checkpoint, peers, run_dir
 from .configs import deepspeed_batch, reason, validate
 from .evaluate import evaluate
 from .guard import StopFlag, agree_bad_step, held, stop_or_skip
@@ -80,11 +81,16 @@ class _Window:
 
 
 def run(args: TrainArgs) -> dict:
+    cfg, ds_config = validate(args)
+    parallel.init_distributed(args.dist_timeout)
+    with run_dir.claimed(args) as run_id:  # --output_dir is this run's until it ends, however it ends
+        return _train(args, cfg, ds_config, run_id)
+
+
+def _train(args: TrainArgs, cfg: ModelConfig, ds_config: dict, run_id: str) -> dict:
     import deepspeed
 
-    cfg, ds_config = validate(args)
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
-    parallel.init_distributed(args.dist_timeout)
     rank, world = parallel.rank(), parallel.world_size()
     is_main = rank == 0
     if cfg.moe is not None and world % cfg.moe.ep_size:
@@ -121,11 +127,13 @@ def run(args: TrainArgs) -> dict:
     step, skipped = 0, 0
     if args.resume:
         tag, recorded = checkpoint.resume_tag(ckpt_dir)
+        run_id, recorded = run_dir.continued(recorded, run_id)
         if recorded is not None:
             check_same_run(recorded, run_record, tag)
         client = checkpoint.load(engine, ckpt_dir, tag)
         step, skipped = int(client["step"]), int(client.get("skipped_nonfinite", 0))
         loader.load_state_dict(client["data"])
+    run_record[run_dir.RUN_ID] = run_id  # after the resume check, which compares model and data only
     if is_main:
         save_config(cfg, out_dir / "model_config.json")
         (out_dir / "train_args.json").write_text(json.dumps({**asdict(args), "prepared_data": str(prepared.path)},

@@ -33,14 +33,14 @@ def describe(e: BaseException) -> str:
     """One line: which rank saw the failure, what failed, and which peers on this host are dead or stopped."""
     host, rank = socket.gethostname(), parallel.rank()
     lost = [f"rank {r} (pid {pid}) is {state}" for r, (peer_host, pid) in enumerate(_peers)
-            if r != rank and peer_host == host and (state := _state(pid)) is not None]
+            if r != rank and peer_host == host and (state := process_state(pid)) is not None]
     who = "; ".join(lost) or "a peer rank is gone or hung (on another host, or already cleaned up)"
     detail = (str(e).strip().splitlines() or [type(e).__name__])[-1].rsplit("] ", 1)[-1].split(". ")[0]
     return f"rank {rank} of {len(_peers) or parallel.world_size()}: a collective failed ({detail}): {who}"
 
 
-def _state(pid: int) -> Optional[str]:
-    """'dead', 'stopped', or None for a process that runs (or cannot be inspected)."""
+def process_state(pid: int) -> Optional[str]:
+    """'dead', 'stopped', or None for a process of this host that runs (or cannot be inspected)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
