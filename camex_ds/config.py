@@ -81,6 +81,7 @@ class MoEConfig:
     first_segment: str = "uniform"
     curvature_rank: int = 1
     curvature_init_std: float = 0.02
+    curvature_lr_scale: float = 1.0
     alpha: float = 1.0
     ep_size: int = 1
     dynamic: bool = False
@@ -102,6 +103,7 @@ class MoEConfig:
         check_choice(p + "first_segment", self.first_segment, FIRST_SEGMENT)
         check_int(p + "curvature_rank", self.curvature_rank)
         check_number(p + "curvature_init_std", self.curvature_init_std, 0.0)
+        check_number(p + "curvature_lr_scale", self.curvature_lr_scale, 0.0, open_low=True)
         check_number(p + "alpha", self.alpha, 0.0, 1e6)
         check_int(p + "ep_size", self.ep_size)
         if not isinstance(self.dynamic, bool):

@@ -597,11 +597,13 @@ def test_error_bad_routing(field, value, choices):
         CAMExMoE(6, 10, 4, **{field: value})
 
 
-@pytest.mark.parametrize("value", [-0.01, float("nan"), float("inf"), "0.02", True])
-def test_error_bad_curvature_init_std(value):
-    with pytest.raises(ConfigError, match=rf"^CAMExMoE.curvature_init_std={value!r} is invalid: expected a finite "
-                                          r"number >= 0.0$"):
-        CAMExMoE(6, 10, 4, curvature_init_std=value)
+@pytest.mark.parametrize("field,value", [("curvature_init_std", v) for v in (-0.01, float("nan"), float("inf"), "0.02",
+                                                                             True)]
+                         + [("curvature_lr_scale", v) for v in (0, -1.0, float("nan"), float("inf"), "2")])
+def test_error_bad_curvature_option(field, value):
+    bound = ">= 0.0" if field == "curvature_init_std" else "> 0.0"
+    with pytest.raises(ConfigError, match=rf"^CAMExMoE.{field}={value!r} is invalid: expected a finite number {bound}$"):
+        CAMExMoE(6, 10, 4, **{field: value})
 
 
 def test_error_length_not_multiple_of_segment():

@@ -20,7 +20,7 @@ from .. import parallel
 from ..config import ConfigError, TrainArgs
 from ..analysis.flops import flops_per_token
 from ..data import BatchLoader
-from ..model import GPT, param_groups, save_config
+from ..model import GPT, apply_lr_scales, param_groups, save_config
 from ..moe import MicroBatch
 from . import checkpoint, peers
 from .configs import deepspeed_batch, reason, validate
@@ -114,6 +114,7 @@ def run(args: TrainArgs) -> dict:
     except (ValueError, TypeError, KeyError, AssertionError, AttributeError, NotImplementedError) as e:
         raise ConfigError(f"DeepSpeed cannot start with --deepspeed_config '{args.deepspeed_config}': "
                           f"{reason(e)}") from None
+    apply_lr_scales(engine.optimizer)  # moe.curvature_lr_scale, whatever the scheduler writes
     peers.record()
     torch.manual_seed(args.seed + 1000 * rank)  # routing noise and DARE masks differ across ranks
     loader = BatchLoader(train_split, cfg.seq_len, micro, rank, world, seed=args.data_seed)
