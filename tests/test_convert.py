@@ -25,6 +25,7 @@ from camex_ds.ckpt.upcycle import fold, upcycle
 from camex_ds.config import ModelConfig
 from camex_ds.model import GPT
 from camex_ds.parallel import free_port
+from camex_ds.train.metrics import layer_means, layer_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launcher" / "pretrain.py"
@@ -552,6 +553,11 @@ def test_ep2_zero2_consolidate_evaluate_fold(ep2_run, workspace, tmp_path):
     # experts renumbered 0..3 from the two ranks' local 0..1
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     assert cfg["moe"]["ep_size"] == 1 and cfg["format_version"] == 1
+    # the run's end-of-run diagnostics, each rank over its own experts and averaged over the ranks, are those of
+    # the whole model
+    whole = layer_means(layer_stats(load_pretrained(tmp_path / "c")))
+    for key in ("curvature_dev_from_identity", "task_vector_rel_norm"):
+        assert _rel(final[key], whole[key]) < 1e-5, (key, final[key], whole[key])
 
     res = _last_json(_tool("convert_checkpoint.py", "fold", "--input", tmp_path / "c", "--output", tmp_path / "f"))
     assert res["method"] == "euclid"

@@ -1,10 +1,13 @@
 """Issue 24 through DeepSpeed and the training job: `moe.curvature_lr_scale` reaches the optimizer through every
 DeepSpeed scheduler and ZeRO stage and survives a save and resume, and a checkpoint whose curvature rank terms are
 all equal (saved before they started apart, spec §3) resumes with one warning. Engines are built in this process
-(a world of one); runs use the launcher in this process (`launch.launch`). Resharding: tests/test_convert.py."""
+(a world of one); runs use the launcher in this process (`launch.launch`), and write the layers' diagnostics
+(router entropy, curvature, task vectors) to metrics.jsonl and final_metrics.json. Resharding and expert
+parallelism: tests/test_convert.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -234,3 +237,32 @@ def test_curvature_lr_scale_survives_a_checkpoint_and_resume(world_of_one, tmp_p
     _assert_scaled(_step_lrs(resumed, 1, data_seed=9))
     for (name, p), q in zip(engine.module.named_parameters(), resumed.module.parameters()):
         assert torch.equal(p, q), name
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+
+DIAGNOSTICS = {"router_entropy", "router_max_load", "curvature_dev_from_identity", "task_vector_rel_norm"}
+
+
+def test_layer_means_average_each_statistic_over_the_layers_reporting_it():
+    from camex_ds.train.metrics import layer_means
+
+    stats = {"router/layer1/entropy": 1.0, "router/layer3/entropy": 2.0, "curvature/layer3/dev_from_identity": 0.5,
+             "task_vector/layer1/rel_norm": 0.25}
+    assert layer_means(stats) == {"router_entropy": 1.5, "curvature_dev_from_identity": 0.5,
+                                  "task_vector_rel_norm": 0.25}
+
+
+def test_a_run_writes_its_diagnostics_to_metrics_and_final_metrics(setup):
+    """A dynamic camex chain of two layers: every training row of metrics.jsonl carries the layer-averaged
+    diagnostics, and final_metrics.json the last row's (the chain's second layer measured against its base)."""
+    run = setup["root"] / "diagnostics"
+    model = {**MODEL, "moe": {**MODEL["moe"], "dynamic": True, "num_experts": 3}}
+    _ok(launch(_args(setup, run, model, "--max_steps", 2, "--save_interval", 2, "--eval_interval", 2)))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert len(train) == 2 and all(DIAGNOSTICS <= set(r) for r in train)
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert {k: final[k] for k in DIAGNOSTICS} == {k: train[-1][k] for k in DIAGNOSTICS}
+    assert 0 < final["router_entropy"] <= math.log(2) + 1e-6  # 2 routed experts
+    assert 0 < final["curvature_dev_from_identity"] < 1 and 0 < final["task_vector_rel_norm"]

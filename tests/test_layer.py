@@ -479,6 +479,26 @@ def test_a_model_saved_with_equal_rank_terms_loads_with_one_warning(tmp_path, ca
             assert warnings == []
 
 
+def test_stats_report_task_vectors_relative_to_the_base():
+    """`task_vector/rel_norm` = mean over experts and matrices of ||E_i − B|| / ||B||; a dynamic layer continuing a
+    chain has no base and is measured against the chain's, which the caller passes."""
+    layer = make("camex", n=3, curvature_rank=2)
+    layer(torch.randn(1, 4, 6, dtype=F64))
+    stats = layer.stats()
+    assert set(stats) == {"router/entropy", "router/max_load", "curvature/dev_from_identity", "task_vector/rel_norm"}
+    with torch.no_grad():
+        want = torch.stack([(getattr(e, n) - layer.base[n]).norm() / layer.base[n].norm()
+                            for e in layer.local_experts for n in layer.shapes]).mean()
+    assert stats["task_vector/rel_norm"] == pytest.approx(float(want), rel=1e-6)
+    assert 0 < stats["curvature/dev_from_identity"] < 0.05  # A_r = I + ε_r, ε ~ N(0, 0.02²)
+    first, second = make_chain("euclid", layers=2)
+    assert "task_vector/rel_norm" not in second.stats() and "curvature/dev_from_identity" not in second.stats()
+    with torch.no_grad():
+        want = torch.stack([(getattr(e, n) - first.base[n]).norm() / first.base[n].norm()
+                            for e in second.local_experts for n in second.shapes]).mean()
+    assert second.stats(first.base)["task_vector/rel_norm"] == pytest.approx(float(want), rel=1e-6)
+
+
 # =========================================================================== gradchecks
 
 

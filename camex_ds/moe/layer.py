@@ -320,9 +320,20 @@ class CAMExMoE(MoE):
                    for factors in expert.curvature.values() for f in factors.tensors())
 
     @torch.no_grad()
-    def stats(self) -> dict:
-        """What the trainer logs of this layer: the last forward's router entropy (nats) and largest expert's
-        share of routed segments, and the curvature factors' mean relative distance from identity."""
+    def stats(self, chain_base: Optional[nn.ParameterDict] = None) -> dict:
+        """What the trainer logs of this layer, over this rank's experts and tokens (at log steps only):
+
+        - `router/entropy` (nats) and `router/max_load` (the largest expert's share of routed segments) of the last
+          forward;
+        - `curvature/dev_from_identity`: the curvature factors' mean relative distance from the identity, per term;
+        - `task_vector/rel_norm`: `||E_i − B|| / ||B||` averaged over experts and matrices, how far the experts have
+          moved from the base they are merged onto. A dynamic layer that continues a chain has no base: it merges
+          onto the previous layer's per-segment weights, which depend on the data, so it is measured against the
+          chain's base `chain_base` (that every `Ŵ_s` of the chain starts from), which the caller passes; without
+          it the value is left out.
+
+        Each value is one host read: the per-expert terms are summed on the device first.
+        """
         stats = {f"router/{k}": float(v) for k, v in self.router.last_stats.items()}
         if self.args.curved:
             devs = []
@@ -330,8 +341,13 @@ class CAMExMoE(MoE):
                 for factors in expert.curvature.values():
                     for f in factors.tensors():
                         eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-                        devs.append(float((f - eye).norm() / eye.norm() / math.sqrt(f.shape[0])))
-            stats["curvature/dev_from_identity"] = sum(devs) / len(devs)
+                        devs.append((f - eye).float().norm() / math.sqrt(f.shape[-1] * f.shape[0]))
+            stats["curvature/dev_from_identity"] = float(torch.stack(devs).mean())
+        base = self.base if self.base is not None else chain_base
+        if base is not None:
+            rel = [(getattr(e, n).float() - base[n].float()).norm() / base[n].float().norm().clamp_min(1e-30)
+                   for e in self.local_experts for n in self.shapes]
+            stats["task_vector/rel_norm"] = float(torch.stack(rel).mean())
         return stats
 
     def forward(self, hidden_states: Tensor, chain: Optional[MergeChain] = None,
