@@ -222,7 +222,7 @@ def test_fold_refuses_what_it_cannot_fold(tmp_path):
 @pytest.mark.parametrize("moe", [
     {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 16},
     {"method": "camex-ties", "num_experts": 3, "every": 2, "segment_len": 16, "top_k": 2},
-    {"method": "camex", "num_experts": 3, "every": 1, "segment_len": 16, "dynamic": True},
+    {"method": "camex", "num_experts": 3, "every": 1, "segment_len": 16, "dynamic": True, "curvature_rank": 2},
     {"method": "dare", "num_experts": 2, "every": 1, "segment_len": 32, "routing": "segment"},
 ])
 def test_upcycle_reproduces_the_dense_model(tmp_path, moe):
@@ -237,6 +237,12 @@ def test_upcycle_reproduces_the_dense_model(tmp_path, moe):
     assert (got - want).abs().max() / want.abs().max() < 1e-5
     # routers are live (random gates), so the exactness is not an accident of uniform gates
     assert all(layer.router.w_gate.abs().sum() > 0 for _, layer in up.moe_layers())
+    # the curvature factors start as the layer starts them (§3: rank terms apart), from the model upcycle builds
+    torch.manual_seed(result["seed"])
+    built = GPT(up.config).state_dict()
+    factors = [k for k in built if ".curvature." in k]
+    assert all(torch.equal(up.state_dict()[k], built[k]) for k in factors)
+    assert not any(layer.rank_is_degenerate() for _, layer in up.moe_layers())
     # noise breaks the symmetry
     upcycle(src, cfg, tmp_path / "noisy", noise=0.02)
     assert (_logits(load_pretrained(tmp_path / "noisy"), ids) - want).abs().max() > 1e-4

@@ -345,8 +345,9 @@ class CAMExMoE(MoE):
             stats["curvature/dev_from_identity"] = float(torch.stack(devs).mean())
         base = self.base if self.base is not None else chain_base
         if base is not None:
-            rel = [(getattr(e, n).float() - base[n].float()).norm() / base[n].float().norm().clamp_min(1e-30)
-                   for e in self.local_experts for n in self.shapes]
+            norms = {n: base[n].float().norm().clamp_min(1e-30) for n in self.shapes}
+            rel = [(getattr(e, n).float() - base[n].float()).norm() / norms[n] for e in self.local_experts
+                   for n in self.shapes]
             stats["task_vector/rel_norm"] = float(torch.stack(rel).mean())
         return stats
 
@@ -379,7 +380,7 @@ class CAMExMoE(MoE):
         return out.reshape(bsz, length, dim), l_aux, counts
 
 
-def warn_degenerate_rank(model: nn.Module) -> bool:
+def warn_degenerate_rank(model: nn.Module) -> None:
     """After a load that may bring in factors saved before the rank terms started apart (`--init_from`,
     `--resume`): one warning line (rank 0) when some layer's rank is degenerate (`rank_is_degenerate`)."""
     curved = [m for m in model.modules() if isinstance(m, CAMExMoE) and m.args.curved and m.args.curvature_rank > 1]
@@ -390,4 +391,3 @@ def warn_degenerate_rank(model: nn.Module) -> bool:
               f"{len(degenerate)} of the {len(curved)} curved MoE layers (saved before the terms started apart, or "
               f"curvature_init_std 0): equal terms stay equal in training, so rank {r} then equals rank 1, at {r}x "
               "its curvature cost", file=sys.stderr, flush=True)
-    return bool(degenerate)
