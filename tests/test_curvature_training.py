@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import DIST_ENV, TINY, launch
+from tests.launch import DIST_ENV, TINY, launch, tiny_ds_config, write_json
 from camex_ds import parallel
 from camex_ds.ckpt.format import EXPERT_RE
 from camex_ds.config import ModelConfig, TrainArgs
@@ -29,27 +29,15 @@ SCALE = 3.0
 SCALED = {**TINY, "moe": {**TINY["moe"], "curvature_rank": 2, "curvature_lr_scale": SCALE}}
 
 
-def _json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj))
-    return path
-
-
-def _ds(path: Path, stage: int = 0) -> Path:
-    return _json(path, {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                        "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
-                        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
-                        "tensorboard": {"enabled": False}})
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, text_files):
     root = tmp_path_factory.mktemp("curvature")
-    return {"root": root, "train": text_files[0], "cache": root / "cache", "ds": _ds(root / "ds.json")}
+    return {"root": root, "train": text_files[0], "cache": root / "cache", "ds": tiny_ds_config(root / "ds.json")}
 
 
-def _args(s, out, model: dict, *extra, ds=None) -> list:
-    return ["--model_config", _json(out.parent / f"{out.name}.json", model), "--deepspeed_config", ds or s["ds"],
-            "--data", s["train"], "--vocab_size", 512, "--cache_dir", s["cache"], "--output_dir", out,
+def _args(s, out, model: dict, *extra) -> list:
+    return ["--model_config", write_json(out.parent / f"{out.name}.json", model), "--deepspeed_config",
+            s["ds"], "--data", s["train"], "--vocab_size", 512, "--cache_dir", s["cache"], "--output_dir", out,
             "--log_interval", 1, "--eval_batches", 1, "--no_progress", *extra]
 
 
