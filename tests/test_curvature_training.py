@@ -63,16 +63,16 @@ def _make_old(tag: Path) -> None:
             state[key] = torch.cat([torch.eye(k).expand(r, k, k).flatten() for r, k, _ in shapes])
         torch.save(state, file)
     states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
-    states["model_config"]["moe"].pop("curvature_init_std")
-    torch.save(states, tag / "mp_rank_00_model_states.pt")
     run = manifest.read(tag)["run"]
-    run["model_config"]["moe"].pop("curvature_init_std")
+    for moe in (states["model_config"]["moe"], run["model_config"]["moe"]):
+        del moe["curvature_init_std"], moe["curvature_lr_scale"]
+    torch.save(states, tag / "mp_rank_00_model_states.pt")
     manifest.write(tag, run)
 
 
 def test_a_checkpoint_with_equal_rank_terms_resumes_with_one_warning(setup):
-    """`--resume` of a checkpoint saved before §3's start: its recorded config lacks the new option (read with its
-    default) and its rank terms are equal, which one warning line says; training goes on."""
+    """`--resume` of a checkpoint saved before §3's start: its recorded config lacks the new options (read with their
+    defaults) and its rank terms are equal, which one warning line says; training goes on."""
     run = setup["root"] / "old"
     err = _ok(launch(_args(setup, run, MODEL, "--max_steps", 2, "--save_interval", 2, "--eval_interval", 2)))
     assert _warnings(err) == []
