@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -48,11 +49,14 @@ def check_int(field_name: str, value: Any, minimum: int = 1) -> None:
         _fail(field_name, value, f"an integer >= {minimum}")
 
 
-def check_number(field_name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+def check_number(field_name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
+    """A finite int or float in `[low, high]` (`(low, high]` with `open_low`); no `high`: any finite number above."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if open_low else value >= low) and value <= high
     if not ok:
-        _fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
+        bound = f"a finite number {'>' if open_low else '>='} {low}" if high == math.inf else \
+            f"a number in {'(' if open_low else '['}{low}, {high}]"
+        _fail(field_name, value, bound)
 
 
 def method_mask(method: str) -> str:
@@ -76,6 +80,8 @@ class MoEConfig:
     routing: str = "causal"
     first_segment: str = "uniform"
     curvature_rank: int = 1
+    curvature_init_std: float = 0.02
+    curvature_lr_scale: float = 1.0
     alpha: float = 1.0
     ep_size: int = 1
     dynamic: bool = False
@@ -96,6 +102,8 @@ class MoEConfig:
         check_choice(p + "routing", self.routing, ROUTINGS)
         check_choice(p + "first_segment", self.first_segment, FIRST_SEGMENT)
         check_int(p + "curvature_rank", self.curvature_rank)
+        check_number(p + "curvature_init_std", self.curvature_init_std, 0.0)
+        check_number(p + "curvature_lr_scale", self.curvature_lr_scale, 0.0, open_low=True)
         check_number(p + "alpha", self.alpha, 0.0, 1e6)
         check_int(p + "ep_size", self.ep_size)
         if not isinstance(self.dynamic, bool):

@@ -38,8 +38,9 @@ MOE_VALUES = {
     "method": ["dense", "smoe", "euclid", "ties", "dare", "camex-ties", "camex-dare", "camx", "CAMEX"],
     "num_experts": [1, 2, 3, 5, 8], "top_k": [None, 1, 2, 3, 5], "every": [2, 3], "segment_len": [8, 32, 12, 64],
     "routing": ["segment", "sequence", "token"], "first_segment": ["self-detached", "first"],
-    "curvature_rank": [2, 4], "alpha": [0.0, 0.5, 2.0, -0.5, float("inf")], "ep_size": [2, 3],
-    "dynamic": [True, "yes"], "noisy_gating": [False, "no"], "aux_loss_coef": [0.0, 2e3],
+    "curvature_rank": [2, 4], "curvature_init_std": [0.0, 0.1, -0.1, float("nan")],
+    "curvature_lr_scale": [0.5, 10.0, 0.0, -1.0, float("inf")], "alpha": [0.0, 0.5, 2.0, -0.5, float("inf")],
+    "ep_size": [2, 3], "dynamic": [True, "yes"], "noisy_gating": [False, "no"], "aux_loss_coef": [0.0, 2e3],
     "dare_p": [0.0, 0.5, 1.0, 1.5], "capacity_factor": [0.5, 2.0, 0.0], "backend": ["deepspeed", "megablocks", "x"],
 }
 DS_VALUES = {

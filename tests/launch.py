@@ -4,13 +4,15 @@
 would ship it) into a train.txt and a valid.txt: paragraphs separated by blank lines, no other structure.
 `launch(argv)` runs `launcher/pretrain.py`'s `main(argv)` (camex_ds.cli.pretrain) in this process and returns
 its exit code and what it printed: a job costs ~0.5 s instead of a new interpreter's ~5 s, which is what makes
-hundreds of runs affordable. The process environment and signal handlers are left as they were.
+hundreds of runs affordable. The process environment and signal handlers are left as they were. `write_json` and
+`tiny_ds_config` write the configs such runs take.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
 import io
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -43,6 +45,22 @@ def text_corpus(folder: Path, train_bytes: int = 300_000, valid_bytes: int = 40_
     (folder / "train.txt").write_text("\n\n".join(train) + "\n")
     (folder / "valid.txt").write_text("\n\n".join(valid) + "\n")
     return folder / "train.txt", folder / "valid.txt"
+
+
+def write_json(path: Path, obj) -> Path:
+    """`obj` written to `path` as JSON (a run's model or DeepSpeed config); returns `path`."""
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def tiny_ds_config(path: Path, stage=0, accum=1, micro=2) -> Path:
+    """The DeepSpeed config of the tiny in-process runs, written to `path`: AdamW, ZeRO `stage`, no scheduler, fp32,
+    no TensorBoard."""
+    return write_json(path, {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+                             "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+                             "bf16": {"enabled": False},
+                             "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
+                             "tensorboard": {"enabled": False}})
 
 
 def launch(argv) -> tuple[int, str, str]:

@@ -22,30 +22,18 @@ import pytest
 import torch
 
 from tests import distributed
-from tests.launch import LAUNCHER, TINY, launch, one_error
+from tests.launch import LAUNCHER, TINY, launch, one_error, tiny_ds_config, write_json
 from camex_ds.data import PreparedDataset
 from camex_ds.train import manifest
 
 FAULTY = "tests.dist.faulty_pretrain"
 
 
-def _json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj))
-    return path
-
-
-def _ds(path: Path, stage=0, accum=1, micro=2) -> Path:
-    return _json(path, {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-                        "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
-                        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
-                        "tensorboard": {"enabled": False}})
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, text_files):
     root = tmp_path_factory.mktemp("chaos")
     return {"root": root, "train": text_files[0], "valid": text_files[1], "cache": root / "cache",
-            "model": _json(root / "tiny.json", TINY), "ds": _ds(root / "ds.json")}
+            "model": write_json(root / "tiny.json", TINY), "ds": tiny_ds_config(root / "ds.json")}
 
 
 def _args(s, out, *extra, ds=None, model=None) -> list:
@@ -181,7 +169,7 @@ def test_damaged_input_without_a_fallback_is_one_line_naming_it(setup, trained, 
 
 def test_resume_with_another_model_or_data_lists_the_differences(setup, trained, tmp_path):
     run = _copy(trained[0], tmp_path / "run")
-    wider = _json(tmp_path / "wider.json", {**TINY, "d_model": 48, "moe": {**TINY["moe"], "num_experts": 2}})
+    wider = write_json(tmp_path / "wider.json", {**TINY, "d_model": 48, "moe": {**TINY["moe"], "num_experts": 2}})
     line = one_error(launch(_args(setup, run, "--max_steps", 6, "--resume", model=wider)), 2,
                      "model_config.d_model (32 -> 48)", "model_config.moe.num_experts (4 -> 2)")
     assert "data." not in line
@@ -208,7 +196,7 @@ def test_checks_before_the_first_step(setup, tmp_path):
     for extra, needle in cases:
         one_error(launch([*_args(setup, out, "--max_steps", 2), *extra]), 2, needle)
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists(), extra
-    small_vocab = _json(tmp_path / "v.json", {**TINY, "vocab_size": 300})
+    small_vocab = write_json(tmp_path / "v.json", {**TINY, "vocab_size": 300})
     one_error(launch(_args(setup, out, "--max_steps", 2, model=small_vocab)), 2,
               "vocab_size=300 is smaller than the tokenizer's 512")
 
@@ -314,7 +302,7 @@ def test_nan_loss_stops_with_the_step_and_saves_no_bad_weights(setup, tmp_path, 
     run = tmp_path / "run"
     _poison(monkeypatch, at_call=3)
     result = launch(_args(setup, run, "--max_steps", 4, "--save_interval", 2, "--eval_interval", 4,
-                          ds=_ds(tmp_path / "ds.json", stage)))
+                          ds=tiny_ds_config(tmp_path / "ds.json", stage)))
     one_error(result, 1, "step 3: the loss or gradient norm is not finite", "newest checkpoint: global_step2")
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["global_step2"]
     _nothing_lost(run, "global_step2", setup)
@@ -327,7 +315,7 @@ def test_skipped_nan_step_changes_nothing(setup, tmp_path, monkeypatch, stage, a
     run = tmp_path / "run"
     _poison(monkeypatch, at_call=3 * accum + 1)  # the first micro-batch of step 4
     _ok(launch(_args(setup, run, "--max_steps", 5, "--save_interval", 1, "--eval_interval", 5, "--skip_nonfinite", 1,
-                     ds=_ds(tmp_path / "ds.json", stage, accum))))
+                     ds=tiny_ds_config(tmp_path / "ds.json", stage, accum))))
     before, after, later = (_state(run / "checkpoints" / f"global_step{s}") for s in (3, 4, 5))
     assert before.keys() == after.keys()
     for name in before:
@@ -364,7 +352,7 @@ def test_sigkill_at_random_moments_of_checkpoint_saves(setup, tmp_path):
     three renames that publish a checkpoint (manifest, zero_to_fp32.py, `latest`), each time restarting with
     --resume. After every kill `latest` names a checkpoint that verifies, and the finished run's losses are
     those of the uninterrupted run."""
-    _ds(setup["root"] / "zero2.json", stage=2)
+    tiny_ds_config(setup["root"] / "zero2.json", stage=2)
     steps, seed = 30, 2015
     reference, run, log = tmp_path / "reference", tmp_path / "run", tmp_path / "events.log"
     assert all(code == 0 for code, *_ in distributed.ranks(FAULTY, *_two_rank_args(setup, reference, steps),
@@ -417,7 +405,7 @@ def test_a_lost_rank_ends_the_job_in_bounded_time_naming_it(setup, tmp_path, fau
     """A rank SIGKILLed or SIGSTOPped mid-step or mid-save: the job exits non-zero, the surviving rank says in
     one line which rank is dead or stopped, within --dist_timeout (5 s) plus, under DeepSpeed's launcher, its
     30 s grace before it SIGKILLs a stopped process; the previous checkpoint is intact."""
-    _ds(setup["root"] / "zero2.json", stage=2)
+    tiny_ds_config(setup["root"] / "zero2.json", stage=2)
     run, log = tmp_path / "run", tmp_path / "events.log"
     args = [*_two_rank_args(setup, run, 8), "--dist_timeout", 5]
     if launcher == "deepspeed":
@@ -444,7 +432,7 @@ def test_plain_text_and_val_data_through_launcher_compare_methods_and_evaluate(s
     """The issue's new-user path: a train.txt and a valid.txt, 2 ranks under DeepSpeed's launcher (expert
     parallel 2, ZeRO 2); DeepSpeed's habit `python checkpoints/zero_to_fp32.py checkpoints/ out/`;
     compare_methods and evaluate with --val_data."""
-    _ds(setup["root"] / "zero2.json", stage=2)
+    tiny_ds_config(setup["root"] / "zero2.json", stage=2)
     run = tmp_path / "run"
     args = [*_two_rank_args(setup, run, 4, "--val_data", setup["valid"]), "--eval_batches", 4]
     distributed.deepspeed(LAUNCHER, *args)

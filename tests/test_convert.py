@@ -25,6 +25,7 @@ from camex_ds.ckpt.upcycle import fold, upcycle
 from camex_ds.config import ModelConfig
 from camex_ds.model import GPT
 from camex_ds.parallel import free_port
+from camex_ds.train.metrics import layer_means, layer_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launcher" / "pretrain.py"
@@ -35,11 +36,13 @@ TINY_MOE = {
     "moe": {"method": "camex", "num_experts": 4, "every": 2, "segment_len": 16, "routing": "causal"},
 }
 TINY_DENSE = {**TINY_MOE, "moe": None}
+# The trained runs' curvature factors step with a scaled lr in groups of their own, which resharding keeps.
+LR_SCALE = 2.0
 # Odd width (27 = 3 heads x 9): some ZeRO flat groups then need padding, which resharding must reproduce.
 EP_RUN = {
     "d_model": 27, "n_layers": 2, "n_heads": 3, "ffn_hidden_size": 36, "seq_len": 64, "activation": "gelu",
     "moe": {"method": "camex", "num_experts": 4, "every": 2, "segment_len": 16, "routing": "causal",
-            "noisy_gating": False},
+            "noisy_gating": False, "curvature_rank": 2, "curvature_lr_scale": LR_SCALE},
 }
 
 
@@ -126,10 +129,11 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def moe_run(workspace):
-    """One-process camex run, ZeRO 0, 3 steps, checkpoints at 2 and 3."""
+    """One-process camex run (rank 2, scaled curvature lr), ZeRO 0, 3 steps, checkpoints at 2 and 3."""
     root = workspace["root"]
     out = root / "moe_run"
-    _train(out, _write_json(root / "tiny_moe.json", TINY_MOE), _ds_config(root / "z0.json"), workspace["corpus"],
+    scaled = {**TINY_MOE, "moe": {**TINY_MOE["moe"], "curvature_rank": 2, "curvature_lr_scale": LR_SCALE}}
+    _train(out, _write_json(root / "tiny_moe.json", scaled), _ds_config(root / "z0.json"), workspace["corpus"],
            workspace["cache"], "--max_steps", "3", "--save_interval", "2", "--eval_interval", "3",
            "--eval_batches", "2")
     return out
@@ -218,7 +222,7 @@ def test_fold_refuses_what_it_cannot_fold(tmp_path):
 @pytest.mark.parametrize("moe", [
     {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 16},
     {"method": "camex-ties", "num_experts": 3, "every": 2, "segment_len": 16, "top_k": 2},
-    {"method": "camex", "num_experts": 3, "every": 1, "segment_len": 16, "dynamic": True},
+    {"method": "camex", "num_experts": 3, "every": 1, "segment_len": 16, "dynamic": True, "curvature_rank": 2},
     {"method": "dare", "num_experts": 2, "every": 1, "segment_len": 32, "routing": "segment"},
 ])
 def test_upcycle_reproduces_the_dense_model(tmp_path, moe):
@@ -233,6 +237,12 @@ def test_upcycle_reproduces_the_dense_model(tmp_path, moe):
     assert (got - want).abs().max() / want.abs().max() < 1e-5
     # routers are live (random gates), so the exactness is not an accident of uniform gates
     assert all(layer.router.w_gate.abs().sum() > 0 for _, layer in up.moe_layers())
+    # the curvature factors start as the layer starts them (§3: rank terms apart), from the model upcycle builds
+    torch.manual_seed(result["seed"])
+    built = GPT(up.config).state_dict()
+    factors = [k for k in built if ".curvature." in k]
+    assert all(torch.equal(up.state_dict()[k], built[k]) for k in factors)
+    assert not any(layer.rank_is_degenerate() for _, layer in up.moe_layers())
     # noise breaks the symmetry
     upcycle(src, cfg, tmp_path / "noisy", noise=0.02)
     assert (_logits(load_pretrained(tmp_path / "noisy"), ids) - want).abs().max() > 1e-4
@@ -446,6 +456,10 @@ def test_reshard_to_more_ranks_and_back_is_lossless(moe_run, tmp_path):
     assert (res["from_ep_size"], res["ep_size"], res["optimizer"]) == (1, 2, "torch")
     assert sorted(p.name for p in (tmp_path / "ep2" / "global_step3").glob("expp_rank_*")) == [
         "expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"]
+    for rank in (0, 1):  # each EP rank's half of the factors, in their own group, with the run's lr scale
+        groups = torch.load(tmp_path / f"ep2/global_step3/expp_rank_{rank}_mp_rank_00_optim_states.pt",
+                            weights_only=False)["optimizer"]["param_groups"]
+        assert [(g.get("lr_scale"), len(g["params"])) for g in groups if "lr_scale" in g] == [(LR_SCALE, 2 * 2)]
     reshard(tmp_path / "ep2", 1, tmp_path / "ep1")
     _assert_same_checkpoint(ckpt, tmp_path / "ep1" / "global_step3")
     assert (tmp_path / "ep1" / "latest").read_text() == "global_step3"
@@ -545,6 +559,11 @@ def test_ep2_zero2_consolidate_evaluate_fold(ep2_run, workspace, tmp_path):
     # experts renumbered 0..3 from the two ranks' local 0..1
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     assert cfg["moe"]["ep_size"] == 1 and cfg["format_version"] == 1
+    # the run's end-of-run diagnostics, each rank over its own experts and averaged over the ranks, are those of
+    # the whole model
+    whole = layer_means(layer_stats(load_pretrained(tmp_path / "c")))
+    for key in ("curvature_dev_from_identity", "task_vector_rel_norm"):
+        assert _rel(final[key], whole[key]) < 1e-5, (key, final[key], whole[key])
 
     res = _last_json(_tool("convert_checkpoint.py", "fold", "--input", tmp_path / "c", "--output", tmp_path / "f"))
     assert res["method"] == "euclid"
@@ -572,6 +591,9 @@ def test_ep2_zero2_reshard_to_ep1_resumes_and_trains_on(ep2_run, workspace, tmp_
     res = _last_json(_tool("convert_checkpoint.py", "reshard", "--checkpoint", ep2_run, "--tag", "global_step6",
                            "--ep_size", "1", "--output", new / "checkpoints"))
     assert (res["from_ep_size"], res["ep_size"], res["world_size"]) == (2, 1, 1)
+    zero = torch.load(new / "checkpoints/global_step6/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    groups = zero["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert [g.get("lr_scale") for g in groups] == [None, None, None, LR_SCALE]  # the factors' own (expert) group
     ds = _ds_config(tmp_path / "z2_mb16.json", stage=2, micro=16)  # 1 rank x 16 = the 2 x 8 of the run
     _train(new, _write_json(tmp_path / "cfg.json", EP_RUN), ds, workspace["corpus"], workspace["cache"],
            "--max_steps", "8", "--save_interval", "100", "--eval_interval", "2", "--eval_batches", "4",

@@ -181,6 +181,81 @@ def test_camex_differs_from_twin_once_factors_move():
     assert (curved(x)[0] - flat(x)[0]).abs().max() > 1e-4
 
 
+# =========================================================================== rank terms start apart (§3)
+
+
+def _at_init(method, rank, dynamic, train, x):
+    """The output (and gates' aux loss) of a layer, or of a two-layer dynamic chain, of `method` built from fixed
+    seeds, for input `x` with fixed routing noise and DARE masks."""
+    layers = [make(method, n=4, T=2, seed=10 + i, noisy_gating=True, top_k=3, curvature_rank=rank, dynamic=dynamic,
+                   chain_start=i == 0).train(train) for i in range(2 if dynamic else 1)]
+    torch.manual_seed(7)
+    chain, out, aux = MergeChain(), x, 0.0
+    for layer in layers:
+        out, l_aux, _ = layer(out, chain)
+        aux = aux + l_aux
+    return out, aux, layers
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("rank", [1, 2, 8])
+@pytest.mark.parametrize("twin", TWINS, ids=lambda t: t[0])
+def test_camex_equals_euclidean_twin_at_init_at_every_rank(twin, rank, dynamic, train):
+    """§3: the R terms start apart (A_r = I + ε_r, centred) and still M_i = I, so every camex* layer (static or a
+    dynamic chain, DARE's mask drawn alike in training) is its twin up to the factors' float32 rounding; for R = 1
+    the factors are exactly the identity. The draw leaves the global RNG alone: all other tensors are equal."""
+    curved_name, flat_name = twin
+    x = torch.randn(2, 8, 6, dtype=F64)
+    out_c, aux_c, curved = _at_init(curved_name, rank, dynamic, train, x)
+    out_f, aux_f, flat = _at_init(flat_name, rank, dynamic, train, x)
+    for c, f in zip(curved, flat):
+        flat_params = dict(f.named_parameters())
+        assert all(torch.equal(p, flat_params[n]) for n, p in c.named_parameters() if ".curvature." not in n)
+    tol = 1e-13 if rank == 1 else 1e-6
+    close(out_c, out_f, tol=tol)
+    close(aux_c, aux_f, tol=tol)  # a chain's second router sees the first layer's output
+    for layer in curved:
+        for expert in layer.local_experts:
+            for kron in expert.curvature.values():
+                a, *bcd = kron.tensors()
+                assert all(torch.equal(f, torch.eye(f.shape[-1], dtype=F64).expand_as(f)) for f in bcd)
+                close(a.mean(0), torch.eye(a.shape[-1], dtype=F64), tol=1e-7)
+                assert torch.equal(a, torch.eye(a.shape[-1], dtype=F64).expand_as(a)) == (rank == 1)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.0])
+def test_rank_terms_differ_after_one_optimizer_step(std):
+    """With the terms apart at the start, one step makes every factor's terms differ (A_0 != A_1, and B, C, D
+    that started equal); started equal (curvature_init_std 0, or a model saved before §3's start) they stay equal,
+    which is what `rank_is_degenerate` detects."""
+    layer = make("camex", curvature_rank=2, curvature_init_std=std).train()
+    assert layer.rank_is_degenerate() == (std == 0)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(torch.randn(2, 8, 6, dtype=F64))[0].square().sum().backward()
+    opt.step()
+    for expert in layer.local_experts:
+        for kron in expert.curvature.values():
+            for f in kron.tensors():
+                assert not torch.equal(f, torch.eye(f.shape[-1], dtype=F64).expand_as(f))  # it moved
+                assert torch.equal(f[0], f[1]) == (std == 0)
+    assert layer.rank_is_degenerate() == (std == 0)
+    assert not make("camex", curvature_rank=1, curvature_init_std=0.0).rank_is_degenerate()  # nothing to lose at R=1
+
+
+def test_the_curvature_start_is_the_same_for_every_expert_parallel_layout(monkeypatch):
+    """Each EP rank draws every expert's factors and keeps its own: the layout does not change the model."""
+    import camex_ds.moe.layer as layer_module
+
+    whole = make("camex", n=4, curvature_rank=3)
+    for ep_rank in (0, 1):
+        monkeypatch.setattr(layer_module, "expert_parallel_rank", lambda ep_size, rank=None: ep_rank)
+        part = make("camex", n=4, curvature_rank=3, ep_size=2)
+        for j, expert in enumerate(part.local_experts):
+            same = whole.local_experts[2 * ep_rank + j]
+            assert all(torch.equal(p, q) for p, q in zip(expert.parameters(), same.parameters()))
+
+
 # =========================================================================== causality
 
 
@@ -363,6 +438,67 @@ def test_factors_are_views_of_one_flat_parameter_and_old_checkpoints_load():
         assert torch.equal(v, w), k
 
 
+def _tiny_gpt_config(**moe):
+    from camex_ds.config import ModelConfig
+
+    return ModelConfig.from_dict({"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 32,
+                                  "seq_len": 16, "moe": {"method": "camex", "num_experts": 4, "every": 1,
+                                                         "segment_len": 8, **moe}})
+
+
+def test_a_model_saved_with_equal_rank_terms_loads_with_one_warning(tmp_path, capsys):
+    """A model from before §3's start (every rank term the identity) still loads (`--init_from`), with one warning
+    line for the whole model saying that its rank R then equals rank 1; a model of today loads silently.
+    (`--resume` goes through `train.checkpoint.load`: tests/test_curvature_lr.py.)"""
+    from camex_ds.ckpt.format import load_state_into, save_pretrained
+    from camex_ds.model import GPT
+
+    cfg = _tiny_gpt_config(curvature_rank=4)
+    for old in (True, False):
+        model = GPT(cfg)
+        if old:
+            with torch.no_grad():
+                for _, layer in model.moe_layers():
+                    for expert in layer.local_experts:
+                        for kron in expert.curvature.values():
+                            for f in kron.tensors():
+                                f.copy_(torch.eye(f.shape[-1]).expand_as(f))
+        folder = tmp_path / f"old{old}"
+        folder.mkdir()
+        save_pretrained(folder, model.state_dict(), cfg)
+        fresh = GPT(cfg)
+        capsys.readouterr()
+        load_state_into(fresh, folder)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+        if old:
+            assert len(warnings) == 1, warnings
+            assert "curvature_rank is 4" in warnings[0] and "in 2 of the 2 curved MoE layers" in warnings[0]
+            assert "rank 4 then equals rank 1" in warnings[0]
+        else:
+            assert warnings == []
+
+
+def test_stats_report_task_vectors_relative_to_the_base():
+    """`task_vector/rel_norm` = mean over experts and matrices of ||E_i − B|| / ||B||; a dynamic layer continuing a
+    chain has no base and is measured against the chain's, which the caller passes."""
+    layer = make("camex", n=3, curvature_rank=2)
+    layer(torch.randn(1, 4, 6, dtype=F64))
+    stats = layer.stats()
+    assert set(stats) == {"router/entropy", "router/max_load", "curvature/dev_from_identity", "task_vector/rel_norm"}
+    with torch.no_grad():
+        want = torch.stack([(getattr(e, n) - layer.base[n]).norm() / layer.base[n].norm()
+                            for e in layer.local_experts for n in layer.shapes]).mean()
+    assert stats["task_vector/rel_norm"] == pytest.approx(float(want), rel=1e-6)
+    assert 0 < stats["curvature/dev_from_identity"] < 0.05  # A_r = I + ε_r, ε ~ N(0, 0.02²)
+    first, second = make_chain("euclid", layers=2)
+    assert "task_vector/rel_norm" not in second.stats() and "curvature/dev_from_identity" not in second.stats()
+    with torch.no_grad():
+        want = torch.stack([(getattr(e, n) - first.base[n]).norm() / first.base[n].norm()
+                            for e in second.local_experts for n in second.shapes]).mean()
+    assert second.stats(first.base)["task_vector/rel_norm"] == pytest.approx(float(want), rel=1e-6)
+
+
 # =========================================================================== gradchecks
 
 
@@ -478,6 +614,15 @@ def test_error_unknown_activation():
                                                  ("first_segment", "last", "uniform, self-detached")])
 def test_error_bad_routing(field, value, choices):
     with pytest.raises(ValueError, match=rf"{field}='{value}'.*{choices}"):
+        CAMExMoE(6, 10, 4, **{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("curvature_init_std", v) for v in (-0.01, float("nan"), float("inf"), "0.02",
+                                                                             True)]
+                         + [("curvature_lr_scale", v) for v in (0, -1.0, float("nan"), float("inf"), "2")])
+def test_error_bad_curvature_option(field, value):
+    bound = ">= 0.0" if field == "curvature_init_std" else "> 0.0"
+    with pytest.raises(ConfigError, match=rf"^CAMExMoE.{field}={value!r} is invalid: expected a finite number {bound}$"):
         CAMExMoE(6, 10, 4, **{field: value})
 
 

@@ -33,6 +33,7 @@ import torch
 from .. import parallel
 from ..config import ConfigError, ModelConfig, read_json_object
 from ..model import GPT
+from ..moe.layer import warn_degenerate_rank
 
 FORMAT = "camex_ds-pretrained"
 FORMAT_VERSION = 1
@@ -296,7 +297,8 @@ def load_state_into(model, path: PathLike, strict: bool = True) -> None:
     """Copy a consolidated model's weights into `model` in place, whatever its expert-parallel layout.
 
     Each MoE layer takes the experts its EP rank owns (`parallel.global_expert`). In-place copies keep
-    DeepSpeed's attributes on the parameters, so call this before `deepspeed.initialize`.
+    DeepSpeed's attributes on the parameters, so call this before `deepspeed.initialize`. A model whose curvature
+    rank terms are all equal (saved before they started apart) loads with a warning (`warn_degenerate_rank`).
     """
     cfg, _ = read_config(path)
     state = read_weights(path, cfg)
@@ -326,6 +328,7 @@ def load_state_into(model, path: PathLike, strict: bool = True) -> None:
     if strict and missing:
         raise PretrainedError(f"'{path}' lacks tensor '{missing[0]}' that the model needs"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    warn_degenerate_rank(model)
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ConvertError", "PretrainedError", "atomic_output_dir", "expert_key",

@@ -33,9 +33,10 @@ def upcycle(input_dir: PathLike, moe_config: PathLike, output: PathLike, noise: 
 
     With all experts equal to the base every task vector is exactly zero, so merge layers compute the
     dense FFN whatever their gates (dynamic chains too, when alpha = 1: Ŵ^l = Ŵ^{l-1} + Σ g (FFN_l − Ŵ^{l-1})
-    with gates summing to 1). Routers start as configured (random gate, zero noise weights), curvature
-    factors at identity. `noise > 0` adds N(0, noise²) to every expert copy (symmetry breaking; then
-    the function is no longer exactly the dense one).
+    with gates summing to 1). Routers and curvature factors start as the model built from `seed` has them (random
+    gate, zero noise weights; factors with `M_i = I` and their rank terms apart, spec §3: the layer's own start).
+    `noise > 0` adds N(0, noise²) to every expert copy (symmetry breaking; then the function is no longer exactly
+    the dense one).
     """
     cfg, raw_cfg, dense = read_consolidated(input_dir)
     if cfg.moe is not None:
@@ -66,7 +67,7 @@ def upcycle(input_dir: PathLike, moe_config: PathLike, output: PathLike, noise: 
                            "(Ŵ^l = (1-α)Ŵ^(l-1) + α FFN_l): use alpha 1.0")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = GPT(new_cfg)  # fresh routers and identity curvature, everything else overwritten below
+    model = GPT(new_cfg)  # fresh routers and curvature factors, everything else overwritten below
     state = model.state_dict()
     dtype = next(v.dtype for v in dense.values() if v.is_floating_point())
     matrices = expert_matrix_names(cfg.activation)

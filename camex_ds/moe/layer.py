@@ -7,6 +7,7 @@ them. Tokens never move between ranks: the owners' curved task vectors are all-g
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -18,15 +19,18 @@ from torch import Tensor, nn
 from .ffn import add_biases, ffn_biases, matrix_shapes
 from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
 from ..parallel import expert_parallel_rank, global_expert
+from ..parallel import rank as process_rank
 from . import comm
 from . import functional as Fn
 from .chain import MergeChain, Span, prefer_span
+from .factor_init import initial_factors, peeked_generator
 from .router import SegmentRouter
 from .step_reuse import MicroBatch, StepReuse
 
 
 class KronFactors(nn.Module):
-    """One matrix's curvature factors `A [R,o1,o1], B [R,o2,o2], C [R,i1,i1], D [R,i2,i2]`, identity at start.
+    """One matrix's curvature factors `A [R,o1,o1], B [R,o2,o2], C [R,i1,i1], D [R,i2,i2]`: built as the identity,
+    then `CAMExMoE` draws the terms apart (`factor_init`, spec §3).
 
     They are stored as one flat parameter `flat = [A | B | C | D]` and read as views: a training engine pays
     per parameter (gradient hooks, buckets, clipping, optimizer state), and on a GPU four tiny tensors per
@@ -156,11 +160,23 @@ class CAMExMoE(MoE):
 
     @torch.no_grad()
     def _init_experts(self, experts: Experts, init_std: float) -> None:
-        """Draw all N experts on every rank and keep the local ones: the model is the same for any ep_size."""
+        """Draw all N experts and their curvature factors on every rank and keep the local ones: the model is the
+        same for any ep_size."""
+        owned = [(global_expert(self.ep_rank, self.num_local_experts, j), expert)
+                 for j, expert in enumerate(experts.deepspeed_experts)]
         for name, shape in self.shapes.items():
             full = torch.randn(self.num_experts, *shape) * init_std
-            for j, expert in enumerate(experts.deepspeed_experts):
-                getattr(expert, name).copy_(full[global_expert(self.ep_rank, self.num_local_experts, j)])
+            for g, expert in owned:
+                getattr(expert, name).copy_(full[g])
+        if not self.args.curved:
+            return
+        gen = peeked_generator()
+        for name, shape in self.shapes.items():
+            factors = initial_factors(self.args.curvature_rank, self.num_experts, *shape, self.args.curvature_init_std,
+                                      gen)
+            flat = torch.cat([f.transpose(0, 1).flatten(1) for f in factors], 1)  # [N, Σ R·k²], KronFactors' layout
+            for g, expert in owned:
+                expert.curvature[name].flat.copy_(flat[g])
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
@@ -294,9 +310,30 @@ class CAMExMoE(MoE):
         return self.args.segment_len_for(seq_len)
 
     @torch.no_grad()
-    def stats(self) -> dict:
-        """What the trainer logs of this layer: the last forward's router entropy (nats) and largest expert's
-        share of routed segments, and the curvature factors' mean relative distance from identity."""
+    def rank_is_degenerate(self) -> bool:
+        """Whether R > 1 and the R terms of every local curvature factor are equal: they then get equal gradients
+        and stay equal, so rank R computes exactly what rank 1 does (§3); a model saved before the terms started
+        apart, or built with curvature_init_std 0."""
+        if not self.args.curved or self.args.curvature_rank == 1:
+            return False
+        return all(torch.equal(f, f[:1].expand_as(f)) for expert in self.local_experts
+                   for factors in expert.curvature.values() for f in factors.tensors())
+
+    @torch.no_grad()
+    def stats(self, chain_base: Optional[nn.ParameterDict] = None) -> dict:
+        """What the trainer logs of this layer, over this rank's experts and tokens (at log steps only):
+
+        - `router/entropy` (nats) and `router/max_load` (the largest expert's share of routed segments) of the last
+          forward;
+        - `curvature/dev_from_identity`: the curvature factors' mean relative distance from the identity, per term;
+        - `task_vector/rel_norm`: `||E_i − B|| / ||B||` averaged over experts and matrices, how far the experts have
+          moved from the base they are merged onto. A dynamic layer that continues a chain has no base: it merges
+          onto the previous layer's per-segment weights, which depend on the data, so it is measured against the
+          chain's base `chain_base` (that every `Ŵ_s` of the chain starts from), which the caller passes; without
+          it the value is left out.
+
+        Each value is one host read: the per-expert terms are summed on the device first.
+        """
         stats = {f"router/{k}": float(v) for k, v in self.router.last_stats.items()}
         if self.args.curved:
             devs = []
@@ -304,8 +341,14 @@ class CAMExMoE(MoE):
                 for factors in expert.curvature.values():
                     for f in factors.tensors():
                         eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-                        devs.append(float((f - eye).norm() / eye.norm() / math.sqrt(f.shape[0])))
-            stats["curvature/dev_from_identity"] = sum(devs) / len(devs)
+                        devs.append((f - eye).float().norm() / math.sqrt(f.shape[-1] * f.shape[0]))
+            stats["curvature/dev_from_identity"] = float(torch.stack(devs).mean())
+        base = self.base if self.base is not None else chain_base
+        if base is not None:
+            norms = {n: base[n].float().norm().clamp_min(1e-30) for n in self.shapes}
+            rel = [(getattr(e, n).float() - base[n].float()).norm() / norms[n] for e in self.local_experts
+                   for n in self.shapes]
+            stats["task_vector/rel_norm"] = float(torch.stack(rel).mean())
         return stats
 
     def forward(self, hidden_states: Tensor, chain: Optional[MergeChain] = None,
@@ -335,3 +378,16 @@ class CAMExMoE(MoE):
 
         out = Fn.ffn(x.reshape(-1, seg, dim), add_biases(linear, self.bias), self.activation)
         return out.reshape(bsz, length, dim), l_aux, counts
+
+
+def warn_degenerate_rank(model: nn.Module) -> None:
+    """After a load that may bring in factors saved before the rank terms started apart (`--init_from`,
+    `--resume`): one warning line (rank 0) when some layer's rank is degenerate (`rank_is_degenerate`)."""
+    curved = [m for m in model.modules() if isinstance(m, CAMExMoE) and m.args.curved and m.args.curvature_rank > 1]
+    degenerate = [m for m in curved if m.rank_is_degenerate()]
+    if degenerate and process_rank() == 0:
+        r = degenerate[0].args.curvature_rank
+        print(f"warning: curvature_rank is {r}, but the {r} terms of every curvature factor are equal in "
+              f"{len(degenerate)} of the {len(curved)} curved MoE layers (saved before the terms started apart, or "
+              f"curvature_init_std 0): equal terms stay equal in training, so rank {r} then equals rank 1, at {r}x "
+              "its curvature cost", file=sys.stderr, flush=True)

@@ -28,6 +28,8 @@ import torch
 
 from .. import parallel
 from ..ckpt.deepspeed import LATEST, rng_file
+from ..config import ModelConfig
+from ..moe.layer import warn_degenerate_rank
 from . import manifest
 from .peers import is_communication_error
 
@@ -184,12 +186,23 @@ def resume_tag(ckpt_dir: os.PathLike) -> tuple:
         if problem is None:
             if first_problem:
                 _warn(f"resuming from {tag}, the newest checkpoint that verifies")
-            return tag, manifest.read(ckpt_dir / tag).get("run")
+            return tag, _with_defaults(manifest.read(ckpt_dir / tag).get("run"))
         _warn(f"checkpoint {tag} does not verify: {problem}")
         first_problem = first_problem or f"{tag}: {problem}"
     why = f"none verifies (newest: {first_problem})" if first_problem else "there is no complete checkpoint"
     raise CheckpointError(f"--resume: cannot resume from {ckpt_dir}: {why}; restore the files, or start without "
                           "--resume")
+
+
+def _with_defaults(run):
+    """A recorded run whose model config predates some option reads with that option's default, as the
+    checkpoint's own config does (`ModelConfig.from_dict`), so that adding an option does not refuse old resumes."""
+    if not isinstance(run, dict) or not isinstance(run.get("model_config"), dict):
+        return run
+    try:
+        return {**run, "model_config": ModelConfig.from_dict(run["model_config"]).to_dict()}
+    except ValueError:  # not a config of this version at all: the comparison names what differs
+        return run
 
 
 def load(engine, ckpt_dir: os.PathLike, tag: str) -> dict:
@@ -207,4 +220,5 @@ def load(engine, ckpt_dir: os.PathLike, tag: str) -> dict:
     rng_path = rng_file(ckpt_dir / tag, parallel.rank())
     if rng_path.is_file():
         _set_rng_state(torch.load(rng_path, weights_only=False))
+    warn_degenerate_rank(engine.module)
     return client_state or {}

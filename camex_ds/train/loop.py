@@ -21,13 +21,13 @@ from .. import parallel
 from ..config import ConfigError, ModelConfig, TrainArgs
 from ..analysis.flops import flops_per_token
 from ..data import BatchLoader
-from ..model import GPT, param_groups, save_config
+from ..model import GPT, apply_lr_scales, param_groups, save_config
 from ..moe import MicroBatch
 from . import checkpoint, peers, run_dir
 from .configs import deepspeed_batch, reason, validate
 from .evaluate import evaluate
 from .guard import StopFlag, agree_bad_step, held, stop_or_skip
-from .metrics import MetricsLogger, flops_row, layer_stats, mfu_peak
+from .metrics import MetricsLogger, flops_row, layer_means, layer_stats, mfu_peak
 from .splits import check_same_run, prepare_splits
 
 
@@ -121,6 +121,7 @@ def _train(args: TrainArgs, cfg: ModelConfig, ds_config: dict, run_id: str) -> d
     except (ValueError, TypeError, KeyError, AssertionError, AttributeError, NotImplementedError) as e:
         raise ConfigError(f"DeepSpeed cannot start with --deepspeed_config '{args.deepspeed_config}': "
                           f"{reason(e)}") from None
+    apply_lr_scales(engine.optimizer)  # moe.curvature_lr_scale, whatever the scheduler writes
     peers.record()
     torch.manual_seed(args.seed + 1000 * rank)  # routing noise and DARE masks differ across ranks
     loader = BatchLoader(train_split, cfg.seq_len, micro, rank, world, seed=args.data_seed)
@@ -147,7 +148,7 @@ def _train(args: TrainArgs, cfg: ModelConfig, ds_config: dict, run_id: str) -> d
     stop = StopFlag()
     window = _Window(model)
     run_tokens, run_time = 0, 0.0
-    last_train_loss, last_eval = float("nan"), None
+    last_train_loss, last_eval, diagnostics = float("nan"), None, {}
 
     def save():
         checkpoint.save(engine, ckpt_dir, step, {"step": step, "data": loader.state_dict(),
@@ -170,13 +171,15 @@ def _train(args: TrainArgs, cfg: ModelConfig, ds_config: dict, run_id: str) -> d
                 tokens_per_s = tokens_per_step * window.steps / elapsed
                 run_tokens, run_time = run_tokens + tokens_per_step * window.steps, run_time + elapsed
                 last_train_loss = loss
+                stats = layer_stats(model)  # every rank: averaged over them
+                diagnostics = layer_means(stats)
                 row = {"step": step, "loss": loss, "aux_loss": aux, "lr": scheduler.get_last_lr()[0]
                        if scheduler else engine.get_lr()[0], "tokens_per_s": tokens_per_s,
                        "tokens": step * tokens_per_step, "step_time_s": elapsed / window.steps,
                        "ep_bytes_sent_per_step": (model.ep_bytes_sent() - window.bytes) / window.steps,
-                       "skipped_steps": skipped,
+                       "skipped_steps": skipped, **diagnostics,
                        **flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak)}
-                logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **layer_stats(model)})
+                logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **stats})
                 logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
                 window.reset()
             if step % args.eval_interval == 0 or step == args.max_steps:
@@ -203,7 +206,7 @@ def _train(args: TrainArgs, cfg: ModelConfig, ds_config: dict, run_id: str) -> d
     final = {"step": step, "train_loss": last_train_loss, **(last_eval or {}), "tokens_per_s": run_tokens_per_s,
              **flops_row(step * tokens_per_step, run_tokens_per_s, train_flops_per_token, peak),
              "parameters": sum(p.numel() for p in model.parameters()), "method": cfg.method, "world_size": world,
-             "skipped_steps": skipped, "rank": rank}
+             "skipped_steps": skipped, **diagnostics, "rank": rank}
     if is_main:
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     return final

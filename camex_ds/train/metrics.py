@@ -13,16 +13,36 @@ from .. import parallel
 from ..config import TrainArgs
 from ..analysis.flops import achieved_flops, mfu
 from ..analysis.hardware import peak_flops
+from ..moe import CAMExMoE
 
 
 def layer_stats(model) -> dict:
-    """Every MoE layer's own statistics (`stats()`: router entropy and load, curvature), tagged with its index."""
-    stats = {}
+    """Every MoE layer's own statistics (`stats()`: router, curvature, task vectors), tagged with its index
+    (`router/layer3/entropy`) and averaged over the ranks: under expert parallelism each rank sees its own experts
+    and tokens, and as every rank holds as many experts and tokens, the mean over ranks is the mean over all of
+    them (`router/max_load`: the ranks' mean of their own largest share). One all-reduce: every rank calls this
+    at the same steps. A dynamic chain's continuing layers measure their task vectors against the chain's base."""
+    stats, chain_base = {}, None
     for index, layer in model.moe_layers():
-        for key, value in layer.stats().items():
+        if isinstance(layer, CAMExMoE):
+            chain_base = layer.base if layer.base is not None else chain_base
+            own = layer.stats(chain_base)
+        else:
+            own = layer.stats()
+        for key, value in own.items():
             group, name = key.split("/", 1)
             stats[f"{group}/layer{index}/{name}"] = value
-    return stats
+    return dict(zip(stats, parallel.all_reduce_mean(list(stats.values()))))
+
+
+def layer_means(stats: dict) -> dict:
+    """`layer_stats` averaged over the layers that report each one, under flat names (`router/layer3/entropy` ->
+    `router_entropy`): the diagnostics of metrics.jsonl rows and final_metrics.json."""
+    by_name = {}
+    for key, value in stats.items():
+        group, _, name = key.split("/", 2)
+        by_name.setdefault(f"{group}_{name}", []).append(value)
+    return {name: sum(values) / len(values) for name, values in by_name.items()}
 
 
 def mfu_peak(args: TrainArgs, ds_config: dict) -> Optional[float]:
