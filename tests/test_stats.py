@@ -133,12 +133,17 @@ def test_method_pairs():
     assert got == [
         ("camex", "euclid", "twin"),
         ("camex-ties", "ties", "twin"),
-        ("dense", "euclid", "vs-euclid"),
         ("smoe", "euclid", "vs-euclid"),
         ("ties", "euclid", "vs-euclid"),
         ("camex-ties", "euclid", "vs-euclid"),
+        ("smoe", "dense", "vs-dense"),
+        ("euclid", "dense", "vs-dense"),
+        ("ties", "dense", "vs-dense"),
+        ("camex", "dense", "vs-dense"),
+        ("camex-ties", "dense", "vs-dense"),
     ]
-    assert stats.method_pairs(["camex-dare", "dare", "dense"]) == [("camex-dare", "dare", "twin")]
+    assert stats.method_pairs(["camex-dare", "dare", "dense"]) == [
+        ("camex-dare", "dare", "twin"), ("camex-dare", "dense", "vs-dense"), ("dare", "dense", "vs-dense")]
     assert stats.method_pairs(["camex", "smoe"]) == []
 
 
@@ -205,8 +210,14 @@ def test_write_report_produces_all_files(tmp_path):
     assert cam["summary"]["flops_per_token"]["mean"] == pytest.approx(2e9 / 64)
     assert set(cam["seeds"]["0"]) >= {"val_loss", "val_ppl", "val_bpb", "tokens_per_s", "flops_per_token"}
     pairs = {(p["a"], p["b"]): p for p in res["pairs"]}
-    assert set(pairs) == {("camex", "euclid"), ("dense", "euclid")}
+    assert set(pairs) == {("camex", "euclid"), ("euclid", "dense"), ("camex", "dense")}
     twin = pairs[("camex", "euclid")]
+    # equal FLOPs: camex spends twice dense's per token, so dense's last evaluation (step 10) meets camex's step 5
+    vs_dense = pairs[("camex", "dense")]
+    assert vs_dense["flops_ratio"] == pytest.approx(2.0) and twin["flops_ratio"] == pytest.approx(1.0)
+    at = np.array(bpb["camex"]) + 0.5 - 1 / 3 - np.array(bpb["dense"])
+    assert vs_dense["val_bpb_equal_flops"]["mean_diff"] == pytest.approx(at.mean())
+    assert twin["val_bpb_equal_flops"] is None and twin["val_bpb_equal_steps"] is None
     diffs = np.array(bpb["camex"]) - np.array(bpb["euclid"])
     assert twin["relation"] == "twin" and twin["n"] == 3
     assert twin["val_bpb"]["mean_diff"] == pytest.approx(diffs.mean())
@@ -223,6 +234,8 @@ def test_write_report_produces_all_files(tmp_path):
     assert "## Final validation metrics" in md and "## Paired comparisons" in md and "## Per-seed results" in md
     assert "| `camex` | `euclid` | twin | 3 |" in md
     assert "not finished" in md
+    assert "## Equal compute" in md and "| `camex` | `dense` | 2.0000 |" in md
+    assert "## Diagnostics" in md and "| `camex` | n/a | n/a | n/a |" in md
 
 
 def test_report_handles_single_seed_and_no_runs(tmp_path):
