@@ -258,12 +258,13 @@ FAKE_LAUNCHER = textwrap.dedent('''
     import argparse, json, math, os, sys
     p = argparse.ArgumentParser()
     for a in ("--model_config", "--data", "--output_dir", "--max_steps", "--seed", "--eval_interval",
-              "--data_seed", "--deepspeed_config"):
+              "--data_seed", "--deepspeed_config", "--init_from", "--val_data", "--eval_batches"):
         p.add_argument(a)
     p.add_argument("--resume", action="store_true")
     a, extra = p.parse_known_args()
-    cfg = json.load(open(a.model_config))
+    cfg = json.load(open(a.model_config or os.path.join(a.init_from, "config.json")))
     method = cfg["moe"]["method"] if cfg["moe"] else "dense"
+    curved = method.startswith("camex")
     seed, steps, ev = int(a.seed), int(a.max_steps), int(a.eval_interval)
     with open(os.environ["FAKE_CALLS"], "a") as fh:
         fh.write(json.dumps({"method": method, "seed": seed, "resume": a.resume, "max_steps": steps,
@@ -275,8 +276,11 @@ FAKE_LAUNCHER = textwrap.dedent('''
     with open(os.path.join(a.output_dir, "metrics.jsonl"), "a") as m:
         for step in range(1, steps + 1):
             loss = 2.0 + offset + 1.0 / step + 0.01 * seed
+            layers = {"curvature/layer1/dev_from_identity": 0.01 * step} if curved else {}
+            if cfg["moe"]:
+                layers.update({"router/layer1/entropy": 1.0, "router/layer3/entropy": 0.5})
             m.write(json.dumps({"step": step, "loss": loss, "lr": 1e-3, "tokens_per_s": 500.0,
-                                "tokens": 100 * step, "train_flops": 1e6 * step}) + "\\n")
+                                "tokens": 100 * step, "train_flops": 1e6 * step, **layers}) + "\\n")
             print(f"step {step} loss {loss:.3f}", flush=True)
             if step % ev == 0 or step == steps:
                 m.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": math.exp(loss),
@@ -287,7 +291,8 @@ FAKE_LAUNCHER = textwrap.dedent('''
                 print("RuntimeError: simulated failure", flush=True)
                 sys.exit(3)
     json.dump({"step": steps, "train_loss": loss, "val_loss": loss, "val_ppl": math.exp(loss),
-               "val_bpb": loss / math.log(2), "tokens_per_s": 500.0, "flops_per_token": 1e4},
+               "val_bpb": loss / math.log(2), "tokens_per_s": 500.0, "flops_per_token": 1e4,
+               **({"curvature_dev_from_identity": 0.5} if curved else {})},
               open(os.path.join(a.output_dir, "final_metrics.json"), "w"))
 ''')
 

@@ -135,7 +135,8 @@ def fmt_num(x) -> str:
 
 
 def prepare_inits(grid: Grid, err, dry_run: bool = False) -> None:
-    """Upcycle the dense model into every variant's starting model that is not there yet (a fine-tuning grid)."""
+    """Upcycle the dense model into every variant's starting model that is not there yet (a fine-tuning grid),
+    from the variant's model config as written to `config_path`."""
     if grid.init_from is None:
         return
     for name, variant in grid.variants.items():
@@ -146,6 +147,7 @@ def prepare_inits(grid: Grid, err, dry_run: bool = False) -> None:
             print(f"# upcycle {grid.init_from} with {config_path(grid, name)} into {target}", file=err)
             continue
         t0 = time.time()
+        write_json(config_path(grid, name), grid.configs[name])
         ensure_upcycled(grid.init_from, config_path(grid, name), target, grid.upcycle_seed)
         print(f"upcycled {name} into {target} in {time.time() - t0:.1f}s", file=err, flush=True)
 
