@@ -166,8 +166,9 @@ def run(args: TrainArgs) -> dict:
                        "tokens": step * tokens_per_step, "step_time_s": elapsed / window.steps,
                        "ep_bytes_sent_per_step": (model.ep_bytes_sent() - window.bytes) / window.steps,
                        "skipped_steps": skipped,
-                       **flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak)}
-                logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **layer_stats(model)})
+                       **flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak),
+                       **layer_stats(model)}  # per-layer router and curvature values: the report's diagnostics
+                logger.log(row, {"perplexity": math.exp(min(loss, 50.0))})
                 logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
                 window.reset()
             if step % args.eval_interval == 0 or step == args.max_steps:
