@@ -110,13 +110,10 @@ def _base_config(o: GridOptions) -> dict:
     return cfg.to_dict()
 
 
-def _variant_configs(o: GridOptions, methods: List[str], base: dict, arms) -> tuple:
-    """`(variants, arm_variants, configs, grid-wide MoE settings)`: one config per distinct variant (arms that
-    share a variant share its config and runs)."""
-    try:
-        settings = moe_settings(load_json(o.moe, "--moe") if o.moe else {}, o.moe_set)
-    except SettingsError as e:
-        raise UsageError(str(e)) from None
+def variant_configs(methods: List[str], base: dict, settings: dict, arms, dense_dims: bool = False) -> tuple:
+    """`(variants, arm_variants, configs)`: one model config per distinct variant (arms that share a variant share
+    its config and runs). `dense_dims`: the configs an upcycle of the dense model `base` writes (its fields, a MoE
+    block at ep_size 1)."""
     variants, arm_variants, configs = {}, {}, {}
     for arm in arms:
         arm_variants[arm.label] = {}
@@ -127,12 +124,12 @@ def _variant_configs(o: GridOptions, methods: List[str], base: dict, arms) -> tu
                 variants[name] = Variant(name, m)
                 configs[name] = build_method_config(base, m, {**settings, **dict(arm.acting_on(m))})
     validate_configs(configs)
-    if o.init_from is not None:  # what upcycle writes: the dense model's fields, a MoE block at ep_size 1
+    if dense_dims:
         for name, cfg in configs.items():
             if cfg["moe"] is not None:
                 cfg["moe"]["ep_size"] = 1
                 configs[name] = ModelConfig.from_dict(cfg).to_dict()
-    return variants, arm_variants, configs, settings
+    return variants, arm_variants, configs
 
 
 def _inits(o: GridOptions, output: Path, variants: dict, configs: dict) -> tuple:
@@ -165,9 +162,10 @@ def make_grid(o: GridOptions) -> Grid:
         raise UsageError(f"model config needs a positive integer 'seq_len', got {seq_len!r}")
     try:
         arms = parse_sweeps(o.sweep)
+        settings = moe_settings(load_json(o.moe, "--moe") if o.moe else {}, o.moe_set)
     except SettingsError as e:
         raise UsageError(str(e)) from None
-    variants, arm_variants, configs, settings = _variant_configs(o, methods, base, arms)
+    variants, arm_variants, configs = variant_configs(methods, base, settings, arms, o.init_from is not None)
     ds_path = o.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG
     batch = step_batch(load_json(ds_path, "--deepspeed_config"), o.num_gpus or 1, ds_path)
 

@@ -189,7 +189,8 @@ def write_report(output_dir: PathLike, methods: Sequence[str], seeds: Sequence[i
     one arm, ``""``, each method its own folder); ``options`` go to `collect_results` (meta, max_steps keyed by
     variant, n_resamples, confidence, bootstrap_seed), ``band`` to `plot_curves`. A grid with several arms keeps
     its settings in ``meta`` and each arm's results under ``arms``. Returns the paths (``png``: the first arm's
-    curves, ``figures``: every figure) and the results dict under ``"results"``."""
+    curves, ``figures``: every figure, ``links``: `results_markdown`'s figure names per arm) and the results dict
+    under ``"results"``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     arms = dict(arms or {"": {m: m for m in methods}})
@@ -214,6 +215,7 @@ def write_report(output_dir: PathLike, methods: Sequence[str], seeds: Sequence[i
         "md": write_results_md(results, out / "results.md", figures),
         "png": files[0],
         "figures": files,
+        "links": figures,
     }
     paths["results"] = results  # type: ignore[assignment]
     return paths
