@@ -42,6 +42,11 @@ REFERENCE_TOKENS_PER_S = 8000.0
 RUN_OVERHEAD_S = 10.0
 #: Validation batches at most per evaluation: the whole held-out text up to this.
 EVAL_BATCHES_CAP = 64
+#: Validation batches of the pretraining's evaluations (its held-out 5% is larger).
+PRETRAIN_EVAL_BATCHES = 16
+#: The time estimate's guess at the second corpus's held-out batches: the docstrings' are 27 batches of 8 x 256
+#: tokens under the base model's code tokenizer, 13 under their own.
+HELD_OUT_BATCHES_GUESS = 24
 EVALS_PER_RUN = 5
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 64, "seq_len": 32}
 #: The two plans: the full study (about 2 hours on 2 CPU cores) and --quick (every stage and arm, 2-3 steps).
@@ -144,7 +149,8 @@ def _estimate(plan: Plan) -> None:
         total = 0.0
         for cfg in configs.values():
             tokens = steps * batch.tokens(cfg["seq_len"])
-            eval_tokens = EVALS_PER_RUN * min(n["eval_cap"], 16) * batch.micro * cfg["seq_len"] / 3
+            batches = PRETRAIN_EVAL_BATCHES if stage == "pretrain" else HELD_OUT_BATCHES_GUESS
+            eval_tokens = EVALS_PER_RUN * min(n["eval_cap"], batches) * batch.micro * cfg["seq_len"] / 3
             total += seeds * (RUN_OVERHEAD_S + (tokens + eval_tokens) / (REFERENCE_TOKENS_PER_S * reference / fpt(cfg)))
         plan.runs[stage] = seeds * len(configs)
         plan.estimate_s[stage] = total
@@ -236,7 +242,7 @@ def run_study(settings: StudySettings) -> int:
     reports["pretrain"] = _stage("pretrain", GridOptions(
         output=str(out / "pretrain"), methods="dense", seeds=1, max_steps=n["pretrain_steps"],
         model_config=str(configs / "base_model.json"), data=settings.base_data,
-        eval_interval=max(1, n["pretrain_steps"] // EVALS_PER_RUN), eval_batches=min(n["eval_cap"], 16),
+        eval_interval=max(1, n["pretrain_steps"] // EVALS_PER_RUN), eval_batches=min(n["eval_cap"], PRETRAIN_EVAL_BATCHES),
         extra_args=vocab), plan, log)
     if reports["pretrain"] is None:
         return 1

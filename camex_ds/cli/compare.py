@@ -52,10 +52,29 @@ methods:
   "moe": null for dense); other MoE fields come from the base config, or from
   the default model's MoE block when the base config is dense.
 
+fine-tuning (--init_from DENSE_MODEL):
+  The base config is the dense model's own.  Every method but dense starts
+  from an upcycled copy (camex_ds.ckpt.upcycle, as camex-convert upcycle:
+  every expert a copy of the dense FFN, so it computes the dense function),
+  made once per variant into OUT/upcycled/<method>-<key> and reused while its
+  key (the dense model, the variant's config, --upcycle_seed) is unchanged;
+  dense fine-tunes DENSE_MODEL itself.  All of one seed's runs share the
+  routers' seed and the data order, so a pair differs only in the method.
+
+MoE settings and sweeps:
+  --moe MOE.json and --moe_set KEY=VALUE set MoE keys for every method (over
+  the base config's MoE block; VALUE is JSON, or a word such as 'segment').
+  --sweep KEY=V1,V2,... makes each value an arm; several --sweep flags make
+  the product.  Runs are named runs/<method>[/<key>=<value>,...]/seed<k>: the
+  arm's keys that act on the method (curvature_* keys act only on camex*,
+  none on dense), so e.g. a rank sweep trains euclid once.  Each arm has its
+  own tables, pairs (each method against its twin and dense, same seeds) and
+  figures.  Every value is checked by MoEConfig before anything runs.
+
 budget:
   steps  every method trains --max_steps steps.
-  flops  the reference method (--reference, default: first of --methods) trains
-         --max_steps steps; its training FLOPs
+  flops  the reference method (--reference, default: first of --methods; with
+         --sweep, in the first arm) trains --max_steps steps; its training FLOPs
              budget = max_steps * tokens_per_step * flops_per_token_train(reference)
          are given to every other method as
              max_steps(m) = floor(budget / (flops_per_token_train(m) * tokens_per_step))
@@ -65,26 +84,36 @@ budget:
          rank curves its experts once per optimizer step over its own tokens.
          The batch comes from --deepspeed_config (the launcher's default
          ds_configs/cpu.json without it) and --num_gpus.
+  Either way the report also compares each pair where the shorter run ended,
+  in training FLOPs and in steps, reading the longer run's value off its
+  evaluations (linear between two), with the pair's FLOPs ratio.
 
 resuming:
-  Rerun the same command.  OUT/runs/<method>/seed<k>/final_metrics.json marks a
+  Rerun the same command.  OUT/runs/<variant>/seed<k>/final_metrics.json marks a
   finished run (skipped); an unfinished run restarts with --resume if its folder
   holds a checkpoint (a 'latest' file, a global_step* folder or a *.pt/.pth/.ckpt/
   .safetensors file, at most two levels deep), otherwise from scratch (an
   old metrics.jsonl is moved to metrics.jsonl.prev).  Each run folder keeps a
   run_spec.json; rerunning into OUT with different settings for an existing
-  run (max_steps, config, data, ...) is refused - use a new --output.
+  run (max_steps, config, data, starting model, ...) is refused - use a new
+  --output.
 
 outputs (in OUT):
   results.json  per method: per-seed final val_loss, val_ppl, val_bpb,
                 tokens_per_s, flops_per_token and their mean / sample std;
-                per pair (each camex* vs its Euclidean twin, every method vs
-                euclid): mean paired difference (A - B; negative = A better) of
-                val_bpb and val_loss, paired t-test p-value, percentile
-                bootstrap CI, n.  Undefined numbers are null.
-  results.md    the same as Markdown tables.
+                per pair (each camex* vs its Euclidean twin, every other
+                method vs euclid, every method vs dense): mean paired
+                difference (A - B; negative = A better) of val_bpb and
+                val_loss, paired t-test p-value, percentile bootstrap CI, n,
+                the FLOPs ratio and the equal-FLOPs / equal-steps comparisons;
+                per method the diagnostics (curvature distance from identity,
+                task-vector norm, router entropy: final_metrics.json, else the
+                per-layer values of metrics.jsonl).  Undefined numbers are null.
+                With --sweep: {{"meta", "arms_order", "arms": {{label: ...}}}}.
+  results.md    the same as Markdown tables, per arm.
   curves.png    validation bpb vs step and vs training FLOPs, mean over seeds
-                with a min-max (or +-std, --band std) band.
+                with a min-max (or +-std, --band std) band (curves-<arm>.png).
+  diagnostics.png  the per-layer diagnostics vs step (diagnostics-<arm>.png).
 
 extra launcher arguments:
   Arguments after a literal '--' are appended to every launcher command.
@@ -92,9 +121,13 @@ extra launcher arguments:
 exit codes: 0 success, 1 a run failed (its log tail and exact command are
 printed; finished runs are kept), 2 bad input, 130 interrupted.
 
-example:
+examples:
   python tools/compare_methods.py --data data/tiny.txt --methods euclid,camex \\
       --seeds 3 --max_steps 500 --budget flops --output out/cmp
+  python tools/compare_methods.py --init_from out/dense --data wiki/train.txt \\
+      --val_data wiki/valid.txt --methods dense,euclid,ties,camex,camex-ties \\
+      --moe_set num_experts=7 --moe_set curvature_rank=8 --sweep curvature_rank=1,8 \\
+      --seeds 3 --max_steps 1000 --output out/finetune
 """
 
 
