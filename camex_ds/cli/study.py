@@ -8,7 +8,8 @@ import argparse
 import dataclasses
 from typing import Optional, Sequence
 
-from ..analysis.study import PLANS, STUDY_METHODS, StudySettings
+from ..analysis.grid import UsageError
+from ..analysis.study import PLANS, STUDY_METHODS, StudySettings, run_study
 from . import ArgumentParser, run_cli
 
 PROG = "curvature_study.py"
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=d.output, metavar="DIR", help=f"study folder (default: {d.output})")
     p.add_argument("--quick", action="store_true",
-                   help="a tiny model, 2-3 steps per run, one seed: every stage and arm in a few minutes")
+                   help="a tiny model, 2-3 steps per run, one seed: every stage and arm in about 1.5 minutes on 2 cores")
     p.add_argument("--seeds", type=int, metavar="K", help=f"seeds per method {_plan_default('seeds')}")
     p.add_argument("--pretrain_steps", type=int, metavar="N",
                    help=f"steps of the dense pretraining {_plan_default('pretrain_steps')}")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps of each from-scratch run {_plan_default('scratch_steps')}")
     p.add_argument("--finetune_lr", type=float, metavar="LR",
                    help=f"peak learning rate of the fine-tuning {_plan_default('finetune_lr')}; the paper's 5e-6 "
-                   "suits GPT-2 over 10 epochs, not a small model over ~2")
+                   "suits GPT-2 over 10 epochs, not a small model over about one")
     p.add_argument("--base_data", metavar="DATA",
                    help="pretraining corpus (any launcher --data form; default: the launcher's default corpus, "
                    "this Python's standard-library sources)")
@@ -69,8 +70,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     settings = StudySettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings)})
-    from ..analysis.grid import UsageError
-    from ..analysis.study import run_study
-
     return run_cli(lambda: run_study(settings), (UsageError,), prefix=f"{PROG}: ",
                    interrupted="interrupted; finished runs are kept, rerun the same command to resume")
