@@ -437,6 +437,10 @@ def test_build_method_config():
     assert cgrid.build_method_config(smoe_base, "smoe")["moe"]["top_k"] == 1
     assert cgrid.build_method_config(smoe_base, "camex")["moe"] == dict(smoe_base["moe"], method="camex", top_k=None)
     assert base["moe"]["method"] == "camex"  # base not mutated
+    # grid-wide MoE settings go over the base's MoE block; a top_k set there holds for every method
+    set_k = cgrid.build_method_config(dense_base, "smoe", {"top_k": 1, "num_experts": 6})["moe"]
+    assert set_k["top_k"] == 1 and set_k["num_experts"] == 6
+    assert cgrid.build_method_config(base, "camex", {"curvature_rank": 8})["moe"]["curvature_rank"] == 8
 
 
 @pytest.mark.parametrize("bad, needle", [

@@ -53,6 +53,8 @@ def build_method_config(base: dict, method: str, settings: Optional[dict] = None
     else:
         # merging methods keep a top_k only if the base config was itself a merging config
         moe["top_k"] = None if base_method in (None, "smoe", "dense") else base_top_k
+    if settings and "top_k" in settings:  # one the user set for the grid holds for every method
+        moe["top_k"] = settings["top_k"]
     moe["method"] = method
     cfg["moe"] = moe
     return cfg
