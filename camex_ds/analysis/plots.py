@@ -143,7 +143,8 @@ def plot_diagnostics(results: dict, path: PathLike, title: Optional[str] = None)
                 continue
             color, ls = _style(m, i)
             step = np.asarray(c["step"], dtype=float)
-            ax.plot(step, np.asarray(c["mean"], dtype=float), color=color, ls=ls, lw=2, label=m)
+            ax.plot(step, np.asarray(c["mean"], dtype=float), color=color, ls=ls, lw=2, label=m,
+                    marker="o" if step.size <= 12 else None, ms=4)
             ax.fill_between(step, np.asarray(c["min"], dtype=float), np.asarray(c["max"], dtype=float),
                             color=color, alpha=0.15, lw=0)
         ax.set_title(key.replace("_", " "))

@@ -44,9 +44,9 @@ RUN_OVERHEAD_S = 10.0
 EVAL_BATCHES_CAP = 64
 #: Validation batches of the pretraining's evaluations (its held-out 5% is larger).
 PRETRAIN_EVAL_BATCHES = 16
-#: The time estimate's guess at the second corpus's held-out batches: the docstrings' are 27 batches of 8 x 256
+#: The time estimate's guess at the second corpus's held-out batches: the docstrings' are 14 batches of 8 x 256
 #: tokens under the base model's code tokenizer, 13 under their own.
-HELD_OUT_BATCHES_GUESS = 24
+HELD_OUT_BATCHES_GUESS = 14
 EVALS_PER_RUN = 5
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 64, "seq_len": 32}
 #: The two plans: the full study (about 2 hours on 2 CPU cores) and --quick (every stage and arm, 2-3 steps).
