@@ -29,9 +29,9 @@ def seeded():
 @pytest.fixture(scope="session")
 def text_files(tmp_path_factory):
     """`(train.txt, valid.txt)` of plain English text (this Python's docstrings), shared by the robustness tests."""
-    from tests.launch import text_corpus
+    from camex_ds.data.prose import write_prose_corpus
 
-    return text_corpus(tmp_path_factory.mktemp("text"))
+    return write_prose_corpus(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture

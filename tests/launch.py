@@ -1,7 +1,6 @@
-"""Helpers for the robustness tests: plain text nobody here wrote, and the launcher run inside the test process.
+"""Helpers for the robustness tests: the launcher run inside the test process (their text, the standard
+library's docstrings, comes from `camex_ds.data.prose`).
 
-`text_corpus` writes the docstrings of this Python's standard library (English prose, as a public corpus
-would ship it) into a train.txt and a valid.txt: paragraphs separated by blank lines, no other structure.
 `launch(argv)` runs `launcher/pretrain.py`'s `main(argv)` (camex_ds.cli.pretrain) in this process and returns
 its exit code and what it printed: a job costs ~0.5 s instead of a new interpreter's ~5 s, which is what makes
 hundreds of runs affordable. The process environment and signal handlers are left as they were. `write_json` and
@@ -9,12 +8,10 @@ hundreds of runs affordable. The process environment and signal handlers are lef
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import json
 import os
-import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,29 +19,6 @@ LAUNCHER = ROOT / "launcher" / "pretrain.py"
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 64, "seq_len": 32,
         "moe": {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 16}}
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def text_corpus(folder: Path, train_bytes: int = 300_000, valid_bytes: int = 40_000) -> tuple[Path, Path]:
-    """`(train.txt, valid.txt)`: stdlib docstrings of 200+ characters, every 8th one to validation."""
-    folder.mkdir(parents=True, exist_ok=True)
-    train, valid, sizes = [], [], [0, 0]
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 200:
-                    which = int((len(train) + len(valid)) % 8 == 7)
-                    (valid if which else train).append(doc)
-                    sizes[which] += len(doc)
-        if sizes[0] >= train_bytes and sizes[1] >= valid_bytes:
-            break
-    (folder / "train.txt").write_text("\n\n".join(train) + "\n")
-    (folder / "valid.txt").write_text("\n\n".join(valid) + "\n")
-    return folder / "train.txt", folder / "valid.txt"
 
 
 def write_json(path: Path, obj) -> Path:

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 import pytest
 
 from camex_ds.data import DataError
+from camex_ds.data.prose import write_prose_corpus
 from camex_ds.train.splits import eval_windows
 
-from .launch import TINY, launch, text_corpus
+from .launch import TINY, launch
 
 
 def _args(eval_windows=None, eval_batches=None, eval_interval=100):
@@ -47,7 +48,7 @@ def _final(out):
 def test_the_default_trains_and_evaluates_on_a_1_mb_text(tmp_path):
     """A typical corpus's validation file (1 MB) as --data with the default model and flags: it has fewer
     validation windows than the old fixed 16 x 8, and the run evaluates on all it has."""
-    train, valid = text_corpus(tmp_path / "text", train_bytes=1_000_000, valid_bytes=100_000)
+    train, valid = write_prose_corpus(tmp_path / "text", train_bytes=1_000_000, valid_bytes=100_000)
     text = train.read_text() + valid.read_text()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text * (1_100_000 // len(text) + 1))  # the stdlib's top-level docstrings are ~0.7 MB

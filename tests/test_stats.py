@@ -133,12 +133,17 @@ def test_method_pairs():
     assert got == [
         ("camex", "euclid", "twin"),
         ("camex-ties", "ties", "twin"),
-        ("dense", "euclid", "vs-euclid"),
         ("smoe", "euclid", "vs-euclid"),
         ("ties", "euclid", "vs-euclid"),
         ("camex-ties", "euclid", "vs-euclid"),
+        ("smoe", "dense", "vs-dense"),
+        ("euclid", "dense", "vs-dense"),
+        ("ties", "dense", "vs-dense"),
+        ("camex", "dense", "vs-dense"),
+        ("camex-ties", "dense", "vs-dense"),
     ]
-    assert stats.method_pairs(["camex-dare", "dare", "dense"]) == [("camex-dare", "dare", "twin")]
+    assert stats.method_pairs(["camex-dare", "dare", "dense"]) == [
+        ("camex-dare", "dare", "twin"), ("camex-dare", "dense", "vs-dense"), ("dare", "dense", "vs-dense")]
     assert stats.method_pairs(["camex", "smoe"]) == []
 
 
@@ -205,8 +210,14 @@ def test_write_report_produces_all_files(tmp_path):
     assert cam["summary"]["flops_per_token"]["mean"] == pytest.approx(2e9 / 64)
     assert set(cam["seeds"]["0"]) >= {"val_loss", "val_ppl", "val_bpb", "tokens_per_s", "flops_per_token"}
     pairs = {(p["a"], p["b"]): p for p in res["pairs"]}
-    assert set(pairs) == {("camex", "euclid"), ("dense", "euclid")}
+    assert set(pairs) == {("camex", "euclid"), ("euclid", "dense"), ("camex", "dense")}
     twin = pairs[("camex", "euclid")]
+    # equal FLOPs: camex spends twice dense's per token, so dense's last evaluation (step 10) meets camex's step 5
+    vs_dense = pairs[("camex", "dense")]
+    assert vs_dense["flops_ratio"] == pytest.approx(2.0) and twin["flops_ratio"] == pytest.approx(1.0)
+    at = np.array(bpb["camex"]) + 0.5 - 1 / 3 - np.array(bpb["dense"])
+    assert vs_dense["val_bpb_equal_flops"]["mean_diff"] == pytest.approx(at.mean())
+    assert twin["val_bpb_equal_flops"] is None and twin["val_bpb_equal_steps"] is None
     diffs = np.array(bpb["camex"]) - np.array(bpb["euclid"])
     assert twin["relation"] == "twin" and twin["n"] == 3
     assert twin["val_bpb"]["mean_diff"] == pytest.approx(diffs.mean())
@@ -223,6 +234,8 @@ def test_write_report_produces_all_files(tmp_path):
     assert "## Final validation metrics" in md and "## Paired comparisons" in md and "## Per-seed results" in md
     assert "| `camex` | `euclid` | twin | 3 |" in md
     assert "not finished" in md
+    assert "## Equal compute" in md and "| `camex` | `dense` | 2.0000 |" in md
+    assert "## Diagnostics" in md and "| `camex` | n/a | n/a | n/a |" in md
 
 
 def test_report_handles_single_seed_and_no_runs(tmp_path):
@@ -245,12 +258,13 @@ FAKE_LAUNCHER = textwrap.dedent('''
     import argparse, json, math, os, sys
     p = argparse.ArgumentParser()
     for a in ("--model_config", "--data", "--output_dir", "--max_steps", "--seed", "--eval_interval",
-              "--data_seed", "--deepspeed_config"):
+              "--data_seed", "--deepspeed_config", "--init_from", "--val_data", "--eval_batches"):
         p.add_argument(a)
     p.add_argument("--resume", action="store_true")
     a, extra = p.parse_known_args()
-    cfg = json.load(open(a.model_config))
+    cfg = json.load(open(a.model_config or os.path.join(a.init_from, "config.json")))
     method = cfg["moe"]["method"] if cfg["moe"] else "dense"
+    curved = method.startswith("camex")
     seed, steps, ev = int(a.seed), int(a.max_steps), int(a.eval_interval)
     with open(os.environ["FAKE_CALLS"], "a") as fh:
         fh.write(json.dumps({"method": method, "seed": seed, "resume": a.resume, "max_steps": steps,
@@ -262,8 +276,11 @@ FAKE_LAUNCHER = textwrap.dedent('''
     with open(os.path.join(a.output_dir, "metrics.jsonl"), "a") as m:
         for step in range(1, steps + 1):
             loss = 2.0 + offset + 1.0 / step + 0.01 * seed
+            layers = {"curvature/layer1/dev_from_identity": 0.01 * step} if curved else {}
+            if cfg["moe"]:
+                layers.update({"router/layer1/entropy": 1.0, "router/layer3/entropy": 0.5})
             m.write(json.dumps({"step": step, "loss": loss, "lr": 1e-3, "tokens_per_s": 500.0,
-                                "tokens": 100 * step, "train_flops": 1e6 * step}) + "\\n")
+                                "tokens": 100 * step, "train_flops": 1e6 * step, **layers}) + "\\n")
             print(f"step {step} loss {loss:.3f}", flush=True)
             if step % ev == 0 or step == steps:
                 m.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": math.exp(loss),
@@ -274,7 +291,8 @@ FAKE_LAUNCHER = textwrap.dedent('''
                 print("RuntimeError: simulated failure", flush=True)
                 sys.exit(3)
     json.dump({"step": steps, "train_loss": loss, "val_loss": loss, "val_ppl": math.exp(loss),
-               "val_bpb": loss / math.log(2), "tokens_per_s": 500.0, "flops_per_token": 1e4},
+               "val_bpb": loss / math.log(2), "tokens_per_s": 500.0, "flops_per_token": 1e4,
+               **({"curvature_dev_from_identity": 0.5} if curved else {})},
               open(os.path.join(a.output_dir, "final_metrics.json"), "w"))
 ''')
 
@@ -419,6 +437,10 @@ def test_build_method_config():
     assert cgrid.build_method_config(smoe_base, "smoe")["moe"]["top_k"] == 1
     assert cgrid.build_method_config(smoe_base, "camex")["moe"] == dict(smoe_base["moe"], method="camex", top_k=None)
     assert base["moe"]["method"] == "camex"  # base not mutated
+    # grid-wide MoE settings go over the base's MoE block; a top_k set there holds for every method
+    set_k = cgrid.build_method_config(dense_base, "smoe", {"top_k": 1, "num_experts": 6})["moe"]
+    assert set_k["top_k"] == 1 and set_k["num_experts"] == 6
+    assert cgrid.build_method_config(base, "camex", {"curvature_rank": 8})["moe"]["curvature_rank"] == 8
 
 
 @pytest.mark.parametrize("bad, needle", [

@@ -1,6 +1,7 @@
-"""A compare grid of (method x seed) pretraining runs: each method's model config, the batch of one optimizer
-step, the FLOPs-budget policy that gives every method its steps, and each run's folder, spec and launcher
-command. Running the grid is `camex_ds.analysis.supervise`'s job; the command line is `camex_ds.cli.compare`'s."""
+"""A compare grid of (method x arm x seed) training runs: each variant's model config (a method with the grid's MoE
+settings and the arm's settings that act on it, `arms`), the batch of one optimizer step, the FLOPs-budget policy
+that gives every variant its steps, and each run's folder, spec and launcher command. Building one from the user's
+options is `options`' job, running it `supervise`'s; the command line is `camex_ds.cli.compare`'s."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..config import METHODS, ModelConfig, TrainArgs, default_model
+from .arms import Arm
 from .report import write_report
 from .results import run_dir
 
@@ -30,8 +32,9 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- configs
 
 
-def build_method_config(base: dict, method: str) -> dict:
-    """Model config of ``method`` derived from ``base`` (see --help, 'methods')."""
+def build_method_config(base: dict, method: str, settings: Optional[dict] = None) -> dict:
+    """Model config of ``method`` derived from ``base`` (see --help, 'methods'), with the MoE ``settings`` (the
+    grid's and its arm's) over the base's MoE block."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     cfg = copy.deepcopy(base)
@@ -40,6 +43,7 @@ def build_method_config(base: dict, method: str) -> dict:
         return cfg
     base_moe = base.get("moe")
     moe = copy.deepcopy(base_moe) if isinstance(base_moe, dict) else default_model()["moe"]
+    moe.update(copy.deepcopy(settings or {}))
     base_method = moe.get("method")
     base_top_k = moe.get("top_k")
     if method == "smoe":
@@ -49,6 +53,8 @@ def build_method_config(base: dict, method: str) -> dict:
     else:
         # merging methods keep a top_k only if the base config was itself a merging config
         moe["top_k"] = None if base_method in (None, "smoe", "dense") else base_top_k
+    if settings and "top_k" in settings:  # one the user set for the grid holds for every method
+        moe["top_k"] = settings["top_k"]
     moe["method"] = method
     cfg["moe"] = moe
     return cfg
@@ -64,14 +70,27 @@ def validate_configs(configs: Dict[str, dict]) -> None:
             raise UsageError(f"model config for method {m!r} is invalid: {e}")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What one set of runs (one per seed) trains: `method` with the arm settings that act on it; `name` is its
+    folder below `runs/` and its key in the grid's per-variant tables."""
+
+    name: str
+    method: str
+
+
 @dataclass
 class Grid:
-    """Everything a grid run needs; `method_steps`, `flops_per_token_train` and `flops_budget` fill in as the
-    FLOPs budget resolves (the reference method's runs first)."""
+    """Everything a grid run needs; `method_steps`, `flops_per_token_train` and `flops_budget` (keyed by variant
+    name) fill in as the FLOPs budget resolves. `arm_variants[arm label][method]` names the variant a method trains
+    in an arm; `inits[variant name]` is the model a run starts from when the grid fine-tunes `init_from`."""
 
     methods: List[str]
     seeds: List[int]
     base_config: dict
+    arms: List[Arm]
+    variants: Dict[str, Variant]
+    arm_variants: Dict[str, Dict[str, str]]
     configs: Dict[str, dict]
     output: Path
     data: str
@@ -87,6 +106,13 @@ class Grid:
     extra_args: List[str]
     model_config_path: Optional[str]
     val_data: Optional[str] = None
+    moe_settings: dict = field(default_factory=dict)
+    init_from: Optional[Path] = None
+    inits: Dict[str, Path] = field(default_factory=dict)
+    init_keys: Dict[str, str] = field(default_factory=dict)
+    upcycle_seed: int = 0
+    eval_batches: Optional[int] = None
+    seed_data_order: bool = False
     method_steps: Dict[str, Optional[int]] = field(default_factory=dict)
     flops_per_token_train: Dict[str, float] = field(default_factory=dict)
     flops_budget: Optional[float] = None
@@ -102,6 +128,11 @@ class StepBatch:
 
     def tokens(self, seq_len: int) -> int:
         return self.micro * self.accumulation * self.ranks * seq_len
+
+
+def reference_variant(grid: Grid) -> str:
+    """The variant whose steps set a `--budget flops` grid's budget: the reference method in the first arm."""
+    return grid.arm_variants[grid.arms[0].label][grid.reference]
 
 
 def step_batch(ds: dict, ranks: int, source: str) -> StepBatch:
@@ -162,16 +193,17 @@ def flops_budget_steps(
 
 
 def resolve_flops_budget(grid: Grid, flops_fn: Optional[Callable] = None) -> None:
-    """Give every method its steps under `--budget flops` (`flops_budget_steps`), once `grid` knows enough;
+    """Give every variant its steps under `--budget flops` (`flops_budget_steps`), once `grid` knows enough;
     `flops_fn` defaults to `camex_ds.analysis.flops.flops_per_token`."""
     if grid.budget != "flops" or all(v is not None for v in grid.method_steps.values()):
         return
     if flops_fn is None:
         from .flops import flops_per_token as flops_fn  # lazy: torch and DeepSpeed load only for --budget flops
-    steps, fpt, budget = flops_budget_steps(grid.configs, grid.reference, grid.max_steps, grid.step_batch, flops_fn)
+    reference = reference_variant(grid)
+    steps, fpt, budget = flops_budget_steps(grid.configs, reference, grid.max_steps, grid.step_batch, flops_fn)
     for m, n in steps.items():
         if n < 1:
-            raise UsageError(f"the FLOPs budget of {grid.reference} ({budget:.3e}) buys {m} less than one "
+            raise UsageError(f"the FLOPs budget of {reference} ({budget:.3e}) buys {m} less than one "
                              f"step; raise --max_steps")
     grid.method_steps, grid.flops_per_token_train, grid.flops_budget = steps, fpt, budget
 
@@ -204,19 +236,32 @@ def has_checkpoint(path: Path) -> bool:
     return False
 
 
-def run_spec(grid: Grid, method: str, seed: int) -> dict:
-    return {
-        "method": method,
+def run_data_seed(grid: Grid, seed: int) -> int:
+    """The data order of seed `seed`'s runs: the grid's, or with `seed_data_order` its own (the same for every
+    method, so a pair still differs only in the method)."""
+    return grid.data_seed + seed if grid.seed_data_order else grid.data_seed
+
+
+def run_spec(grid: Grid, variant: str, seed: int) -> dict:
+    """What a run folder records of its settings (`run_spec.json`); a rerun with other settings is refused."""
+    spec = {
+        "method": grid.variants[variant].method,
         "seed": seed,
-        "model_config": grid.configs[method],
-        "max_steps": grid.method_steps[method],
+        "model_config": grid.configs[variant],
+        "max_steps": grid.method_steps[variant],
         "data": grid.data,
         "val_data": grid.val_data,
-        "data_seed": grid.data_seed,
+        "data_seed": run_data_seed(grid, seed),
         "eval_interval": grid.eval_interval,
         "deepspeed_config": grid.deepspeed_config,
         "launcher_args": grid.extra_args,
     }
+    if grid.eval_batches is not None:
+        spec["eval_batches"] = grid.eval_batches
+    if grid.init_from is not None:
+        spec["init_from"] = str(grid.inits[variant])
+        spec["init_key"] = grid.init_keys[variant]
+    return spec
 
 
 def check_spec(path: Path, spec: dict, label: str) -> None:
@@ -236,18 +281,27 @@ def check_spec(path: Path, spec: dict, label: str) -> None:
         )
 
 
-def launcher_command(grid: Grid, method: str, seed: int, resume: bool) -> List[str]:
-    rd = run_path(grid, method, seed)
+def config_path(grid: Grid, variant: str) -> Path:
+    """Where the grid writes a variant's model config (the upcycle reads it; a from-scratch run trains it)."""
+    return grid.output / "configs" / f"{variant}.json"
+
+
+def launcher_command(grid: Grid, variant: str, seed: int, resume: bool) -> List[str]:
+    """The one place a grid's launcher command is built: every setting the grid fixes is passed explicitly."""
+    rd = run_path(grid, variant, seed)
+    model = (["--init_from", str(grid.inits[variant])] if grid.init_from is not None
+             else ["--model_config", str(config_path(grid, variant))])
     args = [
         str(grid.launcher),
-        "--model_config", str(grid.output / "configs" / f"{method}.json"),
+        *model,
         *(["--data", grid.data] if grid.data else []),
         *(["--val_data", grid.val_data] if grid.val_data else []),
         "--output_dir", str(rd),
-        "--max_steps", str(grid.method_steps[method]),
+        "--max_steps", str(grid.method_steps[variant]),
         "--seed", str(seed),
-        "--data_seed", str(grid.data_seed),
+        "--data_seed", str(run_data_seed(grid, seed)),
         "--eval_interval", str(grid.eval_interval),
+        *(["--eval_batches", str(grid.eval_batches)] if grid.eval_batches is not None else []),
     ]
     if grid.deepspeed_config:
         args += ["--deepspeed_config", grid.deepspeed_config]
@@ -259,8 +313,8 @@ def launcher_command(grid: Grid, method: str, seed: int, resume: bool) -> List[s
     return [sys.executable] + args
 
 
-def run_path(grid: Grid, method: str, seed: int) -> Path:
-    return run_dir(grid.output, method, seed)
+def run_path(grid: Grid, variant: str, seed: int) -> Path:
+    return run_dir(grid.output, variant, seed)
 
 
 def grid_meta(grid: Grid) -> dict:
@@ -271,8 +325,9 @@ def grid_meta(grid: Grid) -> dict:
         "data": grid.data,
         "val_data": grid.val_data,
         "data_seed": grid.data_seed,
+        "seed_data_order": grid.seed_data_order,
         "budget": grid.budget,
-        "reference": grid.reference if grid.budget == "flops" else None,
+        "reference": reference_variant(grid) if grid.budget == "flops" else None,
         "max_steps": grid.max_steps,
         "max_steps_per_method": grid.method_steps,
         "tokens_per_step": grid.step_batch.tokens(grid.base_config["seq_len"]),
@@ -280,7 +335,12 @@ def grid_meta(grid: Grid) -> dict:
         "flops_per_token_train": grid.flops_per_token_train or None,
         "flops_budget": grid.flops_budget,
         "eval_interval": grid.eval_interval,
+        "eval_batches": grid.eval_batches,
         "model_config": grid.model_config_path or "built-in",
+        "moe_settings": grid.moe_settings or None,
+        "arms": [arm.label for arm in grid.arms] if len(grid.arms) > 1 else None,
+        "init_from": str(grid.init_from) if grid.init_from is not None else None,
+        "upcycle_seed": grid.upcycle_seed if grid.init_from is not None else None,
         "deepspeed_config": grid.deepspeed_config,
         "num_gpus": grid.num_gpus,
         "launcher": str(grid.launcher),
@@ -289,14 +349,14 @@ def grid_meta(grid: Grid) -> dict:
 
 
 def _steps_from_specs(grid: Grid) -> Dict[str, Optional[int]]:
-    """max_steps per method as recorded in existing run folders (for --report_only)."""
+    """max_steps per variant as recorded in existing run folders (for --report_only)."""
     out: Dict[str, Optional[int]] = {}
-    for m in grid.methods:
-        out[m] = grid.method_steps.get(m)
-        if out[m] is None:
+    for v in grid.variants:
+        out[v] = grid.method_steps.get(v)
+        if out[v] is None:
             for s in grid.seeds:
                 try:
-                    out[m] = json.loads((run_path(grid, m, s) / "run_spec.json").read_text())["max_steps"]
+                    out[v] = json.loads((run_path(grid, v, s) / "run_spec.json").read_text())["max_steps"]
                     break
                 except (OSError, ValueError, KeyError):
                     continue
@@ -309,4 +369,4 @@ def write_grid_report(grid: Grid, bootstrap_resamples: int, band: str) -> Dict[s
     meta["max_steps_per_method"] = steps
     meta["bootstrap_resamples"] = bootstrap_resamples
     return write_report(grid.output, grid.methods, grid.seeds, meta=meta, max_steps=steps,
-                        n_resamples=bootstrap_resamples, band=band)
+                        n_resamples=bootstrap_resamples, band=band, arms=grid.arm_variants)

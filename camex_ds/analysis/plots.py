@@ -1,5 +1,6 @@
-"""Draw a grid's ``curves.png``: validation bits per byte against training step and against training FLOPs,
-one line per method (mean over seeds) with a band across seeds."""
+"""Draw a grid's figures: ``curves.png``, validation bits per byte against training step and against training
+FLOPs, one line per method (mean over seeds) with a band across seeds; ``diagnostics.png``, each per-layer
+diagnostic (mean over layers and seeds) against the step."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import numpy as np
 
 from .results import PathLike
 
-__all__ = ["plot_curves"]
+__all__ = ["plot_curves", "plot_diagnostics"]
 
 # Twins share a colour; curvature-aware = solid, Euclidean = dashed.
 _STYLE = {
@@ -30,6 +31,16 @@ def _style(method: str, i: int) -> Tuple[str, str]:
     return _STYLE.get(method, (_EXTRA_COLORS[i % len(_EXTRA_COLORS)], "-"))
 
 
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_curves(results: dict, path: PathLike, band: str = "minmax", title: Optional[str] = None) -> Path:
     """Two panels: validation bpb vs step and vs cumulative training FLOPs.
 
@@ -39,11 +50,7 @@ def plot_curves(results: dict, path: PathLike, band: str = "minmax", title: Opti
     """
     if band not in ("minmax", "std"):
         raise ValueError(f"band must be 'minmax' or 'std', got {band!r}")
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curves = results.get("curves", {})
     methods = results.get("methods_order", list(curves))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
@@ -111,5 +118,44 @@ def plot_curves(results: dict, path: PathLike, band: str = "minmax", title: Opti
         fig.suptitle(title)
     p = Path(path)
     fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+def plot_diagnostics(results: dict, path: PathLike, title: Optional[str] = None) -> Optional[Path]:
+    """One panel per diagnostic with a curve (`diagnostics`: per-layer values in the runs' metrics.jsonl), one line
+    per method (mean over seeds, min-max band); ``None`` and no file when no run logged any."""
+    diags = results.get("diagnostics", {})
+    methods = [m for m in results.get("methods_order", list(diags)) if m in diags]
+    keys: List[str] = []
+    for m in methods:
+        keys += [k for k, c in diags[m]["curves"].items() if c.get("step") and k not in keys]
+    if not keys:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), constrained_layout=True, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for i, m in enumerate(methods):
+            c = diags[m]["curves"].get(key, {})
+            if not c.get("step"):
+                continue
+            color, ls = _style(m, i)
+            step = np.asarray(c["step"], dtype=float)
+            ax.plot(step, np.asarray(c["mean"], dtype=float), color=color, ls=ls, lw=2, label=m,
+                    marker="o" if step.size <= 12 else None, ms=4)
+            ax.fill_between(step, np.asarray(c["min"], dtype=float), np.asarray(c["max"], dtype=float),
+                            color=color, alpha=0.15, lw=0)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("training step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(("diagnostics (mean over layers; mean and min-max over seeds)" +
+                  (f"  ·  {title}" if title else "")))
+    p = Path(path)
+    fig.savefig(p, dpi=110)
     plt.close(fig)
     return p

@@ -26,10 +26,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .diagnostics import end_values, layer_rows, summarize_ends
 from .stats import method_pairs, paired_comparison, summarize
 
 __all__ = ["FINAL_KEYS", "PAIR_METRICS", "PathLike", "run_dir", "read_metrics", "read_final", "as_number",
-           "aggregate_curve", "collect_results", "json_safe", "write_json", "write_results_json"]
+           "aggregate_curve", "value_at", "collect_results", "json_safe", "write_json", "write_results_json"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -39,9 +40,9 @@ FINAL_KEYS: Tuple[str, ...] = ("val_loss", "val_ppl", "val_bpb", "tokens_per_s",
 PAIR_METRICS: Tuple[str, ...] = ("val_bpb", "val_loss")
 
 
-def run_dir(output_dir: PathLike, method: str, seed: int) -> Path:
-    """Folder of one run: ``OUTPUT/runs/<method>/seed<seed>``."""
-    return Path(output_dir) / "runs" / method / f"seed{seed}"
+def run_dir(output_dir: PathLike, variant: str, seed: int) -> Path:
+    """Folder of one run: ``OUTPUT/runs/<variant>/seed<seed>`` (a variant is a method, or ``<method>/<arm>``)."""
+    return Path(output_dir) / "runs" / variant / f"seed{seed}"
 
 
 # --------------------------------------------------------------------------- reading
@@ -155,6 +156,31 @@ def aggregate_curve(eval_rows_by_seed: Mapping[object, Sequence[dict]], key: str
     return {k: np.asarray(v, dtype=float) for k, v in out.items()}
 
 
+def value_at(rows: Sequence[dict], x_key: str, x: float, key: str = "val_bpb") -> float:
+    """``key`` at ``x_key == x`` on one run's evaluation rows, linear between the two evaluations around ``x``;
+    ``nan`` outside the evaluated range."""
+    points = sorted((as_number(r.get(x_key)), as_number(r.get(key))) for r in rows)
+    points = [(px, py) for px, py in points if math.isfinite(px) and math.isfinite(py)]
+    if not points or not (points[0][0] <= x <= points[-1][0]):
+        return math.nan
+    xs, ys = zip(*points)
+    return float(np.interp(x, xs, ys))
+
+
+def _at_equal(evals_a: Mapping[int, Sequence[dict]], evals_b: Mapping[int, Sequence[dict]], x_key: str):
+    """``(a, b)`` per seed: each run's val_bpb where the shorter of the pair ended in ``x_key`` (steps or training
+    FLOPs), or ``None`` when the pair ended at the same ``x_key`` on every seed (the final values already compare
+    them there)."""
+    a, b, differ = {}, {}, False
+    for s in set(evals_a) & set(evals_b):
+        end_a = max((as_number(r.get(x_key)) for r in evals_a[s]), default=math.nan)
+        end_b = max((as_number(r.get(x_key)) for r in evals_b[s]), default=math.nan)
+        x = min(end_a, end_b)
+        differ = differ or not math.isclose(end_a, end_b, rel_tol=1e-9)
+        a[s], b[s] = value_at(evals_a[s], x_key, x), value_at(evals_b[s], x_key, x)
+    return (a, b) if differ else None
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -167,8 +193,10 @@ def collect_results(
     n_resamples: int = 10_000,
     confidence: float = 0.95,
     bootstrap_seed: int = 0,
+    folders: Optional[Mapping[str, str]] = None,
 ) -> dict:
-    """Read every run folder of the grid and compute summaries and paired stats.
+    """Read every run folder of the grid (``runs/<folders[m]>/seed<k>``, ``folders[m]`` the method's variant,
+    the method itself by default) and compute summaries, paired stats and diagnostics.
 
     Returns a JSON-serialisable dict (non-finite numbers are kept as ``nan``
     here; :func:`write_results_json` turns them into ``null``)::
@@ -180,16 +208,24 @@ def collect_results(
                           train_loss}},
                          "finished_seeds", "missing_seeds",
                          "summary": {key: {n, mean, std, min, max, n_dropped}}}},
-         "pairs": [{"a", "b", "relation", "n", "seeds",
+         "pairs": [{"a", "b", "relation", "n", "seeds", "flops_ratio",
                     "val_bpb": paired_comparison(...),
-                    "val_loss": paired_comparison(...)}],
-         "curves": {m: {"step": [...], "flops": [...], "mean": [...], ...}}}
+                    "val_loss": paired_comparison(...),
+                    "val_bpb_equal_steps": paired_comparison(...) or None,
+                    "val_bpb_equal_flops": paired_comparison(...) or None}],
+         "curves": {m: {"step": [...], "flops": [...], "mean": [...], ...}},
+         "diagnostics": {m: {"end": {key: summary}, "curves": {key: {"step": [...], "mean": [...], ...}}}},
+         "variants": {m: folder}}
 
     Paired differences are ``a - b``: negative means ``a`` reached a lower
-    (better) loss / bits-per-byte.
+    (better) loss / bits-per-byte. The final values compare the pair where the grid's budget put them (equal
+    steps, or equal FLOPs); ``val_bpb_equal_steps`` / ``_flops`` compare it where the shorter run of each seed
+    ended in steps / training FLOPs, the longer one read off its evaluations (linear between two of them), and
+    are ``None`` when both runs ended there already. ``flops_ratio`` is a's training FLOPs per token over b's.
     """
     methods = list(dict.fromkeys(methods))
     seeds = list(seeds)
+    folders = {m: (folders or {}).get(m, m) for m in methods}
     res: dict = {
         "meta": dict(meta or {}),
         "methods_order": methods,
@@ -198,16 +234,21 @@ def collect_results(
         "methods": {},
         "pairs": [],
         "curves": {},
+        "diagnostics": {},
+        "variants": folders,
     }
     per_method_values: Dict[str, Dict[str, Dict[int, float]]] = {}
+    per_method_evals: Dict[str, Dict[int, List[dict]]] = {}
     for m in methods:
         seed_rows: Dict[str, dict] = {}
         finished: List[int] = []
         missing: List[int] = []
         evals_by_seed: Dict[int, List[dict]] = {}
+        diag_rows: Dict[int, List[dict]] = {}
+        diag_ends: Dict[int, Dict[str, float]] = {}
         values: Dict[str, Dict[int, float]] = {k: {} for k in FINAL_KEYS}
         for s in seeds:
-            rd = run_dir(output_dir, m, s)
+            rd = run_dir(output_dir, folders[m], s)
             final = read_final(rd)
             if final is None:
                 missing.append(s)
@@ -226,7 +267,10 @@ def collect_results(
             row["train_loss"] = as_number(final.get("train_loss"))
             seed_rows[str(s)] = row
             evals_by_seed[s] = metrics["eval"]
+            diag_rows[s] = layer_rows(metrics["train"])
+            diag_ends[s] = end_values(final, diag_rows[s])
         per_method_values[m] = values
+        per_method_evals[m] = evals_by_seed
         res["methods"][m] = {
             "max_steps": (max_steps or {}).get(m),
             "seeds": seed_rows,
@@ -236,8 +280,14 @@ def collect_results(
         }
         curve = aggregate_curve(evals_by_seed, "val_bpb")
         res["curves"][m] = {k: v.tolist() for k, v in curve.items()}
+        ends = summarize_ends(diag_ends)
+        res["diagnostics"][m] = {
+            "end": ends,
+            "curves": {k: {c: v.tolist() for c, v in aggregate_curve(diag_rows, k).items()} for k in ends},
+        }
     for a, b, rel in method_pairs(methods):
-        entry = {"a": a, "b": b, "relation": rel}
+        fpt = [res["methods"][x]["summary"]["flops_per_token"]["mean"] for x in (a, b)]
+        entry = {"a": a, "b": b, "relation": rel, "flops_ratio": fpt[0] / fpt[1] if fpt[1] else math.nan}
         for k in PAIR_METRICS:
             entry[k] = paired_comparison(
                 per_method_values[a][k],
@@ -246,6 +296,10 @@ def collect_results(
                 n_resamples=n_resamples,
                 seed=bootstrap_seed,
             )
+        for name, x_key in (("val_bpb_equal_steps", "step"), ("val_bpb_equal_flops", "train_flops")):
+            at = _at_equal(per_method_evals[a], per_method_evals[b], x_key)
+            entry[name] = None if at is None else paired_comparison(
+                at[0], at[1], confidence=confidence, n_resamples=n_resamples, seed=bootstrap_seed)
         entry["n"] = entry[PAIR_METRICS[0]]["n"]
         entry["seeds"] = entry[PAIR_METRICS[0]]["seeds"]
         res["pairs"].append(entry)

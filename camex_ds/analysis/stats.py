@@ -251,9 +251,11 @@ def method_pairs(methods: Sequence[str]) -> List[Tuple[str, str, str]]:
     1. every curvature-aware method against its Euclidean twin when both are
        present (``camex``/``euclid``, ``camex-ties``/``ties``,
        ``camex-dare``/``dare``), relation ``"twin"``;
-    2. every other method against ``euclid`` when ``euclid`` is present,
-       relation ``"vs-euclid"`` (``camex`` vs ``euclid`` is reported once, as a
-       twin pair).
+    2. every other method but ``dense`` against ``euclid`` when ``euclid`` is
+       present, relation ``"vs-euclid"`` (``camex`` vs ``euclid`` is reported
+       once, as a twin pair);
+    3. every method against ``dense`` when ``dense`` is present, relation
+       ``"vs-dense"``: the reference every MoE method must beat.
 
     Order follows ``methods``; duplicates are removed.
     """
@@ -265,10 +267,12 @@ def method_pairs(methods: Sequence[str]) -> List[Tuple[str, str, str]]:
         if twin is not None and twin in present:
             pairs.append((m, twin, "twin"))
             seen.add((m, twin))
-    if "euclid" in present:
+    for base, relation in (("euclid", "vs-euclid"), ("dense", "vs-dense")):
+        if base not in present:
+            continue
         for m in present:
-            if m == "euclid" or (m, "euclid") in seen:
+            if m in (base, "dense") or (m, base) in seen:
                 continue
-            pairs.append((m, "euclid", "vs-euclid"))
-            seen.add((m, "euclid"))
+            pairs.append((m, base, relation))
+            seen.add((m, base))
     return pairs

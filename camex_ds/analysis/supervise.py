@@ -20,8 +20,10 @@ from typing import Callable, List, Optional, Tuple
 from tqdm import tqdm
 
 from ..config import REPO_ROOT
-from .grid import Grid, check_spec, grid_meta, has_checkpoint, launcher_command, resolve_flops_budget, run_path, run_spec
+from .grid import (Grid, check_spec, config_path, grid_meta, has_checkpoint, launcher_command, reference_variant,
+                   resolve_flops_budget, run_path, run_spec)
 from .results import write_json
+from .upcycled import ensure_upcycled
 
 LOG_TAIL_LINES = 40
 _STEP_RE = re.compile(r"\bstep\b\s*[=:]?\s*(\d+)", re.IGNORECASE)
@@ -132,25 +134,44 @@ def fmt_num(x) -> str:
     return f"{v:.4f}" if math.isfinite(v) else "n/a"
 
 
+def prepare_inits(grid: Grid, err, dry_run: bool = False) -> None:
+    """Upcycle the dense model into every variant's starting model that is not there yet (a fine-tuning grid),
+    from the variant's model config as written to `config_path`."""
+    if grid.init_from is None:
+        return
+    for name, variant in grid.variants.items():
+        target = grid.inits[name]
+        if variant.method == "dense" or target.is_dir():
+            continue
+        if dry_run:
+            print(f"# upcycle {grid.init_from} with {config_path(grid, name)} into {target}", file=err)
+            continue
+        t0 = time.time()
+        write_json(config_path(grid, name), grid.configs[name])
+        ensure_upcycled(grid.init_from, config_path(grid, name), target, grid.upcycle_seed)
+        print(f"upcycled {name} into {target} in {time.time() - t0:.1f}s", file=err, flush=True)
+
+
 def run_grid(grid: Grid, prog: str, progress: bool = True, dry_run: bool = False,
              flops_fn: Optional[Callable] = None, poll_interval: float = 1.0, out=None, err=None) -> int:
     """Train every unfinished run of ``grid``; returns 0, or 1 when a run failed (reported as `prog`'s)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    order = list(grid.methods)
+    order = list(grid.variants)
     if grid.budget == "flops":
-        order.remove(grid.reference)
-        order.insert(0, grid.reference)
+        order.remove(reference_variant(grid))
+        order.insert(0, reference_variant(grid))
     runs = [(m, s) for m in order for s in grid.seeds]
     resolve_flops_budget(grid, flops_fn)
 
-    for m in grid.methods:
-        write_json(grid.output / "configs" / f"{m}.json", grid.configs[m])
+    for m in grid.variants:
+        write_json(config_path(grid, m), grid.configs[m])
     # fail fast on settings clashes of runs whose max_steps is already known
     for m, s in runs:
         if grid.method_steps[m] is not None:
             check_spec(run_path(grid, m, s), run_spec(grid, m, s), f"{m}/seed{s}")
     write_json(grid.output / "grid.json", grid_meta(grid))
+    prepare_inits(grid, out if dry_run else err, dry_run)
 
     if dry_run:
         for m, s in runs:

@@ -1,5 +1,5 @@
-"""`camex-compare` (`python tools/compare_methods.py`): train a grid of (method x seed) pretraining runs with launcher/pretrain.py and
-compare the methods statistically.
+"""`camex-compare` (`python tools/compare_methods.py`): train a grid of (method x arm x seed) runs with
+launcher/pretrain.py, from scratch or fine-tuning an upcycled dense model, and compare the methods statistically.
 
 Every run is started as its own subprocess exactly as a user would start it::
 
@@ -7,14 +7,14 @@ Every run is started as its own subprocess exactly as a user would start it::
         --data DATA --output_dir OUT/runs/<method>/seed<k> --max_steps N \\
         --seed <k> --data_seed D --eval_interval E [--deepspeed_config DS] [--resume]
 
-(``deepspeed --num_gpus G launcher/pretrain.py ...`` with ``--num_gpus G``).
-All runs share the same ``--data_seed``, so seeds only change initialisation
-and routing noise, and paired comparisons over seeds are meaningful.
+(``--init_from OUT/upcycled/<method>-<key>`` instead of ``--model_config`` when the grid fine-tunes
+``--init_from DENSE``; ``deepspeed --num_gpus G launcher/pretrain.py ...`` with ``--num_gpus G``).
+All runs of one seed share the data order and the upcycled routers, so paired runs differ only in the method.
 
-Outputs in OUT: ``configs/<method>.json`` (model config of each method),
-``runs/<method>/seed<k>/`` (one folder per run: the launcher's files plus
-``log.txt`` with its stdout/stderr and ``run_spec.json``), ``grid.json``,
-``results.json``, ``results.md`` and ``curves.png``.
+Outputs in OUT: ``configs/<variant>.json`` (model config of each variant), ``runs/<variant>/seed<k>/`` (one
+folder per run: the launcher's files plus ``log.txt`` with its stdout/stderr and ``run_spec.json``),
+``upcycled/`` (fine-tuning grids), ``grid.json``, ``results.json``, ``results.md`` and the figures it shows.
+A variant is a method with the swept settings that act on it: ``camex`` or ``camex/curvature_rank=8``.
 
 Running the same command again resumes the grid: finished runs (with
 ``final_metrics.json``) are skipped, unfinished runs restart with ``--resume``
@@ -24,25 +24,20 @@ when their folder holds a checkpoint and from scratch otherwise.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
+import dataclasses
 import os
-import shutil
 import sys
-from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from ..analysis.grid import (SMOE_DEFAULT_TOP_K, Grid, UsageError, build_method_config, step_batch,
-                             validate_configs, write_grid_report)
+from ..analysis.arms import moe_keys
+from ..analysis.grid import SMOE_DEFAULT_TOP_K, UsageError, write_grid_report
+from ..analysis.options import GridOptions, make_grid
 from ..analysis.supervise import run_grid
-from ..config import (COMPARED_METHODS, DEFAULT_DEEPSPEED_CONFIG, DEFAULT_MODEL_CONFIG, EUCLIDEAN_TWIN, METHODS,
-                      REPO_ROOT, default_model)
+from ..config import DEFAULT_MODEL_CONFIG, EUCLIDEAN_TWIN, METHODS, REPO_ROOT, default_model
 from . import ArgumentParser, run_cli
 
 PROG = "compare_methods.py"
-DEFAULT_LAUNCHER = REPO_ROOT / "launcher" / "pretrain.py"
-DEFAULT_METHODS = ",".join(COMPARED_METHODS)
-DEFAULT_DATA_SEED = 1234
+DEFAULTS = GridOptions(output="")
 #: The base config when --model_config is not given: the default model (`config.DEFAULT_MODEL_CONFIG`).
 DEFAULT_BASE_CONFIG = default_model()
 
@@ -57,10 +52,29 @@ methods:
   "moe": null for dense); other MoE fields come from the base config, or from
   the default model's MoE block when the base config is dense.
 
+fine-tuning (--init_from DENSE_MODEL):
+  The base config is the dense model's own.  Every method but dense starts
+  from an upcycled copy (camex_ds.ckpt.upcycle, as camex-convert upcycle:
+  every expert a copy of the dense FFN, so it computes the dense function),
+  made once per variant into OUT/upcycled/<method>-<key> and reused while its
+  key (the dense model, the variant's config, --upcycle_seed) is unchanged;
+  dense fine-tunes DENSE_MODEL itself.  All of one seed's runs share the
+  routers' seed and the data order, so a pair differs only in the method.
+
+MoE settings and sweeps:
+  --moe MOE.json and --moe_set KEY=VALUE set MoE keys for every method (over
+  the base config's MoE block; VALUE is JSON, or a word such as 'segment').
+  --sweep KEY=V1,V2,... makes each value an arm; several --sweep flags make
+  the product.  Runs are named runs/<method>[/<key>=<value>,...]/seed<k>: the
+  arm's keys that act on the method (curvature_* keys act only on camex*,
+  none on dense), so e.g. a rank sweep trains euclid once.  Each arm has its
+  own tables, pairs (each method against its twin and dense, same seeds) and
+  figures.  Every value is checked by MoEConfig before anything runs.
+
 budget:
   steps  every method trains --max_steps steps.
-  flops  the reference method (--reference, default: first of --methods) trains
-         --max_steps steps; its training FLOPs
+  flops  the reference method (--reference, default: first of --methods; with
+         --sweep, in the first arm) trains --max_steps steps; its training FLOPs
              budget = max_steps * tokens_per_step * flops_per_token_train(reference)
          are given to every other method as
              max_steps(m) = floor(budget / (flops_per_token_train(m) * tokens_per_step))
@@ -70,26 +84,36 @@ budget:
          rank curves its experts once per optimizer step over its own tokens.
          The batch comes from --deepspeed_config (the launcher's default
          ds_configs/cpu.json without it) and --num_gpus.
+  Either way the report also compares each pair where the shorter run ended,
+  in training FLOPs and in steps, reading the longer run's value off its
+  evaluations (linear between two), with the pair's FLOPs ratio.
 
 resuming:
-  Rerun the same command.  OUT/runs/<method>/seed<k>/final_metrics.json marks a
+  Rerun the same command.  OUT/runs/<variant>/seed<k>/final_metrics.json marks a
   finished run (skipped); an unfinished run restarts with --resume if its folder
   holds a checkpoint (a 'latest' file, a global_step* folder or a *.pt/.pth/.ckpt/
   .safetensors file, at most two levels deep), otherwise from scratch (an
   old metrics.jsonl is moved to metrics.jsonl.prev).  Each run folder keeps a
   run_spec.json; rerunning into OUT with different settings for an existing
-  run (max_steps, config, data, ...) is refused - use a new --output.
+  run (max_steps, config, data, starting model, ...) is refused - use a new
+  --output.
 
 outputs (in OUT):
   results.json  per method: per-seed final val_loss, val_ppl, val_bpb,
                 tokens_per_s, flops_per_token and their mean / sample std;
-                per pair (each camex* vs its Euclidean twin, every method vs
-                euclid): mean paired difference (A - B; negative = A better) of
-                val_bpb and val_loss, paired t-test p-value, percentile
-                bootstrap CI, n.  Undefined numbers are null.
-  results.md    the same as Markdown tables.
+                per pair (each camex* vs its Euclidean twin, every other
+                method vs euclid, every method vs dense): mean paired
+                difference (A - B; negative = A better) of val_bpb and
+                val_loss, paired t-test p-value, percentile bootstrap CI, n,
+                the FLOPs ratio and the equal-FLOPs / equal-steps comparisons;
+                per method the diagnostics (curvature distance from identity,
+                task-vector norm, router entropy: final_metrics.json, else the
+                per-layer values of metrics.jsonl).  Undefined numbers are null.
+                With --sweep: {{"meta", "arms_order", "arms": {{label: ...}}}}.
+  results.md    the same as Markdown tables, per arm.
   curves.png    validation bpb vs step and vs training FLOPs, mean over seeds
-                with a min-max (or +-std, --band std) band.
+                with a min-max (or +-std, --band std) band (curves-<arm>.png).
+  diagnostics.png  the per-layer diagnostics vs step (diagnostics-<arm>.png).
 
 extra launcher arguments:
   Arguments after a literal '--' are appended to every launcher command.
@@ -97,22 +121,28 @@ extra launcher arguments:
 exit codes: 0 success, 1 a run failed (its log tail and exact command are
 printed; finished runs are kept), 2 bad input, 130 interrupted.
 
-example:
+examples:
   python tools/compare_methods.py --data data/tiny.txt --methods euclid,camex \\
       --seeds 3 --max_steps 500 --budget flops --output out/cmp
+  python tools/compare_methods.py --init_from out/dense --data wiki/train.txt \\
+      --val_data wiki/valid.txt --methods dense,euclid,ties,camex,camex-ties \\
+      --moe_set num_experts=7 --moe_set curvature_rank=8 --sweep curvature_rank=1,8 \\
+      --seeds 3 --max_steps 1000 --output out/finetune
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
-        description="Train every (method, seed) of a grid with launcher/pretrain.py as subprocesses\n"
-        "(resumable) and write results.json, results.md and curves.png comparing the\n"
-        "methods over seeds (mean/std, paired t-test, bootstrap CI).\n\n"
+        description="Train every (method, arm, seed) of a grid with launcher/pretrain.py as subprocesses\n"
+        "(resumable), from scratch or fine-tuning an upcycled dense model (--init_from),\n"
+        "and write results.json, results.md and figures comparing the methods over seeds\n"
+        "(mean/std, paired t-test, bootstrap CI, equal-FLOPs comparison, diagnostics).\n\n"
         "Arguments after a literal '--' are passed on to every launcher command.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    d = DEFAULTS
     g = p.add_argument_group("grid")
     g.add_argument("--data", metavar="DATA",
                    help="training data passed to the launcher's --data: a text/.jsonl/.parquet file, a folder "
@@ -120,156 +150,67 @@ def build_parser() -> argparse.ArgumentParser:
                    "launcher's default corpus (this Python's standard-library sources)")
     g.add_argument("--val_data", metavar="VAL",
                    help="a separate validation source for the launcher's --val_data (a corpus's valid.txt; same "
-                   "forms as --data): every run validates on all of it and trains on all of --data")
-    g.add_argument("--methods", default=DEFAULT_METHODS, metavar="M1,M2,...",
-                   help=f"comma-separated methods, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
-    g.add_argument("--seeds", type=int, default=3, metavar="K",
-                   help="number of seeds per method, >= 1; seeds are FIRST_SEED..FIRST_SEED+K-1 (default: 3)")
-    g.add_argument("--first_seed", type=int, default=0, metavar="S",
-                   help="first seed value (default: 0)")
+                   "forms as --data): every run validates on it and trains on all of --data")
+    g.add_argument("--methods", default=d.methods, metavar="M1,M2,...",
+                   help=f"comma-separated methods, from: {', '.join(METHODS)} (default: {d.methods})")
+    g.add_argument("--seeds", type=int, default=d.seeds, metavar="K",
+                   help=f"number of seeds per method, >= 1; seeds are FIRST_SEED..FIRST_SEED+K-1 (default: {d.seeds})")
+    g.add_argument("--first_seed", type=int, default=d.first_seed, metavar="S",
+                   help=f"first seed value (default: {d.first_seed})")
     g.add_argument("--max_steps", type=int, metavar="N",
                    help="training steps of every method (--budget steps) or of the reference method "
                    "(--budget flops); required unless --report_only")
     g.add_argument("--model_config", metavar="CFG.json",
                    help="base model config JSON (see launcher/pretrain.py); default: the launcher's small "
                    f"default model, {os.path.relpath(DEFAULT_MODEL_CONFIG, REPO_ROOT)}")
-    g.add_argument("--budget", choices=("steps", "flops"), default="steps",
-                   help="equal training steps or equal training FLOPs across methods (default: steps)")
+    g.add_argument("--budget", choices=("steps", "flops"), default=d.budget,
+                   help=f"equal training steps or equal training FLOPs across methods (default: {d.budget})")
     g.add_argument("--reference", metavar="METHOD",
                    help="reference method of --budget flops (default: first of --methods)")
     g.add_argument("--output", required=True, metavar="DIR", help="output folder (created; reused to resume)")
+
+    u = p.add_argument_group("MoE settings, sweeps and upcycling (see 'fine-tuning' below)")
+    u.add_argument("--init_from", metavar="DENSE_MODEL",
+                   help="a consolidated dense model folder (camex-convert consolidate or import-hf): every method "
+                   "fine-tunes its upcycled copy (experts = the dense FFN), dense fine-tunes it as it is")
+    u.add_argument("--moe", metavar="MOE.json",
+                   help="a JSON object of MoE settings for every method, over the base config's MoE block")
+    u.add_argument("--moe_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="one MoE setting for every method, over --moe (repeatable; VALUE is JSON or a word), "
+                   f"KEY from: {', '.join(moe_keys())}")
+    u.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="sweep a MoE key: each value is an arm of the report (repeatable: the arms are the "
+                   "product of the sweeps)")
+    u.add_argument("--upcycle_seed", type=int, default=d.upcycle_seed, metavar="S",
+                   help=f"router seed of every upcycled model (default: {d.upcycle_seed})")
 
     r = p.add_argument_group("launcher")
     r.add_argument("--num_gpus", type=int, metavar="G",
                    help="start runs with 'deepspeed --num_gpus G' instead of the current Python interpreter")
     r.add_argument("--eval_interval", type=int, metavar="E",
                    help="evaluation interval in steps (default: max(1, max_steps // 10))")
-    r.add_argument("--data_seed", type=int, default=DEFAULT_DATA_SEED, metavar="D",
-                   help=f"data-order seed shared by all runs (default: {DEFAULT_DATA_SEED})")
+    r.add_argument("--eval_batches", type=int, metavar="B",
+                   help="validation batches per evaluation, passed to every run (default: the launcher's)")
+    r.add_argument("--data_seed", type=int, default=d.data_seed, metavar="D",
+                   help=f"data-order seed shared by all runs (default: {d.data_seed})")
+    r.add_argument("--seed_data_order", action="store_true",
+                   help="seed k trains on data order D+k (the same for every method of seed k), so seeds also "
+                   "sample the data order; without it every run sees order D")
     r.add_argument("--deepspeed_config", metavar="DS.json", help="DeepSpeed config passed to every run")
     # hidden: lets tests substitute a fake training script for launcher/pretrain.py
-    r.add_argument("--launcher_script", default=str(DEFAULT_LAUNCHER), help=argparse.SUPPRESS)
+    r.add_argument("--launcher_script", default=d.launcher_script, help=argparse.SUPPRESS)
 
     o = p.add_argument_group("report")
     o.add_argument("--bootstrap_resamples", type=int, default=10_000, metavar="B",
                    help="bootstrap resamples for the confidence intervals (default: 10000)")
     o.add_argument("--band", choices=("minmax", "std"), default="minmax",
-                   help="shaded band in curves.png: min-max over seeds or +-1 sample std (default: minmax)")
+                   help="shaded band in the curves: min-max over seeds or +-1 sample std (default: minmax)")
     o.add_argument("--report_only", action="store_true",
                    help="do not train; only (re)write the report from the runs already in --output")
     o.add_argument("--dry_run", action="store_true",
                    help="print the launcher commands that would run, then exit")
     o.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     return p
-
-
-def _parse_methods(text: str) -> List[str]:
-    items = [m.strip() for m in text.split(",")]
-    if not any(items):
-        raise UsageError(f"--methods is empty; valid choices: {', '.join(METHODS)}")
-    out: List[str] = []
-    for m in items:
-        if not m:
-            continue
-        if m not in METHODS:
-            raise UsageError(f"unknown method {m!r} in --methods; valid choices: {', '.join(METHODS)}")
-        if m in out:
-            raise UsageError(f"method {m!r} given twice in --methods")
-        out.append(m)
-    return out
-
-
-def _load_json(path: str, what: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{what} file {path!r} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise UsageError(f"{what} file {path!r} is not valid JSON: {e}")
-    if not isinstance(data, dict):
-        raise UsageError(f"{what} file {path!r} must hold a JSON object")
-    return data
-
-
-def _source(flag: str, value: Optional[str]) -> Optional[str]:
-    """A --data/--val_data value as the launcher will get it: hub names as given, paths absolute and existing."""
-    if value is None or value.startswith("hf:"):
-        return value
-    if not os.path.exists(value):
-        raise UsageError(f"{flag} path {value!r} does not exist (expected a text/.jsonl/.parquet file, "
-                         f"a folder of them, a preprocessed dataset folder, or hf:NAME[:CONFIG])")
-    return str(Path(value).resolve())
-
-
-def make_grid(args: argparse.Namespace, extra: Sequence[str]) -> Grid:
-    """Validate the arguments and build the grid (raises UsageError)."""
-    methods = _parse_methods(args.methods)
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.first_seed < 0:
-        raise UsageError(f"--first_seed must be >= 0, got {args.first_seed}")
-    if args.max_steps is None and not args.report_only:
-        raise UsageError("--max_steps is required (unless --report_only)")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max_steps must be >= 1, got {args.max_steps}")
-    if args.eval_interval is not None and args.eval_interval < 1:
-        raise UsageError(f"--eval_interval must be >= 1, got {args.eval_interval}")
-    if args.num_gpus is not None and args.num_gpus < 1:
-        raise UsageError(f"--num_gpus must be >= 1, got {args.num_gpus}")
-    if args.bootstrap_resamples < 1:
-        raise UsageError(f"--bootstrap_resamples must be >= 1, got {args.bootstrap_resamples}")
-    data, val_data = _source("--data", args.data), _source("--val_data", args.val_data)
-    reference = args.reference or methods[0]
-    if reference not in methods:
-        raise UsageError(f"--reference {reference!r} is not in --methods; valid choices: {', '.join(methods)}")
-    if args.reference and args.budget != "flops":
-        raise UsageError("--reference only applies to --budget flops")
-
-    if args.model_config:
-        base = _load_json(args.model_config, "--model_config")
-    else:
-        base = copy.deepcopy(DEFAULT_BASE_CONFIG)
-    seq_len = base.get("seq_len")
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise UsageError(f"model config needs a positive integer 'seq_len', got {seq_len!r}")
-    configs = {m: build_method_config(base, m) for m in methods}
-    validate_configs(configs)
-    ds_path = args.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG
-    batch = step_batch(_load_json(ds_path, "--deepspeed_config"), args.num_gpus or 1, ds_path)
-
-    launcher = Path(args.launcher_script).resolve()
-    if not args.report_only and not args.dry_run and not launcher.is_file():
-        raise UsageError(f"launcher script {str(launcher)!r} does not exist")
-    if args.num_gpus is not None and not args.report_only and not args.dry_run and shutil.which("deepspeed") is None:
-        raise UsageError("--num_gpus needs the 'deepspeed' launcher on PATH, which was not found")
-
-    grid = Grid(
-        methods=methods,
-        seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
-        base_config=base,
-        configs=configs,
-        output=Path(args.output).resolve(),
-        data=data,
-        data_seed=args.data_seed,
-        max_steps=args.max_steps,
-        eval_interval=args.eval_interval or (max(1, args.max_steps // 10) if args.max_steps else None),
-        budget=args.budget,
-        reference=reference,
-        step_batch=batch,
-        deepspeed_config=str(Path(args.deepspeed_config).resolve()) if args.deepspeed_config else None,
-        num_gpus=args.num_gpus,
-        launcher=launcher,
-        extra_args=list(extra),
-        model_config_path=str(Path(args.model_config).resolve()) if args.model_config else None,
-        val_data=val_data,
-    )
-    if grid.budget == "steps":
-        grid.method_steps = {m: grid.max_steps for m in methods}
-    else:
-        grid.method_steps = {m: None for m in methods}
-        grid.method_steps[reference] = grid.max_steps
-    return grid
 
 
 def _split_extra(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -280,6 +221,12 @@ def _split_extra(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     return argv, []
 
 
+def options_of(args: argparse.Namespace, extra: Sequence[str]) -> GridOptions:
+    """The parsed flags as the library's typed grid options."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GridOptions) if hasattr(args, f.name)}
+    return GridOptions(**given, extra_args=list(extra))
+
+
 def main(argv: Optional[Sequence[str]] = None, *, flops_fn: Optional[Callable] = None,
          poll_interval: float = 1.0) -> int:
     """`camex-compare`; `flops_fn` (FLOPs per token for --budget flops) and `poll_interval` (seconds between
@@ -288,14 +235,16 @@ def main(argv: Optional[Sequence[str]] = None, *, flops_fn: Optional[Callable] =
     args = build_parser().parse_args(own)
 
     def body() -> int:
-        grid = make_grid(args, extra)
+        if args.bootstrap_resamples < 1:
+            raise UsageError(f"--bootstrap_resamples must be >= 1, got {args.bootstrap_resamples}")
+        grid = make_grid(options_of(args, extra))
         if not args.report_only:
             rc = run_grid(grid, PROG, progress=not args.no_progress, dry_run=args.dry_run,
                           flops_fn=flops_fn, poll_interval=poll_interval)
             if rc != 0 or args.dry_run:
                 return rc
         paths = write_grid_report(grid, args.bootstrap_resamples, args.band)
-        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+        print(f"wrote {paths['json']}, {paths['md']} and its figures")
         return 0
 
     return run_cli(body, (UsageError,), prefix=f"{PROG}: ",

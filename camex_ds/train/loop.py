@@ -178,8 +178,9 @@ def _train(args: TrainArgs, cfg: ModelConfig, ds_config: dict, run_id: str) -> d
                        "tokens": step * tokens_per_step, "step_time_s": elapsed / window.steps,
                        "ep_bytes_sent_per_step": (model.ep_bytes_sent() - window.bytes) / window.steps,
                        "skipped_steps": skipped, **diagnostics,
-                       **flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak)}
-                logger.log(row, {"perplexity": math.exp(min(loss, 50.0)), **stats})
+                       **flops_row(step * tokens_per_step, tokens_per_s, train_flops_per_token, peak),
+                       **stats}  # per-layer router and curvature values: the report's curves
+                logger.log(row, {"perplexity": math.exp(min(loss, 50.0))})
                 logger.advance(step, {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"})
                 window.reset()
             if step % args.eval_interval == 0 or step == args.max_steps:
