@@ -17,16 +17,6 @@ def _quiet_deepspeed() -> None:
 _quiet_deepspeed()
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, README's test command) a file's tests share one worker, so its
-    module fixtures (trained runs, prepared data) are made once; the cluster tests (namespaces, sshd, Slurm,
-    podman's storage) form one group, since two of them at once would share those machine-wide resources."""
-    for item in items:
-        path = item.path.relative_to(item.config.rootpath)
-        group = "cluster" if path.parts[:2] == ("tests", "cluster") else path.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same torch RNG state (and leaves the global default dtype alone)."""
