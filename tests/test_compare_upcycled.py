@@ -102,6 +102,41 @@ def test_sweep_upcycles_once_per_variant_shares_runs_and_reports_each_arm(fake):
     assert {p: p.stat().st_mtime_ns for p in (fake.out / "upcycled").iterdir()} == stamps
 
 
+def test_arm_seeds_give_the_sweep_fewer_seeds_than_the_reference_arm(fake):
+    """The first arm (the reference settings) trains every seed, the others the first --arm_seeds; a method the
+    sweep does not change trains the seeds of every arm, and each arm's pairs use its own seeds."""
+    assert fake.run(*REFERENCE_MOE, "--sweep", "curvature_rank=8,1", "--arm_seeds", "1", seeds=3) == 0
+    runs = {}
+    for c in fake.calls():
+        runs.setdefault(c["method"], []).append(c["seed"])
+    assert sorted(runs["dense"]) == sorted(runs["euclid"]) == [0, 1, 2]
+    assert sorted(runs["camex"]) == [0, 0, 1, 2]  # rank 8 (the reference arm): 3 seeds, rank 1: 1 seed
+    res = json.loads((fake.out / "results.json").read_text())
+    assert res["meta"]["arm_seeds"] == 1
+    assert res["arms"]["curvature_rank=8"]["seeds"] == [0, 1, 2]
+    arm = res["arms"]["curvature_rank=1"]
+    assert arm["seeds"] == [0] and arm["methods"]["camex"]["missing_seeds"] == []
+    assert {p["n"] for p in arm["pairs"]} == {1}
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (["--arm_seeds", "3"], "--arm_seeds 3 is more than --seeds 2"),
+    (["--eval_windows", "0"], "--eval_windows must be >= 1, got 0"),
+    (["--eval_windows", "8"], "--eval_batches and --eval_windows exclude each other"),
+])
+def test_bad_seed_and_window_counts_are_one_line_exit_2(fake, capsys, bad, needle):
+    assert fake.run(*bad) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_eval_windows_reach_every_run(tmp_path, capsys):
+    argv = ["--methods", "dense,camex", "--seeds", "1", "--max_steps", "2", "--output", str(tmp_path / "o"),
+            "--eval_windows", "40", "--dry_run"]
+    assert cm.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("--eval_windows 40" in line and "--eval_batches" not in line for line in lines)
+
+
 def test_a_changed_moe_setting_is_a_new_upcycle_and_a_refused_rerun(fake, capsys):
     assert fake.run("--moe_set", "segment_len=8", methods="euclid", seeds=1) == 0
     capsys.readouterr()

@@ -112,6 +112,8 @@ class Grid:
     init_keys: Dict[str, str] = field(default_factory=dict)
     upcycle_seed: int = 0
     eval_batches: Optional[int] = None
+    eval_windows: Optional[int] = None
+    arm_seeds: Optional[int] = None
     seed_data_order: bool = False
     method_steps: Dict[str, Optional[int]] = field(default_factory=dict)
     flops_per_token_train: Dict[str, float] = field(default_factory=dict)
@@ -242,6 +244,23 @@ def run_data_seed(grid: Grid, seed: int) -> int:
     return grid.data_seed + seed if grid.seed_data_order else grid.data_seed
 
 
+def seeds_of_arm(grid: Grid, label: str) -> List[int]:
+    """The seeds an arm reports: every seed for the first arm (the reference settings), the first `arm_seeds`
+    for the others, so a sweep costs less than the reference it is compared with."""
+    if grid.arm_seeds is None or label == grid.arms[0].label:
+        return list(grid.seeds)
+    return list(grid.seeds[:grid.arm_seeds])
+
+
+def seeds_of_variant(grid: Grid, variant: str) -> List[int]:
+    """The seeds a variant trains: those of the arms it takes part in."""
+    wanted = set()
+    for label, folders in grid.arm_variants.items():
+        if variant in folders.values():
+            wanted.update(seeds_of_arm(grid, label))
+    return [s for s in grid.seeds if s in wanted]
+
+
 def run_spec(grid: Grid, variant: str, seed: int) -> dict:
     """What a run folder records of its settings (`run_spec.json`); a rerun with other settings is refused."""
     spec = {
@@ -258,6 +277,8 @@ def run_spec(grid: Grid, variant: str, seed: int) -> dict:
     }
     if grid.eval_batches is not None:
         spec["eval_batches"] = grid.eval_batches
+    if grid.eval_windows is not None:
+        spec["eval_windows"] = grid.eval_windows
     if grid.init_from is not None:
         spec["init_from"] = str(grid.inits[variant])
         spec["init_key"] = grid.init_keys[variant]
@@ -302,6 +323,7 @@ def launcher_command(grid: Grid, variant: str, seed: int, resume: bool) -> List[
         "--data_seed", str(run_data_seed(grid, seed)),
         "--eval_interval", str(grid.eval_interval),
         *(["--eval_batches", str(grid.eval_batches)] if grid.eval_batches is not None else []),
+        *(["--eval_windows", str(grid.eval_windows)] if grid.eval_windows is not None else []),
     ]
     if grid.deepspeed_config:
         args += ["--deepspeed_config", grid.deepspeed_config]
@@ -322,6 +344,7 @@ def grid_meta(grid: Grid) -> dict:
     return {
         "methods": grid.methods,
         "seeds": grid.seeds,
+        "arm_seeds": grid.arm_seeds,
         "data": grid.data,
         "val_data": grid.val_data,
         "data_seed": grid.data_seed,
@@ -336,6 +359,7 @@ def grid_meta(grid: Grid) -> dict:
         "flops_budget": grid.flops_budget,
         "eval_interval": grid.eval_interval,
         "eval_batches": grid.eval_batches,
+        "eval_windows": grid.eval_windows,
         "model_config": grid.model_config_path or "built-in",
         "moe_settings": grid.moe_settings or None,
         "arms": [arm.label for arm in grid.arms] if len(grid.arms) > 1 else None,
@@ -354,7 +378,7 @@ def _steps_from_specs(grid: Grid) -> Dict[str, Optional[int]]:
     for v in grid.variants:
         out[v] = grid.method_steps.get(v)
         if out[v] is None:
-            for s in grid.seeds:
+            for s in seeds_of_variant(grid, v):
                 try:
                     out[v] = json.loads((run_path(grid, v, s) / "run_spec.json").read_text())["max_steps"]
                     break
@@ -369,4 +393,5 @@ def write_grid_report(grid: Grid, bootstrap_resamples: int, band: str) -> Dict[s
     meta["max_steps_per_method"] = steps
     meta["bootstrap_resamples"] = bootstrap_resamples
     return write_report(grid.output, grid.methods, grid.seeds, meta=meta, max_steps=steps,
-                        n_resamples=bootstrap_resamples, band=band, arms=grid.arm_variants)
+                        n_resamples=bootstrap_resamples, band=band, arms=grid.arm_variants,
+                        arm_seeds={label: seeds_of_arm(grid, label) for label in grid.arm_variants})

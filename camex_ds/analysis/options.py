@@ -26,6 +26,7 @@ class GridOptions:
     max_steps: Optional[int] = None
     methods: str = ",".join(COMPARED_METHODS)
     seeds: int = 3
+    arm_seeds: Optional[int] = None
     first_seed: int = 0
     data: Optional[str] = None
     val_data: Optional[str] = None
@@ -40,6 +41,7 @@ class GridOptions:
     num_gpus: Optional[int] = None
     eval_interval: Optional[int] = None
     eval_batches: Optional[int] = None
+    eval_windows: Optional[int] = None
     data_seed: int = 1234
     seed_data_order: bool = False
     deepspeed_config: Optional[str] = None
@@ -85,9 +87,16 @@ def source(flag: str, value: Optional[str]) -> Optional[str]:
 def _check_numbers(o: GridOptions) -> None:
     for flag, value, low in (("--seeds", o.seeds, 1), ("--first_seed", o.first_seed, 0),
                              ("--max_steps", o.max_steps, 1), ("--eval_interval", o.eval_interval, 1),
-                             ("--eval_batches", o.eval_batches, 1), ("--num_gpus", o.num_gpus, 1)):
+                             ("--eval_batches", o.eval_batches, 1), ("--eval_windows", o.eval_windows, 1),
+                             ("--arm_seeds", o.arm_seeds, 1), ("--num_gpus", o.num_gpus, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if o.arm_seeds is not None and o.arm_seeds > o.seeds:
+        raise UsageError(f"--arm_seeds {o.arm_seeds} is more than --seeds {o.seeds}: the sweep's arms take the first "
+                         f"seeds of the first arm's, so give 1 to {o.seeds}")
+    if o.eval_batches is not None and o.eval_windows is not None:
+        raise UsageError("--eval_batches and --eval_windows exclude each other: give the validation set in windows "
+                         "(the same at any micro batch) or in batches, not both")
     if o.max_steps is None and not o.report_only:
         raise UsageError("--max_steps is required (unless --report_only)")
 
@@ -189,6 +198,7 @@ def make_grid(o: GridOptions) -> Grid:
         model_config_path=str(Path(o.model_config).resolve()) if o.model_config else None, val_data=val_data,
         moe_settings=settings, init_from=Path(o.init_from).resolve() if o.init_from else None, inits=inits,
         init_keys=keys, upcycle_seed=o.upcycle_seed, eval_batches=o.eval_batches, seed_data_order=o.seed_data_order,
+        eval_windows=o.eval_windows, arm_seeds=o.arm_seeds,
     )
     grid.method_steps = {v: (grid.max_steps if o.budget == "steps" else None) for v in variants}
     if o.budget == "flops":

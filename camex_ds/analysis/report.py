@@ -182,11 +182,13 @@ def _slug(label: str) -> str:
 
 
 def write_report(output_dir: PathLike, methods: Sequence[str], seeds: Sequence[int], band: str = "minmax",
-                 arms: Optional[Mapping[str, Mapping[str, str]]] = None, **options) -> Dict[str, Path]:
+                 arms: Optional[Mapping[str, Mapping[str, str]]] = None,
+                 arm_seeds: Optional[Mapping[str, Sequence[int]]] = None, **options) -> Dict[str, Path]:
     """Collect the grid under ``output_dir`` and write ``results.json``, ``results.md`` and the figures there.
 
     ``arms[label][method]`` is the variant (run folder below ``runs/``) each method trains in each arm (default:
-    one arm, ``""``, each method its own folder); ``options`` go to `collect_results` (meta, max_steps keyed by
+    one arm, ``""``, each method its own folder), ``arm_seeds[label]`` the seeds that arm reports (default: all
+    of ``seeds``); ``options`` go to `collect_results` (meta, max_steps keyed by
     variant, n_resamples, confidence, bootstrap_seed), ``band`` to `plot_curves`. A grid with several arms keeps
     its settings in ``meta`` and each arm's results under ``arms``. Returns the paths (``png``: the first arm's
     curves, ``figures``: every figure, ``links``: `results_markdown`'s figure names per arm) and the results dict
@@ -196,9 +198,10 @@ def write_report(output_dir: PathLike, methods: Sequence[str], seeds: Sequence[i
     arms = dict(arms or {"": {m: m for m in methods}})
     meta, steps = options.pop("meta", None), options.pop("max_steps", None) or {}
     per_arm, figures, files = {}, {}, []
-    n_seeds = len(list(seeds))
     for label, folders in arms.items():
-        res = collect_results(out, methods, seeds, meta=None if len(arms) > 1 else meta, folders=folders,
+        arm = list((arm_seeds or {}).get(label, seeds))
+        n_seeds = len(arm)
+        res = collect_results(out, methods, arm, meta=None if len(arms) > 1 else meta, folders=folders,
                               max_steps={m: steps.get(v) for m, v in folders.items()}, **options)
         per_arm[label] = res
         suffix = f"-{_slug(label)}" if label else ""

@@ -40,21 +40,22 @@ SWEEPS = (("curvature_lr_scale", (1, 10, 100)), ("curvature_rank", (8, 1)))
 REFERENCE_TOKENS_PER_S = 8000.0
 #: Seconds a launcher run spends outside its steps: interpreter, DeepSpeed, data, checkpoint (2 quiet cores).
 RUN_OVERHEAD_S = 10.0
-#: Validation batches at most per evaluation: the whole held-out text up to this.
-EVAL_BATCHES_CAP = 64
-#: Validation batches of the pretraining's evaluations (its held-out 5% is larger).
-PRETRAIN_EVAL_BATCHES = 16
-#: The time estimate's guess at the second corpus's held-out batches: the docstrings' are 14 batches of 8 x 256
-#: tokens under the base model's code tokenizer, 13 under their own.
-HELD_OUT_BATCHES_GUESS = 14
+#: Validation windows at most per evaluation: the whole held-out text up to this.
+EVAL_WINDOWS_CAP = 512
+#: Validation windows of the pretraining's evaluations (its held-out 5% is larger).
+PRETRAIN_EVAL_WINDOWS = 128
+#: The time estimate's guess at the second corpus's held-out windows: the docstrings' are 112 windows of 257
+#: tokens under the base model's code tokenizer, 104 under their own.
+HELD_OUT_WINDOWS_GUESS = 112
 EVALS_PER_RUN = 5
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 64, "seq_len": 32}
 #: The two plans: the full study (about 2 hours on 2 CPU cores) and --quick (every stage and arm, 2-3 steps).
 PLANS = {
-    "full": {"seeds": 4, "pretrain_steps": 1200, "finetune_steps": 200, "scratch_steps": 250, "finetune_lr": 3e-4,
-             "vocab_size": DEFAULT_VOCAB_SIZE, "bootstrap_resamples": 10_000, "eval_cap": EVAL_BATCHES_CAP},
-    "quick": {"seeds": 1, "pretrain_steps": 3, "finetune_steps": 2, "scratch_steps": 2, "finetune_lr": 3e-4,
-              "vocab_size": 512, "bootstrap_resamples": 500, "eval_cap": 2},
+    "full": {"seeds": 5, "sweep_seeds": 3, "pretrain_steps": 1200, "finetune_steps": 150, "scratch_steps": 200,
+             "finetune_lr": 3e-4, "vocab_size": DEFAULT_VOCAB_SIZE, "bootstrap_resamples": 10_000,
+             "eval_cap": EVAL_WINDOWS_CAP},
+    "quick": {"seeds": 1, "sweep_seeds": 1, "pretrain_steps": 3, "finetune_steps": 2, "scratch_steps": 2,
+              "finetune_lr": 3e-4, "vocab_size": 512, "bootstrap_resamples": 500, "eval_cap": 16},
 }
 PROG = "curvature_study.py"
 
@@ -66,6 +67,7 @@ class StudySettings:
     output: str = "runs/curvature_study"
     quick: bool = False
     seeds: Optional[int] = None
+    sweep_seeds: Optional[int] = None
     pretrain_steps: Optional[int] = None
     finetune_steps: Optional[int] = None
     scratch_steps: Optional[int] = None
@@ -89,13 +91,14 @@ class Plan:
     sweeps: List[str]
     notes: List[str] = field(default_factory=list)
     runs: Dict[str, int] = field(default_factory=dict)
+    reference_variants: List[str] = field(default_factory=list)
     estimate_s: Dict[str, float] = field(default_factory=dict)
 
 
 def make_plan(s: StudySettings) -> Plan:
     """Validate `s` and fill in the plan (raises UsageError)."""
     numbers = dict(PLANS["quick" if s.quick else "full"])
-    for key in ("seeds", "pretrain_steps", "finetune_steps", "scratch_steps", "finetune_lr"):
+    for key in ("seeds", "sweep_seeds", "pretrain_steps", "finetune_steps", "scratch_steps", "finetune_lr"):
         value = getattr(s, key)
         if value is not None:
             if not value > 0:
@@ -115,6 +118,8 @@ def make_plan(s: StudySettings) -> Plan:
         else:
             notes.append(f"MoEConfig has no {key!r} in this checkout: its sweep is left out")
     plan = Plan(s, Path(s.output).resolve(), numbers, model, moe, sweeps, notes)
+    _, arm_variants, _ = _finetune_variants(plan)
+    plan.reference_variants = list(next(iter(arm_variants.values())).values())
     _estimate(plan)
     return plan
 
@@ -125,9 +130,14 @@ def _stage_variants(plan: Plan) -> Dict[str, Dict[str, dict]]:
     base = dict(plan.model, vocab_size=plan.numbers["vocab_size"])
     return {
         "pretrain": {"dense": dense},
-        "finetune": variant_configs(list(STUDY_METHODS), dense, plan.moe, parse_sweeps(plan.sweeps))[2],
+        "finetune": _finetune_variants(plan)[2],
         "scratch": {m: build_method_config(base, m) for m in STUDY_METHODS},
     }
+
+
+def _finetune_variants(plan: Plan):
+    return variant_configs(list(STUDY_METHODS), dict(plan.model, moe=None, vocab_size=plan.numbers["vocab_size"]),
+                           plan.moe, parse_sweeps(plan.sweeps))
 
 
 def _estimate(plan: Plan) -> None:
@@ -145,15 +155,26 @@ def _estimate(plan: Plan) -> None:
     n = plan.numbers
     for stage, configs in _stage_variants(plan).items():
         steps = n[f"{stage}_steps"]
-        seeds = 1 if stage == "pretrain" else n["seeds"]
-        total = 0.0
-        for cfg in configs.values():
-            tokens = steps * batch.tokens(cfg["seq_len"])
-            batches = PRETRAIN_EVAL_BATCHES if stage == "pretrain" else HELD_OUT_BATCHES_GUESS
-            eval_tokens = EVALS_PER_RUN * min(n["eval_cap"], batches) * batch.micro * cfg["seq_len"] / 3
-            total += seeds * (RUN_OVERHEAD_S + (tokens + eval_tokens) / (REFERENCE_TOKENS_PER_S * reference / fpt(cfg)))
-        plan.runs[stage] = seeds * len(configs)
+        windows = min(n["eval_cap"], PRETRAIN_EVAL_WINDOWS if stage == "pretrain" else HELD_OUT_WINDOWS_GUESS)
+        runs, total = 0, 0.0
+        for name, cfg in configs.items():
+            seeds = _seeds_of(plan, stage, name)
+            tokens = steps * batch.tokens(cfg["seq_len"]) + EVALS_PER_RUN * windows * cfg["seq_len"] / 3
+            total += seeds * (RUN_OVERHEAD_S + tokens / (REFERENCE_TOKENS_PER_S * reference / fpt(cfg)))
+            runs += seeds
+        plan.runs[stage] = runs
         plan.estimate_s[stage] = total
+
+
+def _seeds_of(plan: Plan, stage: str, variant: str) -> int:
+    """Seeds a variant of a stage trains: one pretraining; every seed for the fine-tuning's reference arm and the
+    from-scratch methods; `sweep_seeds` for a fine-tuning variant that only the sweep's other arms train."""
+    n = plan.numbers
+    if stage == "pretrain":
+        return 1
+    if stage == "finetune" and variant not in plan.reference_variants:
+        return min(n["sweep_seeds"], n["seeds"])
+    return n["seeds"]
 
 
 def plan_lines(plan: Plan) -> List[str]:
@@ -161,7 +182,8 @@ def plan_lines(plan: Plan) -> List[str]:
     total = sum(plan.estimate_s.values())
     lines = [f"curvature study ({'quick' if s.quick else 'full'}) in {plan.output}",
              f"  model: d_model {plan.model['d_model']}, {plan.model['n_layers']} layers, seq_len "
-             f"{plan.model['seq_len']}; seeds {n['seeds']}; fine-tuning lr {n['finetune_lr']}",
+             f"{plan.model['seq_len']}; seeds {n['seeds']} (the sweep's other arms: "
+             f"{min(n['sweep_seeds'], n['seeds'])}); fine-tuning lr {n['finetune_lr']}",
              f"  base corpus: {s.base_data or 'the default corpus (standard-library sources)'}; second corpus: "
              f"{s.data or 'standard-library docstrings (prose)'}",
              f"  upcycled MoE: {json.dumps(plan.moe)}; arms: {' x '.join(plan.sweeps) or 'one'}"]
@@ -188,19 +210,18 @@ class StudyLog:
                 fh.write(f"{stamp} {line}\n")
 
 
-def eval_batches_for(data: str, val_data: str, tokenizer: Optional[Path], seq_len: int, micro: int,
-                     vocab_size: int, cap: int) -> int:
-    """Validation batches that cover the held-out text (up to `cap`), prepared as the launcher will (same cache)."""
+def eval_windows_for(data: str, val_data: str, tokenizer: Optional[Path], seq_len: int, vocab_size: int,
+                     cap: int) -> int:
+    """Validation windows that cover the held-out text (up to `cap`), prepared as the launcher will (same cache)."""
     from ..data import cache_dir, prepare_data
 
     cache = cache_dir(None)
     prepared = prepare_data(data, tokenizer, cache, vocab_size=vocab_size, progress=False, val_percent=0)
     held = prepare_data(val_data, prepared.tokenizer_path, cache, progress=False, val_percent=100)
     windows = held.split("validation").num_windows(seq_len)
-    if windows < micro:
-        raise UsageError(f"--val_data {val_data!r} holds {windows} windows of {seq_len + 1} tokens, fewer than one "
-                         f"batch of {micro}: give more held-out text")
-    return min(cap, windows // micro)
+    if windows < 1:
+        raise UsageError(f"--val_data {val_data!r} holds no window of {seq_len + 1} tokens: give more held-out text")
+    return min(cap, windows)
 
 
 def _stage(name: str, options: GridOptions, plan: Plan, log: StudyLog) -> Optional[dict]:
@@ -229,7 +250,6 @@ def run_study(settings: StudySettings) -> int:
     ds = load_json(DEFAULT_DEEPSPEED_CONFIG, "the default DeepSpeed config")
     ds["optimizer"]["params"]["lr"] = n["finetune_lr"]
     write_json(configs / "finetune_ds.json", ds)
-    micro = step_batch(ds, 1, "ds_configs/cpu.json").micro
     if settings.data is None:
         from ..data.prose import write_prose_corpus
 
@@ -242,7 +262,7 @@ def run_study(settings: StudySettings) -> int:
     reports["pretrain"] = _stage("pretrain", GridOptions(
         output=str(out / "pretrain"), methods="dense", seeds=1, max_steps=n["pretrain_steps"],
         model_config=str(configs / "base_model.json"), data=settings.base_data,
-        eval_interval=max(1, n["pretrain_steps"] // EVALS_PER_RUN), eval_batches=min(n["eval_cap"], PRETRAIN_EVAL_BATCHES),
+        eval_interval=max(1, n["pretrain_steps"] // EVALS_PER_RUN), eval_windows=min(n["eval_cap"], PRETRAIN_EVAL_WINDOWS),
         extra_args=vocab), plan, log)
     if reports["pretrain"] is None:
         return 1
@@ -262,7 +282,8 @@ def run_study(settings: StudySettings) -> int:
         moe_set=[f"{k}={format_value(v)}" for k, v in plan.moe.items()], sweep=plan.sweeps,
         deepspeed_config=str(configs / "finetune_ds.json"), seed_data_order=True,
         eval_interval=max(1, n["finetune_steps"] // EVALS_PER_RUN),
-        eval_batches=eval_batches_for(train, valid, tokenizer, seq_len, micro, n["vocab_size"], n["eval_cap"])),
+        arm_seeds=min(n["sweep_seeds"], n["seeds"]),
+        eval_windows=eval_windows_for(train, valid, tokenizer, seq_len, n["vocab_size"], n["eval_cap"])),
         plan, log)
     if reports["finetune"] is None:
         return 1
@@ -270,7 +291,7 @@ def run_study(settings: StudySettings) -> int:
         output=str(out / "scratch"), methods=",".join(STUDY_METHODS), seeds=n["seeds"],
         max_steps=n["scratch_steps"], model_config=str(configs / "base_model.json"), data=train, val_data=valid,
         eval_interval=max(1, n["scratch_steps"] // EVALS_PER_RUN),
-        eval_batches=eval_batches_for(train, valid, None, seq_len, micro, n["vocab_size"], n["eval_cap"]),
+        eval_windows=eval_windows_for(train, valid, None, seq_len, n["vocab_size"], n["eval_cap"]),
         extra_args=vocab), plan, log)
     if reports["scratch"] is None:
         return 1

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..config import REPO_ROOT
 from .grid import (Grid, check_spec, config_path, grid_meta, has_checkpoint, launcher_command, reference_variant,
-                   resolve_flops_budget, run_path, run_spec)
+                   resolve_flops_budget, run_path, run_spec, seeds_of_variant)
 from .results import write_json
 from .upcycled import ensure_upcycled
 
@@ -161,7 +161,7 @@ def run_grid(grid: Grid, prog: str, progress: bool = True, dry_run: bool = False
     if grid.budget == "flops":
         order.remove(reference_variant(grid))
         order.insert(0, reference_variant(grid))
-    runs = [(m, s) for m in order for s in grid.seeds]
+    runs = [(m, s) for m in order for s in seeds_of_variant(grid, m)]
     resolve_flops_budget(grid, flops_fn)
 
     for m in grid.variants:

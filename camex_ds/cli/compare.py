@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated methods, from: {', '.join(METHODS)} (default: {d.methods})")
     g.add_argument("--seeds", type=int, default=d.seeds, metavar="K",
                    help=f"number of seeds per method, >= 1; seeds are FIRST_SEED..FIRST_SEED+K-1 (default: {d.seeds})")
+    g.add_argument("--arm_seeds", type=int, metavar="K2",
+                   help="with --sweep: seeds of every arm but the first, the first K2 of --seeds (the first arm, "
+                   "usually the reference settings, keeps all; a method the sweep does not change runs the seeds "
+                   "of every arm it is in; default: --seeds)")
     g.add_argument("--first_seed", type=int, default=d.first_seed, metavar="S",
                    help=f"first seed value (default: {d.first_seed})")
     g.add_argument("--max_steps", type=int, metavar="N",
@@ -191,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation interval in steps (default: max(1, max_steps // 10))")
     r.add_argument("--eval_batches", type=int, metavar="B",
                    help="validation batches per evaluation, passed to every run (default: the launcher's)")
+    r.add_argument("--eval_windows", type=int, metavar="W",
+                   help="validation windows (seq_len + 1 tokens each) per evaluation, passed to every run: the same "
+                   "set at any micro batch (default: the launcher's; excludes --eval_batches)")
     r.add_argument("--data_seed", type=int, default=d.data_seed, metavar="D",
                    help=f"data-order seed shared by all runs (default: {d.data_seed})")
     r.add_argument("--seed_data_order", action="store_true",

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 from ..analysis.grid import UsageError
-from ..analysis.study import PLANS, STUDY_METHODS, StudySettings, run_study
+from ..analysis.study import EVAL_WINDOWS_CAP, PLANS, STUDY_METHODS, StudySettings, run_study
 from . import ArgumentParser, run_cli
 
 PROG = "curvature_study.py"
@@ -25,9 +25,10 @@ stages (each a camex-compare grid in its own folder of --output; rerun the same 
               consolidated into dense_model/
   finetune/   methods {", ".join(STUDY_METHODS)}: dense fine-tunes dense_model/ as it is, every
               other method its upcycled copy (7 experts, curvature rank 8, 4 segments per sequence);
-              fine-tuned on --data, evaluated on all of --val_data (up to 64 batches); arms:
+              fine-tuned on --data, evaluated on all of --val_data (up to {EVAL_WINDOWS_CAP} windows); arms:
               curvature_lr_scale 1,10,100 (when MoEConfig has it) x curvature_rank 8,1, the first
-              arm being the reference; seed k trains on data order 1234+k for every method
+              arm being the reference (every seed; the other arms: --sweep_seeds); seed k trains on
+              data order 1234+k for every method
   scratch/    the same methods trained from scratch on --data at the default MoE settings
 
 outputs (in --output): report.md (the plan, measured time and every stage's tables and figures),
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a tiny model, 2-3 steps per run, one seed: every stage and arm in about 1.5 minutes on 2 cores")
     p.add_argument("--seeds", type=int, metavar="K", help=f"seeds per method {_plan_default('seeds')}")
+    p.add_argument("--sweep_seeds", type=int, metavar="K2",
+                   help="seeds of the fine-tuning sweep's arms other than the reference (the first K2 of --seeds; "
+                   f"the reference arm keeps all) {_plan_default('sweep_seeds')}")
     p.add_argument("--pretrain_steps", type=int, metavar="N",
                    help=f"steps of the dense pretraining {_plan_default('pretrain_steps')}")
     p.add_argument("--finetune_steps", type=int, metavar="N",
