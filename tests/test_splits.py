@@ -12,8 +12,9 @@ from camex_ds.train.splits import eval_windows
 from .launch import TINY, launch
 
 
-def _args(eval_windows=None, eval_batches=None, eval_interval=100):
-    return SimpleNamespace(eval_windows=eval_windows, eval_batches=eval_batches, eval_interval=eval_interval)
+def _args(eval_windows=None, eval_batches=None, eval_interval=100, max_steps=1000):
+    return SimpleNamespace(eval_windows=eval_windows, eval_batches=eval_batches, eval_interval=eval_interval,
+                           max_steps=max_steps)
 
 
 def _split(windows, seq_len=32):
@@ -27,6 +28,8 @@ def test_default_is_the_whole_split_up_to_a_cap_set_by_the_tokens_per_step():
     assert eval_windows(_args(), _split(10_000), 32, micro=8, windows_per_step=8) == 240
     # micro 8 x accumulation 1 and micro 2 x accumulation 4 train on the same windows per step: the same set
     assert eval_windows(_args(), _split(10_000), 32, micro=2, windows_per_step=8) == 240
+    # a run shorter than one interval: 10% of all its training, 0.1 x 3 x 2 steps x 8 windows
+    assert eval_windows(_args(max_steps=2), _split(10_000), 32, micro=8, windows_per_step=8) == 5
 
 
 def test_explicit_numbers_are_kept_and_checked():
@@ -47,7 +50,8 @@ def _final(out):
 
 def test_the_default_trains_and_evaluates_on_a_1_mb_text(tmp_path):
     """A typical corpus's validation file (1 MB) as --data with the default model and flags: it has fewer
-    validation windows than the old fixed 16 x 8, and the run evaluates on all it has."""
+    validation windows than the old fixed 16 x 8, and the run evaluates on all it has up to the cap (30 steps: 72
+    windows, more than the split has)."""
     train, valid = write_prose_corpus(tmp_path / "text", train_bytes=1_000_000, valid_bytes=100_000)
     text = train.read_text() + valid.read_text()
     corpus = tmp_path / "corpus.txt"
@@ -55,7 +59,7 @@ def test_the_default_trains_and_evaluates_on_a_1_mb_text(tmp_path):
     assert corpus.stat().st_size > 1e6
     out = tmp_path / "run"
     code, err, stdout = launch(["--data", corpus, "--cache_dir", tmp_path / "cache", "--output_dir", out,
-                                "--max_steps", 2, "--no_progress"])
+                                "--max_steps", 30, "--no_progress"])
     assert code == 0, err
     final = _final(out)
     assert 0 < final["val_windows"] < 16 * 8 and final["val_tokens"] == final["val_windows"] * 256
@@ -83,6 +87,6 @@ def test_micro_batch_and_accumulation_do_not_change_the_validation_windows(tmp_p
                                "--output_dir", out, "--max_steps", 1, "--no_progress"])
         assert code == 0, err
         finals[micro] = _final(out)
-    assert 0 < finals[8]["val_windows"] == finals[2]["val_windows"] <= 240  # the cap: 0.1 x 3 x 100 steps x 8
+    assert finals[8]["val_windows"] == finals[2]["val_windows"] == 2  # the cap: 0.1 x 3 x 1 step x 8, rounded
     assert finals[8]["val_tokens"] == finals[2]["val_tokens"]
     assert finals[8]["val_loss"] == pytest.approx(finals[2]["val_loss"], rel=1e-6)

@@ -26,7 +26,7 @@ stages (each a camex-compare grid in its own folder of --output; rerun the same 
   finetune/   methods {", ".join(STUDY_METHODS)}: dense fine-tunes dense_model/ as it is, every
               other method its upcycled copy (7 experts, curvature rank 8, 4 segments per sequence);
               fine-tuned on --data, evaluated on all of --val_data (up to {EVAL_WINDOWS_CAP} windows); arms:
-              curvature_lr_scale 1,10,100 (when MoEConfig has it) x curvature_rank 8,1, the first
+              curvature_lr_scale 1,10,100 (--quick: 1,100) x curvature_rank 8,1, the first
               arm being the reference (every seed; the other arms: --sweep_seeds); seed k trains on
               data order 1234+k for every method
   scratch/    the same methods trained from scratch on --data at the default MoE settings

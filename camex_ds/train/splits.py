@@ -51,7 +51,7 @@ def prepare_splits(args: TrainArgs, cfg: ModelConfig, micro: int, windows_per_st
 def eval_windows(args: TrainArgs, val, seq_len: int, micro: int, windows_per_step: int) -> int:
     """How many windows of the validation split each evaluation covers: --eval_windows, or --eval_batches x micro
     batch, or by default the whole split up to the cap that keeps an evaluation near `EVAL_TIME_SHARE` of the
-    training between two (`eval_interval` steps). The default depends on the tokens per step, not on how they are
+    training between two (`eval_interval` steps, or all `max_steps` of a shorter run). The default depends on the tokens per step, not on how they are
     split into micro batches, so runs that differ only in micro batch and accumulation evaluate the same windows.
     An explicit number the split cannot fill is an error naming the number that fits."""
     available, need = val.num_windows(seq_len), seq_len + 1
@@ -74,7 +74,8 @@ def eval_windows(args: TrainArgs, val, seq_len: int, micro: int, windows_per_ste
                             f"{wanted}: {fix} leave it out to evaluate the whole split, give more text, or a smaller "
                             "seq_len")
         return wanted
-    cap = max(1, round(EVAL_TIME_SHARE / FORWARD_SHARE * args.eval_interval * windows_per_step))
+    steps_between = min(args.eval_interval, args.max_steps)
+    cap = max(1, round(EVAL_TIME_SHARE / FORWARD_SHARE * steps_between * windows_per_step))
     return min(available, cap)
 
 
