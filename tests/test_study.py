@@ -1,12 +1,17 @@
-"""`camex-study` (issue 24): the plan it prints, its bad input, and `--quick` end to end (slow: about 20 real launcher
-runs): every stage and every arm runs and is reported, and a rerun trains nothing again."""
+"""`camex-study` (issue 24): the plan it prints, its bad input, and `--quick` end to end (17 launcher runs, in this
+process): every stage and every arm runs and is reported, and a rerun trains nothing again."""
 import json
+import shlex
+import sys
 
 import pytest
 
+from camex_ds.analysis import supervise
 from camex_ds.analysis.arms import parse_sweeps
 from camex_ds.analysis.study import STAGE_TITLES, STUDY_METHODS, StudySettings, make_plan
 from camex_ds.cli import study
+
+from .launch import LAUNCHER, launch
 
 
 def test_full_plan_fits_two_hours_and_prints_runs_steps_and_time(tmp_path, capsys):
@@ -31,6 +36,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
     assert len(err.splitlines()) == 1 and needle in err
 
 
+def _in_process(cmd, rd, log, on_step, poll_interval):
+    """`supervise.execute` with the grid's launcher command run by `launch` in this process: a run costs ~0.5 s
+    instead of a new interpreter's ~5 s. The grid's own subprocess path is tested by test_compare_methods_e2e."""
+    assert cmd[:2] == [sys.executable, str(LAUNCHER)], cmd
+    rd.mkdir(parents=True, exist_ok=True)
+    code, err, out = launch(cmd[2:])
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"\n===== in-process\n===== {shlex.join(cmd)}\n{out}{err}")
+    on_step(None)
+    return code
+
+
 def _launches(folder):
     return {str(p): p.read_text().count("\n===== ") for p in folder.rglob("log.txt")}
 
@@ -38,6 +55,7 @@ def _launches(folder):
 @pytest.mark.slow
 def test_quick_study_runs_and_reports_every_arm(tmp_path, monkeypatch):
     monkeypatch.setenv("CAMEX_DS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(supervise, "execute", _in_process)
     out = tmp_path / "study"
     argv = ["--quick", "--output", str(out), "--no_progress"]
     assert study.main(argv) == 0

@@ -19,7 +19,9 @@ def write_prose_corpus(folder: Path, train_bytes: int = 300_000, valid_bytes: in
     """`(train.txt, valid.txt)` in `folder`: the docstrings (of modules, classes and functions, at least
     `MIN_DOCSTRING_CHARS` long) of the `.py` files at the top of this Python's standard library
     (`sysconfig.get_paths()["stdlib"]`, sorted by name), every `VALID_EVERY`-th to validation, until both files
-    reach their sizes (about 600 KB and 90 KB exist on Python 3.11). Paragraphs are separated by blank lines."""
+    reach their sizes (about 600 KB and 90 KB exist on Python 3.11). Paragraphs are separated by blank lines.
+    A file that already holds the same text is left as it is: the data cache keys a file by its modification time
+    too, so a rewrite would prepare the same text again."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train, valid, sizes = [], [], [0, 0]
@@ -37,6 +39,9 @@ def write_prose_corpus(folder: Path, train_bytes: int = 300_000, valid_bytes: in
                     sizes[which] += len(doc)
         if sizes[0] >= train_bytes and sizes[1] >= valid_bytes:
             break
-    (folder / "train.txt").write_text("\n\n".join(train) + "\n")
-    (folder / "valid.txt").write_text("\n\n".join(valid) + "\n")
+    for name, docs in (("train.txt", train), ("valid.txt", valid)):
+        text = "\n\n".join(docs) + "\n"
+        path = folder / name
+        if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+            path.write_text(text, encoding="utf-8")
     return folder / "train.txt", folder / "valid.txt"
