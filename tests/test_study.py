@@ -72,6 +72,10 @@ def test_quick_study_runs_and_reports_every_arm(tmp_path, monkeypatch):
                                                             ("camex", "dense")}
         assert f"Arm `{label}`" in report
     assert all(res["scratch"]["methods"][m]["finished_seeds"] == [0] for m in STUDY_METHODS)
+    scaled = res["scratch_scaled"]
+    assert scaled["meta"]["moe_settings"] == {"curvature_lr_scale": 100}
+    assert {(p["a"], p["b"]) for p in scaled["pairs"] if p["relation"] == "twin"} == {("camex", "euclid"),
+                                                                                      ("camex-ties", "ties")}
     for title in STAGE_TITLES.values():
         assert title in report
     assert "Measured:" in report and (out / "study.log").stat().st_size > 0

@@ -9,6 +9,8 @@
    curvature's learning-rate scale (where `MoEConfig` has `curvature_lr_scale`) and rank, the first arm being
    the reference settings.
 3. `scratch/`: the same five methods trained from scratch on the second corpus at the default MoE settings.
+4. `scratch_scaled/`: the curvature-aware methods and their Euclidean twins from scratch again, at the fine-tuning
+   sweep's largest curvature learning-rate scale, so a setting that wins in stage 2 is tried in both protocols.
 
 The second corpus defaults to English prose that needs no network: the docstrings of this Python's standard
 library (`camex_ds.data.prose`), a change of domain from the code the base model learned.
@@ -38,6 +40,11 @@ SEGMENTS_PER_SEQUENCE = 4
 #: keeps both axes with one value fewer, which exercises every path at 4 runs fewer.
 SWEEPS = (("curvature_lr_scale", (1, 10, 100)), ("curvature_rank", (8, 1)))
 QUICK_SWEEPS = (("curvature_lr_scale", (1, 100)), ("curvature_rank", (8, 1)))
+#: Each stage's steps, by the plan's key.
+STAGE_STEPS = {"pretrain": "pretrain_steps", "finetune": "finetune_steps", "scratch": "scratch_steps",
+               "scratch_scaled": "scratch_steps"}
+#: Stage 4's methods: each curvature-aware method with its twin.
+SCALED_METHODS = ("euclid", "ties", "camex", "camex-ties")
 #: The default model trains ~8000 tokens/s on 2 quiet CPU cores (docs/benchmarks.md); other models scale by FLOPs.
 REFERENCE_TOKENS_PER_S = 8000.0
 #: Seconds a launcher run spends outside its steps: interpreter, DeepSpeed, data, checkpoint (2 quiet cores).
@@ -134,7 +141,16 @@ def _stage_variants(plan: Plan) -> Dict[str, Dict[str, dict]]:
         "pretrain": {"dense": dense},
         "finetune": _finetune_variants(plan)[2],
         "scratch": {m: build_method_config(base, m) for m in STUDY_METHODS},
+        "scratch_scaled": {m: build_method_config(base, m) for m in SCALED_METHODS},
     }
+
+
+def scaled_setting(plan: Plan) -> Optional[str]:
+    """Stage 4's `--moe_set`: the largest curvature learning-rate scale of the fine-tuning sweep (None without
+    that sweep)."""
+    values = dict(QUICK_SWEEPS if plan.settings.quick else SWEEPS).get("curvature_lr_scale")
+    return None if values is None or not any(s.startswith("curvature_lr_scale=") for s in plan.sweeps) else \
+        f"curvature_lr_scale={format_value(max(values))}"
 
 
 def _finetune_variants(plan: Plan):
@@ -156,7 +172,7 @@ def _estimate(plan: Plan) -> None:
     reference = fpt(default_model())
     n = plan.numbers
     for stage, configs in _stage_variants(plan).items():
-        steps = n[f"{stage}_steps"]
+        steps = n[STAGE_STEPS[stage]]
         windows = min(n["eval_cap"], PRETRAIN_EVAL_WINDOWS if stage == "pretrain" else HELD_OUT_WINDOWS_GUESS)
         runs, total = 0, 0.0
         for name, cfg in configs.items():
@@ -170,11 +186,12 @@ def _estimate(plan: Plan) -> None:
 
 def _seeds_of(plan: Plan, stage: str, variant: str) -> int:
     """Seeds a variant of a stage trains: one pretraining; every seed for the fine-tuning's reference arm and the
-    from-scratch methods; `sweep_seeds` for a fine-tuning variant that only the sweep's other arms train."""
+    from-scratch methods; `sweep_seeds` for a fine-tuning variant that only the sweep's other arms train, and for
+    stage 4."""
     n = plan.numbers
     if stage == "pretrain":
         return 1
-    if stage == "finetune" and variant not in plan.reference_variants:
+    if stage == "scratch_scaled" or (stage == "finetune" and variant not in plan.reference_variants):
         return min(n["sweep_seeds"], n["seeds"])
     return n["seeds"]
 
@@ -189,9 +206,9 @@ def plan_lines(plan: Plan) -> List[str]:
              f"  base corpus: {s.base_data or 'the default corpus (standard-library sources)'}; second corpus: "
              f"{s.data or 'standard-library docstrings (prose)'}",
              f"  upcycled MoE: {json.dumps(plan.moe)}; arms: {' x '.join(plan.sweeps) or 'one'}"]
-    for stage in ("pretrain", "finetune", "scratch"):
-        steps = n[f"{stage}_steps"]
-        lines.append(f"  {stage:9s} {plan.runs[stage]:3d} runs x {steps} steps   ~{plan.estimate_s[stage] / 60:.0f} min")
+    for stage in STAGE_STEPS:
+        lines.append(f"  {stage:14s} {plan.runs[stage]:3d} runs x {n[STAGE_STEPS[stage]]} steps   "
+                     f"~{plan.estimate_s[stage] / 60:.0f} min")
     lines.append(f"  estimated total ~{total / 60:.0f} min at {REFERENCE_TOKENS_PER_S:.0f} tokens/s for the default "
                  f"model (2 quiet CPU cores) + {RUN_OVERHEAD_S:.0f} s per run")
     return lines + [f"  note: {note}" for note in plan.notes]
@@ -264,7 +281,8 @@ def run_study(settings: StudySettings) -> int:
     reports["pretrain"] = _stage("pretrain", GridOptions(
         output=str(out / "pretrain"), methods="dense", seeds=1, max_steps=n["pretrain_steps"],
         model_config=str(configs / "base_model.json"), data=settings.base_data,
-        eval_interval=max(1, n["pretrain_steps"] // EVALS_PER_RUN), eval_windows=min(n["eval_cap"], PRETRAIN_EVAL_WINDOWS),
+        eval_interval=max(1, n["pretrain_steps"] // EVALS_PER_RUN),
+        eval_windows=min(n["eval_cap"], PRETRAIN_EVAL_WINDOWS),
         extra_args=vocab), plan, log)
     if reports["pretrain"] is None:
         return 1
@@ -297,6 +315,17 @@ def run_study(settings: StudySettings) -> int:
         extra_args=vocab), plan, log)
     if reports["scratch"] is None:
         return 1
+    scaled = scaled_setting(plan)
+    if scaled is not None:
+        reports["scratch_scaled"] = _stage("scratch_scaled", GridOptions(
+            output=str(out / "scratch_scaled"), methods=",".join(SCALED_METHODS),
+            seeds=min(n["sweep_seeds"], n["seeds"]), max_steps=n["scratch_steps"],
+            model_config=str(configs / "base_model.json"), data=train, val_data=valid,
+            moe_set=[scaled], eval_interval=max(1, n["scratch_steps"] // EVALS_PER_RUN),
+            eval_windows=eval_windows_for(train, valid, None, seq_len, n["vocab_size"], n["eval_cap"]),
+            extra_args=vocab), plan, log)
+        if reports["scratch_scaled"] is None:
+            return 1
     elapsed = time.time() - started
     md, js = write_study_report(plan, reports, elapsed)
     log.say(f"study done in {elapsed / 60:.1f} min (estimated {sum(plan.estimate_s.values()) / 60:.0f}); "
@@ -308,6 +337,7 @@ STAGE_TITLES = {
     "pretrain": "Stage 1: the dense base, pretrained on the base corpus",
     "finetune": "Stage 2: upcycled fine-tuning on the second corpus (the paper's protocol)",
     "scratch": "Stage 3: the same methods from scratch on the second corpus",
+    "scratch_scaled": "Stage 4: from scratch again, at the fine-tuning sweep's largest curvature learning-rate scale",
 }
 
 
@@ -315,7 +345,8 @@ def write_study_report(plan: Plan, reports: Dict[str, dict], elapsed_s: float) -
     """`report.md` (the plan, then each stage's tables and figures) and `results.json` in the study's folder."""
     out = plan.output
     lines = ["# Curvature study (issue 24)", "", *(f"    {line}" for line in plan_lines(plan)), "",
-             f"Measured: {elapsed_s / 60:.1f} min for the whole study on this machine.", "",
+             f"Measured: {elapsed_s / 60:.1f} min for this invocation on this machine (a resumed study counts only "
+             "the stages it ran; study.log has each stage's time).", "",
              "In stage 2 the first arm is the reference settings (curvature learning-rate scale 1, rank 8). Each "
              "stage's own results.md, results.json, figures and run logs (runs/<variant>/seed<k>/log.txt) are in "
              "its folder.", ""]

@@ -30,6 +30,9 @@ stages (each a camex-compare grid in its own folder of --output; rerun the same 
               arm being the reference (every seed; the other arms: --sweep_seeds); seed k trains on
               data order 1234+k for every method
   scratch/    the same methods trained from scratch on --data at the default MoE settings
+  scratch_scaled/  euclid, ties, camex, camex-ties from scratch again (--sweep_seeds seeds) at the
+              largest curvature_lr_scale of the fine-tuning sweep: a setting that wins there is
+              tried in both protocols
 
 outputs (in --output): report.md (the plan, measured time and every stage's tables and figures),
 results.json, study.log, and each stage's results.md, results.json, figures and run logs.
