@@ -1,0 +1,163 @@
+"""Issue 25: every model camex_ds trains exports to Hugging Face, with its own modeling code where no stock
+architecture computes it, and comes back through import-hf unchanged.
+
+Tiny models of each merge method in both families are built in-process, their experts moved apart, their
+curvature factors far from the identity and their routers sharp enough that the gates matter; the exported
+folder is loaded with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from camex_ds.ckpt.format import ConvertError, read_weights, save_pretrained  # noqa: E402
+from camex_ds.ckpt.hf import export_hf, import_hf  # noqa: E402
+from camex_ds.cli import convert as convert_cli  # noqa: E402
+from camex_ds.cli.generate import next_token_logits, padding_plan  # noqa: E402
+from camex_ds.config import ModelConfig  # noqa: E402
+from camex_ds.model import GPT  # noqa: E402
+
+VOCAB, SEGMENT = 50, 8
+FAMILY = {
+    "gpt": {"architecture": "gpt", "activation": "gelu", "bias": "all", "tie_embeddings": True},
+    "llama": {"architecture": "llama", "activation": "swiglu", "n_kv_heads": 1, "tie_embeddings": False,
+              "rope_theta": 5e5},
+}
+CASES = {  # name -> moe options
+    "euclid": {"method": "euclid"},
+    "ties": {"method": "ties"},
+    "dare": {"method": "dare"},
+    "camex": {"method": "camex", "curvature_rank": 2},
+    "camex-ties": {"method": "camex-ties", "top_k": 2},
+    "camex-dare": {"method": "camex-dare"},
+    "dynamic-camex": {"method": "camex", "dynamic": True, "curvature_rank": 2},
+    "dynamic-ties-chain2": {"method": "camex-ties", "dynamic": True, "chain_length": 2},
+}
+
+
+def _model(family: str, moe: dict, seed: int = 0) -> GPT:
+    raw = {"d_model": 32, "n_layers": 3, "n_heads": 2, "ffn_hidden_size": 48, "seq_len": 64, "vocab_size": VOCAB,
+           **FAMILY[family], "moe": {"num_experts": 4, "every": 1, "segment_len": SEGMENT, **moe}}
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig.from_dict(raw)).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # what training does: experts apart, curvature away from I, gates far from uniform
+        for name, p in model.named_parameters():
+            if ".curvature." in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            elif "deepspeed_experts" in name or name.endswith(("bias", "bias.w_in", "bias.w_out")):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("w_gate"):
+                p.mul_(50)
+            elif name in ("wte.weight", "lm_head.weight"):
+                p.mul_(4)
+    return model
+
+
+def _save(model: GPT, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    save_pretrained(folder, model.state_dict(), model.config)
+    return folder
+
+
+def _load(folder: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+
+
+def _our_greedy(model: GPT, prompt: list, new_tokens: int) -> list:
+    """camex-generate's greedy decoding: the full padded forward for every new token."""
+    multiple, exact = padding_plan(model.config)
+    assert exact
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(next_token_logits(model, ids, 0, multiple, "cpu").argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("family", list(FAMILY))
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_matches_ours_logits_generate_and_round_trip(family, case, tmp_path):
+    model = _model(family, CASES[case])
+    src = _save(model, tmp_path / "src")
+    result = export_hf(src, tmp_path / "hf")
+    assert result["model_type"] == "camex" and result["architecture"] == "CamexForCausalLM"
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "configuration_camex.py", "modeling_camex.py", "model.safetensors", "camex_ds.safetensors",
+            "README.md"} <= files
+    assert "import camex_ds" not in (tmp_path / "hf" / "modeling_camex.py").read_text()
+    hf = _load(tmp_path / "hf")
+    assert type(hf).__name__ == "CamexForCausalLM"
+
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert ours.abs().max() > 1.0  # large enough for the comparison to mean something
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+    prompt, new = ids[0, :5].tolist(), 2 * SEGMENT + 3
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, use_cache=True,
+                          eos_token_id=None, pad_token_id=0)
+    assert out[0, len(prompt):].tolist() == _our_greedy(model, prompt, new)
+
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back, state = read_weights(tmp_path / "back"), model.state_dict()
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["moe"] == model.config.to_dict()["moe"]
+
+
+def test_incremental_decoding_merges_once_per_segment(tmp_path):
+    """Prefill, then token by token through the cache: the logits of the full forward, and a merge layer builds
+    new weights only when a segment completes."""
+    model = _model("llama", CASES["dynamic-camex"])
+    export_hf(_save(model, tmp_path / "src"), tmp_path / "hf")
+    hf = _load(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(4))
+    layer = hf.blocks[1].ffn
+    merges = []
+    original = layer.merge
+    layer.merge = lambda *a: merges.append(1) or original(*a)
+    with torch.no_grad():
+        full = hf(ids).logits
+        merges.clear()
+        out = hf(ids[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, 30):
+            out = hf(ids[:, t:t + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+    assert len(merges) == 1 + 30 // SEGMENT  # segment 0, then one per completed segment
+
+
+def _cli_error(capsys, *args) -> str:
+    code = convert_cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    src = _save(_model("gpt", CASES["camex"]), tmp_path / "src")
+    raw = json.loads((src / "config.json").read_text())
+    raw["moe"]["method"] = "camex-foo"
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps(raw))
+    (unknown / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    err = _cli_error(capsys, "export-hf", "--input", unknown, "--output", tmp_path / "out")
+    assert "moe.method='camex-foo' is invalid" in err and "camex-ties" in err
+    export_hf(src, tmp_path / "hf")
+    err = _cli_error(capsys, "export-hf", "--input", tmp_path / "hf", "--output", tmp_path / "out")
+    assert "not a consolidated model" in err or "format" in err
+    for moe, why in (({"method": "smoe"}, "smoe model"), ({"method": "camex", "routing": "segment"}, "causal routing")):
+        folder = _save(_model("gpt", moe), tmp_path / moe["method"] / moe.get("routing", ""))
+        assert why in _cli_error(capsys, "export-hf", "--input", folder, "--output", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConvertError, match="lacks camex_ds.safetensors"):
+        (tmp_path / "hf" / "camex_ds.safetensors").unlink()
+        import_hf(tmp_path / "hf", tmp_path / "back")
