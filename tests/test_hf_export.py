@@ -22,7 +22,7 @@ from camex_ds.cli.generate import next_token_logits, padding_plan  # noqa: E402
 from camex_ds.config import ModelConfig  # noqa: E402
 from camex_ds.model import GPT  # noqa: E402
 
-VOCAB, SEGMENT = 50, 8
+VOCAB, SEGMENT, SEQ_LEN = 50, 4, 32
 FAMILY = {
     "gpt": {"architecture": "gpt", "activation": "gelu", "bias": "all", "tie_embeddings": True},
     "llama": {"architecture": "llama", "activation": "swiglu", "n_kv_heads": 1, "tie_embeddings": False,
@@ -41,7 +41,7 @@ CASES = {  # name -> moe options
 
 
 def _model(family: str, moe: dict, seed: int = 0) -> GPT:
-    raw = {"d_model": 32, "n_layers": 3, "n_heads": 2, "ffn_hidden_size": 48, "seq_len": 64, "vocab_size": VOCAB,
+    raw = {"d_model": 32, "n_layers": 3, "n_heads": 2, "ffn_hidden_size": 48, "seq_len": SEQ_LEN, "vocab_size": VOCAB,
            **FAMILY[family], "moe": {"num_experts": 4, "every": 1, "segment_len": SEGMENT, **moe}}
     torch.manual_seed(seed)
     model = GPT(ModelConfig.from_dict(raw)).eval()
@@ -81,7 +81,7 @@ def _our_greedy(model: GPT, prompt: list, new_tokens: int) -> list:
 
 @pytest.mark.parametrize("family", list(FAMILY))
 @pytest.mark.parametrize("case", list(CASES))
-def test_export_matches_ours_logits_generate_and_round_trip(family, case, tmp_path):
+def test_export_matches_ours_logits_generate_and_round_trip(family, case, tmp_path, single_thread):
     model = _model(family, CASES[case])
     src = _save(model, tmp_path / "src")
     result = export_hf(src, tmp_path / "hf")
@@ -93,7 +93,7 @@ def test_export_matches_ours_logits_generate_and_round_trip(family, case, tmp_pa
     hf = _load(tmp_path / "hf")
     assert type(hf).__name__ == "CamexForCausalLM"
 
-    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours, theirs = model(ids).logits, hf(ids).logits
     assert ours.abs().max() > 1.0  # large enough for the comparison to mean something
@@ -111,7 +111,7 @@ def test_export_matches_ours_logits_generate_and_round_trip(family, case, tmp_pa
     assert json.loads((tmp_path / "back" / "config.json").read_text())["moe"] == model.config.to_dict()["moe"]
 
 
-def test_incremental_decoding_merges_once_per_segment(tmp_path):
+def test_incremental_decoding_merges_once_per_segment(tmp_path, single_thread):
     """Prefill, then token by token through the cache: the logits of the full forward, and a merge layer builds
     new weights only when a segment completes."""
     model = _model("llama", CASES["dynamic-camex"])
