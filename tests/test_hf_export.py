@@ -132,6 +132,10 @@ def test_incremental_decoding_merges_once_per_segment(tmp_path, single_thread):
             steps.append(out.logits)
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
     assert len(merges) == 1 + 30 // SEGMENT  # segment 0, then one per completed segment
+    with torch.no_grad():  # beam search reorders the cache's segment states with its beams
+        beams = [hf.generate(ids[:, :5], max_new_tokens=2 * SEGMENT + 3, num_beams=3, do_sample=False,
+                             use_cache=use_cache, eos_token_id=None, pad_token_id=0) for use_cache in (True, False)]
+    assert torch.equal(*beams)
 
 
 def _cli_error(capsys, *args) -> str:

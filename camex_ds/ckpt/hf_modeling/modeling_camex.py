@@ -103,14 +103,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-class CamexCache(DynamicCache):
-    """The attention keys and values, and each merge layer's `SegmentState`."""
-
-    def __init__(self):
-        super().__init__()
-        self.segments = {}  # layer index -> SegmentState
-
-
 class SegmentState:
     """Where a merge layer is in the sequence: `position` tokens seen, `summed` the sum of the current segment's
     inputs so far `[B, d]`, `weights` the current segment's merged matrices (`name -> [B, out, in]`)."""
@@ -119,6 +111,28 @@ class SegmentState:
         self.position = 0
         self.summed = 0.0
         self.weights = None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows` (beam search reorders its beams)."""
+        if isinstance(self.summed, torch.Tensor):
+            self.summed = self.summed.index_select(0, rows)
+        self.weights = {name: w.index_select(0, rows) for name, w in self.weights.items()}
+
+
+class CamexCache(DynamicCache):
+    """The attention keys and values, and each merge layer's `SegmentState`."""
+
+    def __init__(self):
+        super().__init__()
+        self.segments = {}  # layer index -> SegmentState
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for state in self.segments.values():
+            state.select(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a merge layer's segment state cannot be rewound: generate without an assistant")
 
 
 class Attention(nn.Module):
