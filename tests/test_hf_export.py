@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from camex_ds.ckpt.format import ConvertError, read_weights, save_pretrained  # noqa: E402
+from camex_ds.ckpt.format import read_weights, save_pretrained  # noqa: E402
 from camex_ds.ckpt.hf import export_hf, import_hf  # noqa: E402
 from camex_ds.cli import convert as convert_cli  # noqa: E402
 from camex_ds.cli.generate import next_token_logits, padding_plan  # noqa: E402
@@ -162,6 +162,15 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         folder = _save(_model("gpt", moe), tmp_path / moe["method"] / moe.get("routing", ""))
         assert why in _cli_error(capsys, "export-hf", "--input", folder, "--output", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ConvertError, match="lacks camex_ds.safetensors"):
-        (tmp_path / "hf" / "camex_ds.safetensors").unlink()
-        import_hf(tmp_path / "hf", tmp_path / "back")
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["blocks.1.ffn.task.w_in"] += 0.01  # fine-tuned as a Hugging Face model
+    save_file(tensors, str(weights))
+    err = _cli_error(capsys, "import-hf", "--input", tmp_path / "hf", "--output", tmp_path / "out")
+    assert "tensor 'blocks.1.ffn.task.w_in'" in err and "changed after export" in err
+    (tmp_path / "hf" / "camex_ds.safetensors").unlink()
+    assert "lacks camex_ds.safetensors" in _cli_error(capsys, "import-hf", "--input", tmp_path / "hf", "--output",
+                                                      tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -178,8 +178,9 @@ def write_folder(work: Path, cfg: ModelConfig, state: dict) -> dict:
 
 
 def camex_state(folder: PathLike, hf: dict) -> tuple:
-    """`(ModelConfig, state dict)` of a folder `export_remote` wrote: its tensors but the derived ones, and the
-    training-only ones from `camex_ds.safetensors`."""
+    """`(ModelConfig, state dict)` of a folder `write_folder` wrote: its tensors but the derived ones, and the
+    training-only ones from `camex_ds.safetensors`. The derived tensors must still be what the experts give (a
+    folder fine-tuned as a Hugging Face model is refused: its experts cannot be recovered from merged tensors)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -191,13 +192,24 @@ def camex_state(folder: PathLike, hf: dict) -> tuple:
         cfg = ModelConfig.from_dict(raw)
     except ConfigError as e:
         raise ConvertError(f"the camex_ds_config of '{folder}/config.json' is invalid: {e}") from None
-    state = {}
+    state, derived = {}, {}
     for file in (WEIGHTS, TRAINING_WEIGHTS):
         if not (folder / file).is_file():
             if file == TRAINING_WEIGHTS and cfg.moe is None:
                 continue
             raise ConvertError(f"'{folder}' lacks {file}, which camex-convert export-hf writes")
-        state.update({k: v for k, v in load_file(str(folder / file)).items() if not DERIVED.search(k)})
+        for name, tensor in load_file(str(folder / file)).items():
+            (derived if DERIVED.search(name) else state)[name] = tensor
+    try:
+        expected = merge_tensors(state, cfg) if cfg.moe is not None else {}
+    except KeyError as e:
+        raise ConvertError(f"'{folder}' lacks tensor {e} of the camex_ds model its config.json describes") from None
+    changed = sorted(k for k in set(expected) | set(derived)
+                     if k not in expected or k not in derived or not torch.equal(expected[k], derived[k]))
+    if changed:
+        raise ConvertError(f"tensor '{changed[0]}' of '{folder}/{WEIGHTS}' is not what the experts in "
+                           f"{TRAINING_WEIGHTS} give: the folder changed after export (fine-tuned?), and the experts "
+                           "cannot be recovered from merged tensors")
     return cfg, state
 
 
