@@ -8,6 +8,9 @@ folder is loaded with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_co
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from camex_ds.ckpt.format import read_weights, save_pretrained  # noqa: E402
+from camex_ds.ckpt.format import load_pretrained, read_weights, save_pretrained  # noqa: E402
 from camex_ds.ckpt.hf import export_hf, import_hf  # noqa: E402
 from camex_ds.cli import convert as convert_cli  # noqa: E402
 from camex_ds.cli.generate import next_token_logits, padding_plan  # noqa: E402
@@ -40,7 +43,7 @@ CASES = {  # name -> moe options
 }
 
 
-def _model(family: str, moe: dict, seed: int = 0) -> GPT:
+def _model(family: str, moe: dict, seed: int = 0, gate_scale: float = 50.0) -> GPT:
     raw = {"d_model": 32, "n_layers": 3, "n_heads": 2, "ffn_hidden_size": 48, "seq_len": SEQ_LEN, "vocab_size": VOCAB,
            **FAMILY[family], "moe": {"num_experts": 4, "every": 1, "segment_len": SEGMENT, **moe}}
     torch.manual_seed(seed)
@@ -53,7 +56,7 @@ def _model(family: str, moe: dict, seed: int = 0) -> GPT:
             elif "deepspeed_experts" in name or name.endswith(("bias", "bias.w_in", "bias.w_out")):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
             elif name.endswith("w_gate"):
-                p.mul_(50)
+                p.mul_(gate_scale)
             elif name in ("wte.weight", "lm_head.weight"):
                 p.mul_(4)
     return model
@@ -174,3 +177,44 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "lacks camex_ds.safetensors" in _cli_error(capsys, "import-hf", "--input", tmp_path / "hf", "--output",
                                                       tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family,case", [("llama", "camex"), ("gpt", "dynamic-camex")])
+def test_bf16_export_loads_and_matches_within_bf16_rounding(family, case, tmp_path, single_thread):
+    """Smooth gates here: with sharp ones, bf16 rounding flips routing decisions in our own model already."""
+    model = _model(family, CASES[case], gate_scale=1.0)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_pretrained(src, model.state_dict(), model.config, dtype="bf16")
+    assert export_hf(src, tmp_path / "hf")["dtype"] == "bf16"
+    hf = _load(tmp_path / "hf")
+    assert hf.dtype == torch.bfloat16
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = load_pretrained(src)(ids).logits.float(), hf(ids).logits.float()
+    assert (ours - theirs).abs().max() < 3e-2 * ours.abs().max()
+
+
+def test_exported_folder_runs_without_camex_ds(tmp_path):
+    """Only torch and transformers: camex_ds is made unimportable in a fresh interpreter."""
+    model = _model("gpt", CASES["dynamic-ties-chain2"])
+    export_hf(_save(model, tmp_path / "src"), tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (1, SEQ_LEN), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ours.pt")
+    script = f"""
+import sys
+sys.modules["camex_ds"] = None  # any import of it fails
+import torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "hf")!r}, trust_remote_code=True).eval()
+ours = torch.load({str(tmp_path / "ours.pt")!r})
+with torch.no_grad():
+    diff = (model(ours["ids"]).logits - ours["logits"]).abs().max().item()
+assert not any(m.startswith("camex_ds") for m in sys.modules if sys.modules[m] is not None)
+print("max diff", diff)
+assert diff < 1e-5, diff
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
