@@ -28,13 +28,14 @@ from camex_ds.model import GPT  # noqa: E402
 VOCAB, SEGMENT, SEQ_LEN = 50, 4, 32
 FAMILY = {
     "gpt": {"architecture": "gpt", "activation": "gelu", "bias": "all", "tie_embeddings": True},
-    "llama": {"architecture": "llama", "activation": "swiglu", "n_kv_heads": 1, "tie_embeddings": False,
-              "rope_theta": 5e5},
+    "llama": {"architecture": "llama", "activation": "swiglu", "n_kv_heads": 1, "bias": "qkv", "tie_embeddings": False,
+              "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
 }
 CASES = {  # name -> moe options
     "euclid": {"method": "euclid"},
     "ties": {"method": "ties"},
-    "dare": {"method": "dare"},
+    "dare": {"method": "dare", "alpha": 0.5},
     "camex": {"method": "camex", "curvature_rank": 2},
     "camex-ties": {"method": "camex-ties", "top_k": 2},
     "camex-dare": {"method": "camex-dare"},
@@ -53,7 +54,7 @@ def _model(family: str, moe: dict, seed: int = 0, gate_scale: float = 50.0) -> G
         for name, p in model.named_parameters():
             if ".curvature." in name:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
-            elif "deepspeed_experts" in name or name.endswith(("bias", "bias.w_in", "bias.w_out")):
+            elif "deepspeed_experts" in name or ".bias" in name:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
             elif name.endswith("w_gate"):
                 p.mul_(gate_scale)
@@ -218,3 +219,20 @@ assert diff < 1e-5, diff
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_dense_gpt_with_swiglu_has_no_gpt2_equivalent_and_gets_its_own_code(tmp_path, single_thread):
+    raw = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 48, "seq_len": SEQ_LEN, "vocab_size": VOCAB,
+           "activation": "swiglu"}
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_dict(raw)).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(20)
+    result = export_hf(_save(model, tmp_path / "src"), tmp_path / "hf")
+    assert result["architecture"] == "CamexForCausalLM" and not (tmp_path / "hf" / "camex_ds.safetensors").exists()
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids).logits - _load(tmp_path / "hf")(ids).logits).abs().max() < 1e-5
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back = read_weights(tmp_path / "back")
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
