@@ -277,10 +277,10 @@ class MergeLayer(nn.Module):
             outputs.append(ffn(piece, linear, self.activation))
             state.summed = state.summed + piece.sum(1)
             state.position += stop - start
-            if state.position % self.segment_len == 0:  # segment j done: it routes segment j + 1
-                j = state.position // self.segment_len
+            if state.position % self.segment_len == 0:  # a segment is complete: it routes the next one
+                following = state.position // self.segment_len
                 gates = self.router(state.summed / self.segment_len)
-                state.weights = built[j] = self.merge(gates, None if previous is None else previous[j])
+                state.weights = built[following] = self.merge(gates, None if previous is None else previous[following])
                 state.summed = 0.0
             start = stop
         return torch.cat(outputs, 1), built
@@ -294,6 +294,16 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ln_ffn = norm(config.hidden_size, eps=config.norm_eps)
         self.ffn = ffn_module
+
+    def forward(self, x, rotary, cache: Optional[CamexCache], index: int, chain: Optional[dict]) -> tuple:
+        """Pre-norm attention and FFN -> (output, the merged matrices a dynamic chain carries on from here)."""
+        x = x + self.attn(self.ln_attn(x), rotary, cache, index)
+        h = self.ln_ffn(x)
+        if not isinstance(self.ffn, MergeLayer):
+            return x + self.ffn(h), chain
+        state = SegmentState() if cache is None else cache.segments.setdefault(index, SegmentState())
+        out, built = self.ffn(h, state, None if self.ffn.base is not None else chain)
+        return x + out, built
 
 
 class CamexPreTrainedModel(PreTrainedModel):
@@ -350,18 +360,9 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
             x = x + self.wpe(torch.arange(start, start + length, device=x.device))
         else:
             rotary = rotary_tables(self.config, start, length, x.dtype, x.device)
-        segments = {} if cache is None else cache.segments
-        chain = None  # the merged matrices the previous layer of a dynamic chain built
+        chain = None  # the merged matrices the previous layer of a dynamic chain built, by segment
         for i, block in enumerate(self.blocks):
-            x = x + block.attn(block.ln_attn(x), rotary, cache, i)
-            h = block.ln_ffn(x)
-            if isinstance(block.ffn, MergeLayer):
-                out, built = block.ffn(h, segments.setdefault(i, SegmentState()),
-                                       None if block.ffn.base is not None else chain)
-                chain = built
-            else:
-                out = block.ffn(h)
-            x = x + out
+            x, chain = block(x, rotary, cache, i, chain)
         logits = F.linear(self.ln_f(x), self.wte.weight if self.lm_head is None else self.lm_head.weight)
         loss = None
         if labels is not None:
