@@ -41,6 +41,9 @@ CASES = {  # name -> moe options
     "camex-dare": {"method": "camex-dare"},
     "dynamic-camex": {"method": "camex", "dynamic": True, "curvature_rank": 2},
     "dynamic-ties-chain2": {"method": "camex-ties", "dynamic": True, "chain_length": 2},
+    # DeepSpeed's gate equals the export when it drops no token (capacity >= tokens) and draws no noise (top-2)
+    "smoe-top1": {"method": "smoe", "top_k": 1, "capacity_factor": 4.0},
+    "smoe-top2": {"method": "smoe", "top_k": 2, "capacity_factor": 4.0},
 }
 
 
@@ -56,10 +59,13 @@ def _model(family: str, moe: dict, seed: int = 0, gate_scale: float = 50.0) -> G
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
             elif "deepspeed_experts" in name or ".bias" in name:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("w_gate"):
+            elif name.endswith(("w_gate", "gate.wg.weight")):
                 p.mul_(gate_scale)
             elif name in ("wte.weight", "lm_head.weight"):
                 p.mul_(4)
+    for _, layer in model.moe_layers():
+        if moe["method"] == "smoe":
+            layer.deepspeed_moe.gate.top2_2nd_expert_sampling = False
     return model
 
 
@@ -162,9 +168,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     export_hf(src, tmp_path / "hf")
     err = _cli_error(capsys, "export-hf", "--input", tmp_path / "hf", "--output", tmp_path / "out")
     assert "not a consolidated model" in err or "format" in err
-    for moe, why in (({"method": "smoe"}, "smoe model"), ({"method": "camex", "routing": "segment"}, "causal routing")):
-        folder = _save(_model("gpt", moe), tmp_path / moe["method"] / moe.get("routing", ""))
-        assert why in _cli_error(capsys, "export-hf", "--input", folder, "--output", tmp_path / "out")
+    for routing in ({"routing": "segment"}, {"first_segment": "self-detached"}):
+        folder = _save(_model("gpt", {"method": "camex", **routing}), tmp_path / list(routing.values())[0])
+        assert "only causal routing" in _cli_error(capsys, "export-hf", "--input", folder, "--output", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     from safetensors.torch import load_file, save_file
 

@@ -468,7 +468,7 @@ def export_hf(input_dir: PathLike, output: PathLike) -> dict:
         cfg = cfg.replace(moe=None)
         config, tensors = hf_config(cfg, dtype), state_to_hf(dense, cfg)
     else:
-        check_exportable(cfg, source)
+        notes.extend(check_exportable(cfg, source))
         notes.append(f"no stock architecture computes this {method} model: exported with its own modeling code, "
                      "load it with trust_remote_code=True")
     tokenizer = find_tokenizer(input_dir)

@@ -33,23 +33,26 @@ TEMPLATES = Path(__file__).resolve().parent / "hf_modeling"
 WEIGHTS, TRAINING_WEIGHTS = "model.safetensors", "camex_ds.safetensors"
 AUTO_MAP = {"AutoConfig": "configuration_camex.CamexConfig", "AutoModelForCausalLM": "modeling_camex.CamexForCausalLM"}
 # The tensors the export computes from the experts (the Hugging Face model's own), never read back.
-DERIVED = re.compile(r"\.ffn\.(task|curved_experts|experts|curvature)\.")
+DERIVED = re.compile(r"\.ffn\.(task|curved_experts|experts|curvature|gate|expert_biases)\.")
+SMOE_NOTE = ("smoe is exported as DeepSpeed's top-k gate computes it without dropping tokens and, for top-2, with the "
+             "second expert chosen by its probability: our evaluation drops the tokens beyond an expert's capacity "
+             "(a batch's token count times capacity_factor over the experts, at least 4) and draws a top-2 second "
+             "expert with Gumbel noise, so the two agree when no token is dropped and (top-2) the noise is off")
 
 
-def check_exportable(cfg: ModelConfig, source: str) -> None:
-    """A one-line `ConvertError` for a model whose evaluation forward the modeling code does not compute."""
+def check_exportable(cfg: ModelConfig, source: str) -> list:
+    """The notes the export of `cfg` comes with, or a one-line `ConvertError` for a model whose evaluation forward
+    the modeling code does not compute."""
     moe = cfg.moe
     if moe is None:
-        return
+        return []
     if moe.method == "smoe":
-        raise ConvertError(f"'{source}' is an smoe model: DeepSpeed's top-k gate drops tokens beyond each expert's "
-                           "capacity (which depends on how many tokens a forward holds) and, for top-2, draws the "
-                           "second expert with Gumbel noise even in evaluation, so its outputs are no function of the "
-                           "input that a Hugging Face model could reproduce")
+        return [SMOE_NOTE]
     if moe.routing != "causal" or moe.first_segment != "uniform":
         raise ConvertError(f"'{source}' routes with routing={moe.routing!r}, first_segment={moe.first_segment!r}: "
                            "only causal routing with a uniform first segment exports (other routings let a segment's "
                            "gates see its own later tokens, so a decoder cannot run it token by token)")
+    return []
 
 
 def _factors(state: dict, prefix: str, count: int, name: str, rank: int, shape) -> list:
@@ -59,11 +62,27 @@ def _factors(state: dict, prefix: str, count: int, name: str, rank: int, shape) 
     return [torch.stack(f, dim=1) for f in zip(*per_expert)]
 
 
+def token_moe_tensors(state: dict, cfg: ModelConfig) -> dict:
+    """smoe layers: the gate's weights and each matrix's (and bias's) experts stacked `[N, ...]`."""
+    out = {}
+    for layer in cfg.moe_layers:
+        prefix = f"blocks.{layer}.ffn"
+        out[f"{prefix}.gate.weight"] = state[f"{prefix}.deepspeed_moe.gate.wg.weight"]
+        for name in expert_matrix_names(cfg.activation):
+            for stacked, rest in (("experts", name), ("expert_biases", f"bias.{name}")):
+                if expert_key(prefix, 0, rest) in state:
+                    out[f"{prefix}.{stacked}.{name}"] = torch.stack(
+                        [state[expert_key(prefix, e, rest)] for e in range(cfg.moe.num_experts)])
+    return out
+
+
 @torch.no_grad()
 def merge_tensors(state: dict, cfg: ModelConfig) -> dict:
-    """The tensors of every merge layer that the Hugging Face model computes with and our model derives (see the
+    """The tensors of every MoE layer that the Hugging Face model computes with and our model derives (see the
     module docstring), computed in the stored dtype by the functional core as our evaluation forward does."""
     moe, out = cfg.moe, {}
+    if moe.method == "smoe":
+        return token_moe_tensors(state, cfg)
     shapes = reference_shapes(cfg)
     for (layer, start) in zip(cfg.moe_layers, cfg.chain_starts):
         prefix = f"blocks.{layer}.ffn"
@@ -87,16 +106,16 @@ def merge_tensors(state: dict, cfg: ModelConfig) -> dict:
 
 
 def training_only(name: str) -> bool:
-    """Tensors the evaluation forward does not read: the experts themselves (the export stores what they give)
-    and the router's noise weights."""
-    return EXPERT_RE.match(name) is not None or name.endswith(".router.w_noise")
+    """Our tensors the Hugging Face model does not read as they are: the experts (it reads what they give), the
+    router's noise weights, and smoe's gate (it reads it under its own name)."""
+    return EXPERT_RE.match(name) is not None or name.endswith(".router.w_noise") or ".deepspeed_moe.gate." in name
 
 
 def hf_remote_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """config.json of the exported folder: `CamexConfig`'s fields, `auto_map`, and our config (`camex_ds_config`)."""
     moe = cfg.moe
     merge = {} if moe is None else {
-        "method": moe.method, "merge_layers": cfg.moe_layers, "chain_starts": cfg.chain_starts,
+        "method": moe.method, "moe_layers": cfg.moe_layers, "chain_starts": cfg.chain_starts,
         "num_experts": moe.routed_experts, "router_top_k": moe.k, "segment_len": moe.segment_len, "alpha": moe.alpha,
         "dynamic": moe.dynamic, "curvature_rank": moe.curvature_rank}
     scaling = cfg.to_dict()["rope_scaling"]
@@ -113,9 +132,14 @@ def hf_remote_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 def readme(cfg: ModelConfig) -> str:
     """The exported folder's README.md: what it is, how to load it, which tensors are stored and why."""
     moe = cfg.moe
-    what = "a dense model" if moe is None else (
-        f"a `{moe.method}` model{' with dynamic chains' if moe.dynamic else ''}: {moe.routed_experts} experts merged "
-        f"per segment of {moe.segment_len} tokens in layers {cfg.moe_layers}")
+    if moe is None:
+        what = "a dense model"
+    elif moe.method == "smoe":
+        what = f"an `smoe` model: each token goes to its top-{moe.k} of {moe.num_experts} experts in layers " \
+               f"{cfg.moe_layers}. {SMOE_NOTE[0].upper()}{SMOE_NOTE[1:]}"
+    else:
+        what = f"a `{moe.method}` model{' with dynamic chains' if moe.dynamic else ''}: {moe.routed_experts} " \
+               f"experts merged per segment of {moe.segment_len} tokens in layers {cfg.moe_layers}"
     return f"""# camex_ds model ({cfg.architecture} family), exported by `camex-convert export-hf`
 
 This is {what}. No stock `transformers` architecture computes it, so the folder carries its own modeling code
@@ -141,10 +165,12 @@ out = model.generate(input_ids, max_new_tokens=64, do_sample=False)
 - per layer that continues a dynamic chain: `curved_experts.*` `M_i(E_i)`, and for `camex*` methods the
   curvature factors `curvature.<matrix>.a|b|c|d` `[n, R, k, k]`: such a layer merges onto the previous layer's
   per-segment weights `W`, whose curvature `M_i(W)` depends on the segment and is applied at inference; for TIES
-  also the raw `experts.*`, from which each segment elects its signs.
+  also the raw `experts.*`, from which each segment elects its signs;
+- per smoe layer: the gate `gate.weight` and the experts stacked, `experts.*` `[N, out, in]` (and
+  `expert_biases.*`).
 
-`camex_ds.safetensors` holds what only training needs: each expert's own weights and curvature factors, and the
-router's noise weights. The curved task vectors do not give them back (the curvature factors and the experts
+`camex_ds.safetensors` holds what only training needs, or holds under our own layout: each expert's own
+weights and curvature factors, the router's noise weights, smoe's gate. The curved task vectors do not give them back (the curvature factors and the experts
 are not recoverable from `M_i(E_i - B)`), so `camex-convert import-hf` reads this file to rebuild the trainable
 camex_ds model exactly, with the full config under `camex_ds_config` in config.json. The Hugging Face model
 never reads it.
@@ -153,7 +179,7 @@ never reads it.
 
 Under causal routing segment j's merged FFN depends only on segment j-1, so decoding with the cache is exact:
 the cache keeps each merge layer's running segment sum and its current segment's merged weights, and a layer
-merges once per segment. Batches must not be padded.
+merges once per segment (smoe routes each token by itself). Batches must not be padded.
 """
 
 

@@ -10,12 +10,12 @@ from transformers import PretrainedConfig
 
 class CamexConfig(PretrainedConfig):
     """A decoder of the `gpt` family (LayerNorm, learned positions) or the `llama` family (RMSNorm, rotary
-    positions, grouped-query attention), whose FFN in the layers `merge_layers` is a merge layer.
+    positions, grouped-query attention), whose FFN in the layers `moe_layers` is a MoE layer of `method`.
 
-    Merge layers (camex_ds spec §2-§4): `method` (euclid, ties, dare, camex, camex-ties, camex-dare) merges
-    `num_experts` routed experts per segment of `segment_len` tokens with top-`router_top_k` softmax gates under causal
-    routing, scaled by `alpha`. With `dynamic`, consecutive merge layers form chains; `chain_starts[i]` tells
-    whether the i-th merge layer starts one (owns a base).
+    Merge layers (camex_ds spec §2-§4; euclid, ties, dare, camex, camex-ties, camex-dare) merge `num_experts`
+    routed experts per segment of `segment_len` tokens with top-`router_top_k` softmax gates under causal routing,
+    scaled by `alpha`. With `dynamic`, consecutive merge layers form chains; `chain_starts[i]` tells whether the
+    i-th MoE layer starts one (owns a base). `smoe` layers route each token to its top-`router_top_k` experts.
     """
 
     model_type = "camex"
@@ -23,7 +23,7 @@ class CamexConfig(PretrainedConfig):
     def __init__(self, architecture="gpt", vocab_size=32000, hidden_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=None, intermediate_size=512, max_position_embeddings=256,
                  activation="gelu", bias="none", norm_eps=1e-5, rotary_base=10000.0, rotary_scaling=None,
-                 tie_word_embeddings=True, method=None, merge_layers=(), chain_starts=(), num_experts=0, router_top_k=0,
+                 tie_word_embeddings=True, method=None, moe_layers=(), chain_starts=(), num_experts=0, router_top_k=0,
                  segment_len=1, alpha=1.0, dynamic=False, curvature_rank=1, camex_ds_config=None, **kwargs):
         self.architecture = architecture
         self.vocab_size = vocab_size
@@ -39,7 +39,7 @@ class CamexConfig(PretrainedConfig):
         self.rotary_base = rotary_base  # llama family: the rotary base theta
         self.rotary_scaling = rotary_scaling  # llama family: Llama 3's frequency scaling, or None
         self.method = method  # None: a dense model
-        self.merge_layers = list(merge_layers)
+        self.moe_layers = list(moe_layers)
         self.chain_starts = list(chain_starts)
         self.num_experts = num_experts  # routed experts per merge layer (a dynamic layer's base is not routed)
         self.router_top_k = router_top_k

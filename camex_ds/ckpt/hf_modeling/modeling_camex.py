@@ -286,6 +286,41 @@ class MergeLayer(nn.Module):
         return torch.cat(outputs, 1), built
 
 
+class TokenMoE(nn.Module):
+    """smoe, the token-routing baseline (DeepSpeed's top-k gate): each token's FFN output is the weighted sum of
+    its top-k experts' outputs, weighed by their softmax probabilities (top-1: the probability itself; top-2: the
+    two renormalised to sum to 1). The gate runs in fp32, as DeepSpeed's does. DeepSpeed also drops tokens beyond
+    an expert's capacity and, for top-2, draws the second expert with Gumbel noise; neither is done here."""
+
+    def __init__(self, config: CamexConfig, chain_start: bool = True):
+        super().__init__()
+        self.activation, self.top_k = config.activation, config.router_top_k
+        shapes, n = expert_matrices(config), config.num_experts
+        self.gate = nn.Linear(config.hidden_size, n, bias=False)
+        self.experts = nn.ParameterDict({name: nn.Parameter(torch.empty(n, *s)) for name, s in shapes.items()})
+        self.expert_biases = nn.ParameterDict({name: nn.Parameter(torch.empty(n, s[0])) for name, s in shapes.items()}) \
+            if config.bias == "all" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
+        top, chosen = probs.topk(self.top_k, dim=-1)
+        weights = top if self.top_k == 1 else top / top.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(probs.shape[-1]):
+            routed = chosen == e  # [B, L, k]
+            tokens = routed.any(-1)
+            if not tokens.any():
+                continue
+
+            def linear(name, inp):
+                bias = None if self.expert_biases is None else self.expert_biases[name][e]
+                return F.linear(inp, self.experts[name][e], bias)
+
+            weight = (weights * routed).sum(-1)[tokens]
+            out[tokens] += weight[:, None].to(x.dtype) * ffn(x[tokens], linear, self.activation)
+        return out
+
+
 class Block(nn.Module):
     def __init__(self, config: CamexConfig, ffn_module: nn.Module):
         super().__init__()
@@ -299,7 +334,7 @@ class Block(nn.Module):
         """Pre-norm attention and FFN -> (output, the merged matrices a dynamic chain carries on from here)."""
         x = x + self.attn(self.ln_attn(x), rotary, cache, index)
         h = self.ln_ffn(x)
-        if not isinstance(self.ffn, MergeLayer):
+        if not isinstance(self.ffn, MergeLayer):  # a dense FFN or smoe: token by token, nothing to carry
             return x + self.ffn(h), chain
         state = SegmentState() if cache is None else cache.segments.setdefault(index, SegmentState())
         out, built = self.ffn(h, state, None if self.ffn.base is not None else chain)
@@ -326,9 +361,10 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
         d = config.hidden_size
         self.wte = nn.Embedding(config.vocab_size, d)
         self.wpe = nn.Embedding(config.max_position_embeddings, d) if config.architecture == "gpt" else None
-        starts = dict(zip(config.merge_layers, config.chain_starts))
+        starts = dict(zip(config.moe_layers, config.chain_starts))
+        moe = TokenMoE if config.method == "smoe" else MergeLayer
         self.blocks = nn.ModuleList(
-            Block(config, MergeLayer(config, starts[i]) if i in starts else DenseFFN(config))
+            Block(config, moe(config, starts[i]) if i in starts else DenseFFN(config))
             for i in range(config.num_hidden_layers))
         norm = nn.LayerNorm if config.architecture == "gpt" else nn.RMSNorm
         self.ln_f = norm(d, eps=config.norm_eps)
