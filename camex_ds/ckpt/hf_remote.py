@@ -1,6 +1,6 @@
 """Models no stock architecture computes, as Hugging Face folders with their own modeling code (model_type `camex`).
 
-`export_remote` writes `config.json` (with `auto_map`), the two files of `camex_ds/ckpt/hf_modeling/` (copied:
+`write_folder` writes `config.json` (with `auto_map`), the two files of `camex_ds/ckpt/hf_modeling/` (copied:
 they have one home, there), `model.safetensors` with the tensors the Hugging Face model computes with,
 `camex_ds.safetensors` with the tensors only training needs, and a README.md saying which is which.
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it. `camex_state` reads such a
@@ -10,7 +10,8 @@ In evaluation a merge layer's curvature and mask depend on the parameters only, 
 layer that owns a base, each expert's curved, masked task vector `m_i ⊙ M_i(E_i − B)`, computed by
 `camex_ds.moe.functional` as our evaluation forward computes it: the exported layer is a Euclidean merge of
 stored tensors. A layer that continues a dynamic chain merges onto per-segment weights, so it stores `M_i(E_i)`
-and the factors, which the modeling code applies to those weights.
+and the factors, which the modeling code applies to those weights. An smoe layer stores its gate and its
+experts stacked (`SMOE_NOTE` says where DeepSpeed's gate differs).
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ camex_ds computed them once at export and nothing about curvature is left to com
 `W^l_j = W^{l-1}_j + alpha * sum_i g_{j,i} m_{j,i} * (M_i(E_i) - M_i(W^{l-1}_j))`; `M_i(E_i)` is stored, the
 curvature of the per-segment `W^{l-1}_j` is applied here (`curve`).
 
+An smoe layer (`TokenMoE`) routes each token to its top-k experts instead.
+
 Since segment j's weights depend only on earlier segments, decoding token by token is exact: the cache
 (`CamexCache`) keeps, per merge layer, the sum of the current segment's inputs so far and the current segment's
 merged weights; a layer merges once per segment, when the previous segment is complete.
