@@ -632,6 +632,7 @@ def test_ep2_zero2_consolidate_export_hf_same_logits_and_tokens(ep2_run, tmp_pat
     for _ in range(new):
         want.append(int(next_token_logits(ours, want, 0, multiple, "cpu").argmax()))
     with torch.no_grad():
-        got = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
+        prompt_ids = torch.tensor([prompt])
+        got = hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
     assert got[0].tolist() == want

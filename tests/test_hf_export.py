@@ -111,8 +111,9 @@ def test_export_matches_ours_logits_generate_and_round_trip(family, case, tmp_pa
 
     prompt, new = ids[0, :5].tolist(), 2 * SEGMENT + 3
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, use_cache=True,
-                          eos_token_id=None, pad_token_id=0)
+        prompt_ids = torch.tensor([prompt])
+        out = hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new, do_sample=False,
+                          use_cache=True, eos_token_id=None, pad_token_id=0)
     assert out[0, len(prompt):].tolist() == _our_greedy(model, prompt, new)
 
     import_hf(tmp_path / "hf", tmp_path / "back")
@@ -143,8 +144,9 @@ def test_incremental_decoding_merges_once_per_segment(tmp_path, single_thread):
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
     assert len(merges) == 1 + 30 // SEGMENT  # segment 0, then one per completed segment
     with torch.no_grad():  # beam search reorders the cache's segment states with its beams
-        beams = [hf.generate(ids[:, :5], max_new_tokens=2 * SEGMENT + 3, num_beams=3, do_sample=False,
-                             use_cache=use_cache, eos_token_id=None, pad_token_id=0) for use_cache in (True, False)]
+        beams = [hf.generate(ids[:, :5], attention_mask=torch.ones_like(ids[:, :5]), max_new_tokens=2 * SEGMENT + 3,
+                             num_beams=3, do_sample=False, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
+                 for use_cache in (True, False)]
     assert torch.equal(*beams)
 
 

@@ -149,7 +149,7 @@ This is {what}. No stock `transformers` architecture computes it, so the folder 
 ```python
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
-out = model.generate(input_ids, max_new_tokens=64, do_sample=False)
+out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=64, do_sample=False)
 ```
 
 ## Which tensors are stored, and why
@@ -180,7 +180,8 @@ never reads it.
 
 Under causal routing segment j's merged FFN depends only on segment j-1, so decoding with the cache is exact:
 the cache keeps each merge layer's running segment sum and its current segment's merged weights, and a layer
-merges once per segment (smoe routes each token by itself). Batches must not be padded.
+merges once per segment (smoe routes each token by itself). Batches must not be padded; pass the all-ones
+`attention_mask`, or `generate()` takes a prompt token equal to `pad_token_id` for padding.
 """
 
 

@@ -384,7 +384,9 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
                 labels: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> CausalLMOutputWithPast:
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported: a merge layer's segments count every position")
+            raise ValueError("attention_mask has zeros, but padded batches are not supported (a merge layer's "
+                             "segments count every position); if generate() took a prompt token equal to "
+                             "pad_token_id for padding, pass attention_mask=torch.ones_like(input_ids)")
         if cache is None and use_cache:
             cache = CamexCache()
         start = 0 if cache is None else cache.get_seq_length()
