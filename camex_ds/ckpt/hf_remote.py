@@ -24,9 +24,9 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..moe import functional as Fn
-from ..moe.ffn import expert_matrix_names
+from ..moe.ffn import expert_matrix_names, matrix_shapes
 from ..moe.layer import factor_shapes, split_factors
-from .format import EXPERT_RE, ConvertError, PathLike, expert_key, reference_shapes
+from .format import EXPERT_RE, ConvertError, PathLike, expert_key
 
 MODEL_TYPE = "camex"
 MODELING_FILES = ("configuration_camex.py", "modeling_camex.py")
@@ -78,18 +78,14 @@ def token_moe_tensors(state: dict, cfg: ModelConfig) -> dict:
 
 
 @torch.no_grad()
-def merge_tensors(state: dict, cfg: ModelConfig) -> dict:
-    """The tensors of every MoE layer that the Hugging Face model computes with and our model derives (see the
-    module docstring), computed in the stored dtype by the functional core as our evaluation forward does."""
+def merge_layer_tensors(state: dict, cfg: ModelConfig) -> dict:
+    """Merge layers: what the module docstring says, computed in the stored dtype by the functional core as our
+    evaluation forward computes it."""
     moe, out = cfg.moe, {}
-    if moe.method == "smoe":
-        return token_moe_tensors(state, cfg)
-    shapes = reference_shapes(cfg)
     for (layer, start) in zip(cfg.moe_layers, cfg.chain_starts):
         prefix = f"blocks.{layer}.ffn"
-        for name in expert_matrix_names(cfg.activation):
+        for name, shape in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).items():
             experts = [state[expert_key(prefix, e, name)] for e in range(moe.stored_experts)]
-            shape = shapes[expert_key(prefix, 0, name)]
             factors = _factors(state, prefix, len(experts), name, moe.curvature_rank, shape) if moe.curved else None
             if start or not moe.dynamic:
                 tau = Fn.task_vectors(state[f"{prefix}.base.{name}"], experts)
@@ -103,6 +99,13 @@ def merge_tensors(state: dict, cfg: ModelConfig) -> dict:
                 out[f"{prefix}.experts.{name}"] = stacked
             for letter, f in zip("abcd", factors or ()):
                 out[f"{prefix}.curvature.{name}.{letter}"] = f.transpose(0, 1)  # [n, R, k, k]
+    return out
+
+
+def derived_tensors(state: dict, cfg: ModelConfig) -> dict:
+    """The tensors of the MoE layers that the Hugging Face model computes with and our model derives from its
+    own (`DERIVED`)."""
+    out = token_moe_tensors(state, cfg) if cfg.moe.method == "smoe" else merge_layer_tensors(state, cfg)
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -192,7 +195,7 @@ def write_folder(work: Path, cfg: ModelConfig, state: dict) -> dict:
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     model = {k: v.contiguous() for k, v in state.items() if not training_only(k)}
     if cfg.moe is not None:
-        model.update(merge_tensors(state, cfg))
+        model.update(derived_tensors(state, cfg))
     training = {k: v.contiguous() for k, v in state.items() if training_only(k)}
     save_file(model, str(work / WEIGHTS), metadata={"format": "pt"})
     if training:
@@ -229,7 +232,7 @@ def camex_state(folder: PathLike, hf: dict) -> tuple:
         for name, tensor in load_file(str(folder / file)).items():
             (derived if DERIVED.search(name) else state)[name] = tensor
     try:
-        expected = merge_tensors(state, cfg) if cfg.moe is not None else {}
+        expected = derived_tensors(state, cfg) if cfg.moe is not None else {}
     except KeyError as e:
         raise ConvertError(f"'{folder}' lacks tensor {e} of the camex_ds model its config.json describes") from None
     changed = sorted(k for k in set(expected) | set(derived)
@@ -241,5 +244,5 @@ def camex_state(folder: PathLike, hf: dict) -> tuple:
     return cfg, state
 
 
-__all__ = ["MODEL_TYPE", "camex_state", "check_exportable", "hf_remote_config", "merge_tensors", "readme",
+__all__ = ["MODEL_TYPE", "camex_state", "check_exportable", "derived_tensors", "hf_remote_config", "readme",
            "write_folder"]
