@@ -182,7 +182,11 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     save_file(tensors, str(weights))
     err = _cli_error(capsys, "import-hf", "--input", tmp_path / "hf", "--output", tmp_path / "out")
     assert "tensor 'blocks.1.ffn.task.w_in'" in err and "changed after export" in err
-    (tmp_path / "hf" / "camex_ds.safetensors").unlink()
+    training = tmp_path / "hf" / "camex_ds.safetensors"
+    training.write_bytes(training.read_bytes()[:100])
+    assert "unreadable or truncated" in _cli_error(capsys, "import-hf", "--input", tmp_path / "hf", "--output",
+                                                   tmp_path / "out")
+    training.unlink()
     assert "lacks camex_ds.safetensors" in _cli_error(capsys, "import-hf", "--input", tmp_path / "hf", "--output",
                                                       tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -174,10 +174,10 @@ out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_n
   `expert_biases.*`).
 
 `camex_ds.safetensors` holds what only training needs, or holds under our own layout: each expert's own
-weights and curvature factors, the router's noise weights, smoe's gate. The curved task vectors do not give them back (the curvature factors and the experts
-are not recoverable from `M_i(E_i - B)`), so `camex-convert import-hf` reads this file to rebuild the trainable
-camex_ds model exactly, with the full config under `camex_ds_config` in config.json. The Hugging Face model
-never reads it.
+weights and curvature factors, the router's noise weights, smoe's gate. The curved task vectors do not give
+them back (the curvature factors and the experts are not recoverable from `M_i(E_i - B)`), so
+`camex-convert import-hf` reads this file to rebuild the trainable camex_ds model exactly, with the full config
+under `camex_ds_config` in config.json. The Hugging Face model never reads it.
 
 ## Generation
 
@@ -212,6 +212,7 @@ def camex_state(folder: PathLike, hf: dict) -> tuple:
     """`(ModelConfig, state dict)` of a folder `write_folder` wrote: its tensors but the derived ones, and the
     training-only ones from `camex_ds.safetensors`. The derived tensors must still be what the experts give (a
     folder fine-tuned as a Hugging Face model is refused: its experts cannot be recovered from merged tensors)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -229,7 +230,11 @@ def camex_state(folder: PathLike, hf: dict) -> tuple:
             if file == TRAINING_WEIGHTS and cfg.moe is None:
                 continue
             raise ConvertError(f"'{folder}' lacks {file}, which camex-convert export-hf writes")
-        for name, tensor in load_file(str(folder / file)).items():
+        try:
+            tensors = load_file(str(folder / file))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ConvertError(f"'{folder / file}' is unreadable or truncated ({str(e).splitlines()[0]})") from None
+        for name, tensor in tensors.items():
             (derived if DERIVED.search(name) else state)[name] = tensor
     try:
         expected = derived_tensors(state, cfg) if cfg.moe is not None else {}
