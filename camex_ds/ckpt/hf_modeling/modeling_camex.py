@@ -1,7 +1,8 @@
 """`CamexForCausalLM`: a camex_ds decoder for Hugging Face `transformers` (load with `trust_remote_code=True`).
 
-It computes what camex_ds's evaluation forward computes; the section numbers (§) refer to camex_ds's spec
-(docs/camex.md there). Parameter names are camex_ds's own, so the two can be compared line by line.
+It computes what camex_ds's evaluation forward computes; the section numbers (§) refer to the specification
+camex_ds implements (`design/camex.md`, beside the camex_ds repository). Parameter names are camex_ds's own, so
+the two can be compared line by line.
 
 A merge layer splits the sequence into segments of `segment_len` tokens. Segment j's FFN has the weights
 `W_j = B + alpha * sum_i g_{j,i} task_i` (§3), with gates `g_j` from the mean of segment j-1's layer inputs
