@@ -320,7 +320,7 @@ def test_export_of_trained_moe_models_carries_its_own_code(imported, tmp_path, c
                                                                  trust_remote_code=True).eval()
         assert _max_diff(_logits(load_pretrained(src)), _logits(back)) < 1e-5
         tok = transformers.AutoTokenizer.from_pretrained(tmp_path / f"{src.name}_hf", trust_remote_code=True)
-        assert tok.eos_token == EOS["llama"]
+        assert tok.eos_token == EOS["llama"] and back.config.eos_token_id == tok.eos_token_id  # generate() stops there
     capsys.readouterr()  # transformers' loading progress
     smoe = _upcycle(imported["llama"], tmp_path / "smoe", "smoe")
     code, res, err = _cli(capsys, "export-hf", "--input", smoe, "--output", tmp_path / "hf")

@@ -438,18 +438,20 @@ def state_to_hf(state: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def _write_tokenizer(work: Path, tokenizer: Optional[Path]) -> None:
+def _write_tokenizer(work: Path, tokenizer: Optional[Path]) -> Optional[int]:
     """Copy the tokenizer into an exported folder, with the `tokenizer_config.json` AutoTokenizer needs beside a
-    tokenizer.json."""
+    tokenizer.json; returns its end-of-document id (None without a tokenizer), where `generate()` stops as
+    camex-generate does."""
     if tokenizer is None:
-        return
+        return None
+    from ..data import Tokenizer
+
+    tok = Tokenizer.load(tokenizer)
     (work / tokenizer.name).write_bytes(tokenizer.read_bytes())
     if tokenizer.name == "tokenizer.json":
-        from ..data import Tokenizer
-
         (work / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": Tokenizer.load(tokenizer).eos_token},
-            indent=2) + "\n")
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token}, indent=2) + "\n")
+    return tok.eos_id
 
 
 def export_hf(input_dir: PathLike, output: PathLike) -> dict:
@@ -473,12 +475,12 @@ def export_hf(input_dir: PathLike, output: PathLike) -> dict:
                      "load it with trust_remote_code=True")
     tokenizer = find_tokenizer(input_dir)
     with atomic_output_dir(output) as work:
+        eos = {} if tokenizer is None else {"eos_token_id": _write_tokenizer(work, tokenizer)}
         if stock:
             save_file(tensors, str(work / SAFETENSORS), metadata={"format": "pt"})
-            (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (work / "config.json").write_text(json.dumps({**config, **eos}, indent=2) + "\n")
         else:
-            config = write_folder(work, cfg, state)
-        _write_tokenizer(work, tokenizer)
+            config = write_folder(work, cfg, state, eos)
     return {"output": str(output), "model_type": config["model_type"], "architecture": config["architectures"][0],
             "source": str(Path(input_dir).resolve()), "source_method": method,
             "dtype": dtype_name(dtype), "notes": notes}

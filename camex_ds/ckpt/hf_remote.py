@@ -188,8 +188,9 @@ merges once per segment (smoe routes each token by itself). Batches must not be 
 """
 
 
-def write_folder(work: Path, cfg: ModelConfig, state: dict) -> dict:
-    """Write the folder's config.json, modeling code, weights and README into `work`; returns its config.json."""
+def write_folder(work: Path, cfg: ModelConfig, state: dict, generation: dict) -> dict:
+    """Write the folder's config.json (with the `generation` keys, e.g. `eos_token_id`), modeling code, weights and
+    README into `work`; returns its config.json."""
     from safetensors.torch import save_file
 
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
@@ -200,7 +201,7 @@ def write_folder(work: Path, cfg: ModelConfig, state: dict) -> dict:
     save_file(model, str(work / WEIGHTS), metadata={"format": "pt"})
     if training:
         save_file(training, str(work / TRAINING_WEIGHTS), metadata={"format": "pt"})
-    config = hf_remote_config(cfg, dtype)
+    config = {**hf_remote_config(cfg, dtype), **generation}
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in MODELING_FILES:
         shutil.copyfile(TEMPLATES / name, work / name)
