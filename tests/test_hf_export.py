@@ -157,6 +157,25 @@ def _cli_error(capsys, *args) -> str:
     return err
 
 
+@pytest.mark.parametrize("routing", [{"routing": "segment"}, {"routing": "sequence"}, {"first_segment": "self-detached"},
+                                     {"routing": "segment", "dynamic": True, "method": "camex-ties"}])
+def test_routings_whose_gates_see_their_segment_score_whole_segments(routing, tmp_path, single_thread):
+    """Their exported model computes our logits on whole segments, and refuses to decode with a cache (a segment's
+    gates see its own later tokens) or to score a partial segment."""
+    model = _model("llama", {"method": "camex", **routing})
+    result = export_hf(_save(model, tmp_path / "src"), tmp_path / "hf")
+    assert "cannot decode token by token" in result["notes"][0]
+    hf = _load(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() < 1e-5
+        with pytest.raises(ValueError, match="cannot decode token by token"):
+            hf.generate(ids[:, :SEGMENT], attention_mask=torch.ones_like(ids[:, :SEGMENT]), max_new_tokens=2)
+        if routing.get("routing") != "sequence":
+            with pytest.raises(ValueError, match="must hold whole segments: length 5"):
+                hf(ids[:, :5])
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     src = _save(_model("gpt", CASES["camex"]), tmp_path / "src")
     raw = json.loads((src / "config.json").read_text())
@@ -170,9 +189,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     export_hf(src, tmp_path / "hf")
     err = _cli_error(capsys, "export-hf", "--input", tmp_path / "hf", "--output", tmp_path / "out")
     assert "not a consolidated model" in err or "format" in err
-    for routing in ({"routing": "segment"}, {"first_segment": "self-detached"}):
-        folder = _save(_model("gpt", {"method": "camex", **routing}), tmp_path / list(routing.values())[0])
-        assert "only causal routing" in _cli_error(capsys, "export-hf", "--input", folder, "--output", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     from safetensors.torch import load_file, save_file
 

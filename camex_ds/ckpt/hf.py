@@ -43,7 +43,7 @@ from .format import (
     save_pretrained,
 )
 from .hf_remote import MODEL_TYPE as REMOTE_MODEL_TYPE
-from .hf_remote import camex_state, check_exportable, write_folder
+from .hf_remote import camex_state, export_notes, write_folder
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -460,7 +460,7 @@ def export_hf(input_dir: PathLike, output: PathLike) -> dict:
     from safetensors.torch import save_file
 
     cfg, _, state = read_consolidated(input_dir)
-    notes, method, source = [], cfg.method, str(input_dir)
+    notes, method = [], cfg.method
     dense = dense_state(state, cfg)
     stock = dense is not None and not (cfg.architecture == "gpt" and cfg.activation == "swiglu")
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
@@ -470,7 +470,7 @@ def export_hf(input_dir: PathLike, output: PathLike) -> dict:
         cfg = cfg.replace(moe=None)
         config, tensors = hf_config(cfg, dtype), state_to_hf(dense, cfg)
     else:
-        notes.extend(check_exportable(cfg, source))
+        notes.extend(export_notes(cfg))
         notes.append(f"no stock architecture computes this {method} model: exported with its own modeling code, "
                      "load it with trust_remote_code=True")
     tokenizer = find_tokenizer(input_dir)

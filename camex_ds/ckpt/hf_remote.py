@@ -41,18 +41,18 @@ SMOE_NOTE = ("smoe is exported as DeepSpeed's top-k gate computes it without dro
              "expert with Gumbel noise, so the two agree when no token is dropped and (top-2) the noise is off")
 
 
-def check_exportable(cfg: ModelConfig, source: str) -> list:
-    """The notes the export of `cfg` comes with, or a one-line `ConvertError` for a model whose evaluation forward
-    the modeling code does not compute."""
+def export_notes(cfg: ModelConfig) -> list:
+    """The notes the export of `cfg` comes with: where the exported model differs from ours, or cannot do what a
+    decoder usually does."""
     moe = cfg.moe
     if moe is None:
         return []
     if moe.method == "smoe":
         return [SMOE_NOTE]
     if moe.routing != "causal" or moe.first_segment != "uniform":
-        raise ConvertError(f"'{source}' routes with routing={moe.routing!r}, first_segment={moe.first_segment!r}: "
-                           "only causal routing with a uniform first segment exports (other routings let a segment's "
-                           "gates see its own later tokens, so a decoder cannot run it token by token)")
+        return [f"routing={moe.routing!r} with first_segment={moe.first_segment!r} lets a segment's gates see its own "
+                "later tokens: the exported model scores whole segments (use_cache=False) and cannot decode token by "
+                "token, as camex-generate only approximates it"]
     return []
 
 
@@ -120,7 +120,8 @@ def hf_remote_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     moe = cfg.moe
     merge = {} if moe is None else {
         "method": moe.method, "moe_layers": cfg.moe_layers, "chain_starts": cfg.chain_starts,
-        "num_experts": moe.routed_experts, "router_top_k": moe.k, "segment_len": moe.segment_len, "alpha": moe.alpha,
+        "num_experts": moe.routed_experts, "router_top_k": moe.k, "segment_len": moe.segment_len, "routing": moe.routing,
+        "first_segment": moe.first_segment, "alpha": moe.alpha,
         "dynamic": moe.dynamic, "curvature_rank": moe.curvature_rank}
     scaling = cfg.to_dict()["rope_scaling"]
     return {"architectures": ["CamexForCausalLM"], "model_type": MODEL_TYPE, "auto_map": AUTO_MAP,
@@ -181,7 +182,9 @@ under `camex_ds_config` in config.json. The Hugging Face model never reads it.
 
 ## Generation
 
-Under causal routing segment j's merged FFN depends only on segment j-1, so decoding with the cache is exact:
+Under causal routing with a uniform first segment (other routings score whole segments only, without a cache:
+a segment's gates see its own later tokens), segment j's merged FFN depends only on segment j-1, so decoding
+with the cache is exact:
 the cache keeps each merge layer's running segment sum and its current segment's merged weights, and a layer
 merges once per segment (smoe routes each token by itself). Batches must not be padded; pass the all-ones
 `attention_mask`, or `generate()` takes a prompt token equal to `pad_token_id` for padding.
@@ -250,5 +253,5 @@ def camex_state(folder: PathLike, hf: dict) -> tuple:
     return cfg, state
 
 
-__all__ = ["MODEL_TYPE", "camex_state", "check_exportable", "derived_tensors", "hf_remote_config", "readme",
+__all__ = ["MODEL_TYPE", "camex_state", "derived_tensors", "export_notes", "hf_remote_config", "readme",
            "write_folder"]

@@ -14,8 +14,9 @@ class CamexConfig(PretrainedConfig):
 
     Merge layers (camex_ds spec §2-§4; euclid, ties, dare, camex, camex-ties, camex-dare) merge `num_experts`
     routed experts per segment of `segment_len` tokens with top-`router_top_k` softmax gates under causal routing,
-    scaled by `alpha`. With `dynamic`, consecutive merge layers form chains; `chain_starts[i]` tells whether the
-    i-th MoE layer starts one (owns a base). `smoe` layers route each token to its top-`router_top_k` experts.
+    scaled by `alpha` (`routing` and `first_segment`: §2's other routings, whose gates see a segment's own tokens).
+    With `dynamic`, consecutive merge layers form chains; `chain_starts[i]` tells whether the i-th MoE layer starts
+    one (owns a base). `smoe` layers route each token to its top-`router_top_k` experts.
     """
 
     model_type = "camex"
@@ -24,7 +25,8 @@ class CamexConfig(PretrainedConfig):
                  num_attention_heads=4, num_key_value_heads=None, intermediate_size=512, max_position_embeddings=256,
                  activation="gelu", bias="none", norm_eps=1e-5, rotary_base=10000.0, rotary_scaling=None,
                  tie_word_embeddings=True, method=None, moe_layers=(), chain_starts=(), num_experts=0, router_top_k=0,
-                 segment_len=1, alpha=1.0, dynamic=False, curvature_rank=1, camex_ds_config=None, **kwargs):
+                 segment_len=1, routing="causal", first_segment="uniform", alpha=1.0,
+                 dynamic=False, curvature_rank=1, camex_ds_config=None, **kwargs):
         self.architecture = architecture
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -44,6 +46,8 @@ class CamexConfig(PretrainedConfig):
         self.num_experts = num_experts  # routed experts per merge layer (a dynamic layer's base is not routed)
         self.router_top_k = router_top_k
         self.segment_len = segment_len
+        self.routing = routing  # causal, segment or sequence (one segment: the whole input)
+        self.first_segment = first_segment  # causal routing's segment 0: uniform gates, or its own (self-detached)
         self.alpha = alpha
         self.dynamic = dynamic
         self.curvature_rank = curvature_rank

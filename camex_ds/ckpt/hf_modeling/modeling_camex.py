@@ -6,7 +6,7 @@ the two can be compared line by line.
 
 A merge layer splits the sequence into segments of `segment_len` tokens. Segment j's FFN has the weights
 `W_j = B + alpha * sum_i g_{j,i} task_i` (§3), with gates `g_j` from the mean of segment j-1's layer inputs
-(causal routing, §2; segment 0 has uniform gates). The stored `task_i` are each expert's task vector with its
+(causal routing, §2; segment 0 has uniform gates; the other routings take a segment's own mean). The stored `task_i` are each expert's task vector with its
 curvature already applied (and, for TIES, its mask): in evaluation they depend on the parameters only, so
 camex_ds computed them once at export and nothing about curvature is left to compute here. A dynamic chain
 (§4) merges onto the previous layer's per-segment weights instead of a fixed base:
@@ -15,7 +15,7 @@ curvature of the per-segment `W^{l-1}_j` is applied here (`curve`).
 
 An smoe layer (`TokenMoE`) routes each token to its top-k experts instead.
 
-Since segment j's weights depend only on earlier segments, decoding token by token is exact: the cache
+Under causal routing segment j's weights depend only on earlier segments, so decoding token by token is exact: the cache
 (`CamexCache`) keeps, per merge layer, the sum of the current segment's inputs so far and the current segment's
 merged weights; a layer merges once per segment, when the previous segment is complete.
 """
@@ -217,6 +217,7 @@ class MergeLayer(nn.Module):
     def __init__(self, config: CamexConfig, chain_start: bool):
         super().__init__()
         self.activation, self.alpha, self.segment_len = config.activation, config.alpha, config.segment_len
+        self.routing, self.first_segment = config.routing, config.first_segment
         self.ties = config.method.endswith("ties")
         self.router = Router(config)
         shapes = expert_matrices(config)
@@ -261,9 +262,41 @@ class MergeLayer(nn.Module):
             merged = merged + gates[:, i, None, None] * term
         return w + self.alpha * merged
 
+    @property
+    def streams(self) -> bool:
+        """Whether segment j's gates come from earlier segments only (causal routing, uniform first segment), so
+        the layer can run token by token; otherwise a segment's gates see its own tokens."""
+        return self.routing == "causal" and self.first_segment == "uniform"
+
+    def apply_merged(self, x: torch.Tensor, weights: dict) -> torch.Tensor:
+        """The FFN with one segment's merged matrices `name -> [B, out, in]` on its tokens `x [B, t, d]`."""
+        def linear(name, inp):
+            out = inp @ weights[name].transpose(1, 2)
+            return out if self.bias is None else out + self.bias[name]
+
+        return ffn(x, linear, self.activation)
+
+    def forward_whole(self, x: torch.Tensor, previous: Optional[dict]) -> tuple:
+        """A layer that does not stream (`segment` or `sequence` routing, or a `self-detached` first segment, §2),
+        on whole segments from position 0: each segment's gates from its own mean (segment 0's under causal
+        routing, whose later segments take the previous segment's)."""
+        length = x.shape[1]
+        segment_len = length if self.routing == "sequence" else self.segment_len
+        if length % segment_len:
+            raise ValueError(f"routing={self.routing!r} lets a segment's gates see its own tokens, so the input must "
+                             f"hold whole segments: length {length} is not a multiple of segment_len {segment_len}")
+        gates = self.router(x.unflatten(1, (-1, segment_len)).mean(2))  # [B, S, n]
+        if self.routing == "causal":
+            gates = torch.cat([gates[:, :1], gates[:, :-1]], dim=1)
+        built = {j: self.merge(gates[:, j], None if previous is None else previous[j]) for j in range(gates.shape[1])}
+        outputs = [self.apply_merged(x[:, j * segment_len:(j + 1) * segment_len], w) for j, w in built.items()]
+        return torch.cat(outputs, 1), built
+
     def forward(self, x: torch.Tensor, state: SegmentState, previous: Optional[dict]) -> tuple:
         """`x [B, L, d]` continuing at `state.position` -> (output, the merged matrices built here by segment
         index, which the next layer of a dynamic chain merges onto). `previous`: the previous chain layer's."""
+        if not self.streams:
+            return self.forward_whole(x, previous)
         built, outputs, start, length = {}, [], 0, x.shape[1]
         experts = self.router.w_gate.shape[1]
         if state.weights is None:  # segment 0: uniform gates
@@ -271,13 +304,8 @@ class MergeLayer(nn.Module):
                                                   None if previous is None else previous[0])
         while start < length:
             stop = min(length, start + self.segment_len - state.position % self.segment_len)
-            weights, piece = state.weights, x[:, start:stop]
-
-            def linear(name, inp):
-                out = inp @ weights[name].transpose(1, 2)
-                return out if self.bias is None else out + self.bias[name]
-
-            outputs.append(ffn(piece, linear, self.activation))
+            piece = x[:, start:stop]
+            outputs.append(self.apply_merged(piece, state.weights))
             state.summed = state.summed + piece.sum(1)
             state.position += stop - start
             if state.position % self.segment_len == 0:  # a segment is complete: it routes the next one
@@ -390,6 +418,10 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
                              "pad_token_id for padding, pass attention_mask=torch.ones_like(input_ids)")
         if cache is None and use_cache:
             cache = CamexCache()
+        if cache is not None and not all(b.ffn.streams for b in self.blocks if isinstance(b.ffn, MergeLayer)):
+            raise ValueError(f"routing={self.config.routing!r} with first_segment={self.config.first_segment!r} lets "
+                             "a segment's gates see its own later tokens, so the model cannot decode token by token: "
+                             "no cache, whole segments (use_cache=False)")
         start = 0 if cache is None else cache.get_seq_length()
         bsz, length = input_ids.shape
         if start + length > self.config.max_position_embeddings:
