@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser("export-hf", help="consolidated model -> Hugging Face folder (GPT-2, Llama or Qwen2 where one "
                                         "computes the model, else its own modeling code: trust_remote_code=True)")
     p.add_argument("--input", required=True, metavar="OUT",
-                   help="consolidated model: dense, or a merge model of any method (smoe has no exportable form)")
+                   help="consolidated model of any method (dense, smoe or a merge model)")
     p.add_argument("--output", required=True, metavar="HF_DIR", help=NEW_FOLDER)
     return ap.parse_args(argv)
 
