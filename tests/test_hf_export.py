@@ -157,7 +157,8 @@ def _cli_error(capsys, *args) -> str:
     return err
 
 
-@pytest.mark.parametrize("routing", [{"routing": "segment"}, {"routing": "sequence"}, {"first_segment": "self-detached"},
+@pytest.mark.parametrize("routing", [{"routing": "segment"}, {"routing": "sequence"},
+                                     {"first_segment": "self-detached"},
                                      {"routing": "segment", "dynamic": True, "method": "camex-ties"}])
 def test_routings_whose_gates_see_their_segment_score_whole_segments(routing, tmp_path, single_thread):
     """Their exported model computes our logits on whole segments, and refuses to decode with a cache (a segment's

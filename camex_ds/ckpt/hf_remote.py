@@ -120,8 +120,8 @@ def hf_remote_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     moe = cfg.moe
     merge = {} if moe is None else {
         "method": moe.method, "moe_layers": cfg.moe_layers, "chain_starts": cfg.chain_starts,
-        "num_experts": moe.routed_experts, "router_top_k": moe.k, "segment_len": moe.segment_len, "routing": moe.routing,
-        "first_segment": moe.first_segment, "alpha": moe.alpha,
+        "num_experts": moe.routed_experts, "router_top_k": moe.k, "segment_len": moe.segment_len,
+        "routing": moe.routing, "first_segment": moe.first_segment, "alpha": moe.alpha,
         "dynamic": moe.dynamic, "curvature_rank": moe.curvature_rank}
     scaling = cfg.to_dict()["rope_scaling"]
     return {"architectures": ["CamexForCausalLM"], "model_type": MODEL_TYPE, "auto_map": AUTO_MAP,

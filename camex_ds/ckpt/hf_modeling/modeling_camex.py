@@ -5,19 +5,24 @@ camex_ds implements (`design/camex.md`, beside the camex_ds repository). Paramet
 the two can be compared line by line.
 
 A merge layer splits the sequence into segments of `segment_len` tokens. Segment j's FFN has the weights
-`W_j = B + alpha * sum_i g_{j,i} task_i` (§3), with gates `g_j` from the mean of segment j-1's layer inputs
-(causal routing, §2; segment 0 has uniform gates; the other routings take a segment's own mean). The stored `task_i` are each expert's task vector with its
+
+    W_j = B + alpha * sum_i g_{j,i} task_i                                                        (§3)
+
+with gates `g_j` from the mean of segment j-1's layer inputs (causal routing, §2; segment 0 has uniform gates;
+the other routings take a segment's own mean). The stored `task_i` are each expert's task vector with its
 curvature already applied (and, for TIES, its mask): in evaluation they depend on the parameters only, so
-camex_ds computed them once at export and nothing about curvature is left to compute here. A dynamic chain
-(§4) merges onto the previous layer's per-segment weights instead of a fixed base:
-`W^l_j = W^{l-1}_j + alpha * sum_i g_{j,i} m_{j,i} * (M_i(E_i) - M_i(W^{l-1}_j))`; `M_i(E_i)` is stored, the
-curvature of the per-segment `W^{l-1}_j` is applied here (`curve`).
+camex_ds computed them once at export and nothing about curvature is left to compute here. A dynamic chain (§4)
+merges onto the previous layer's per-segment weights instead of a fixed base:
+
+    W^l_j = W^{l-1}_j + alpha * sum_i g_{j,i} m_{j,i} * (M_i(E_i) - M_i(W^{l-1}_j))
+
+`M_i(E_i)` is stored; the curvature of the per-segment `W^{l-1}_j` is applied here (`curve`).
 
 An smoe layer (`TokenMoE`) routes each token to its top-k experts instead.
 
-Under causal routing segment j's weights depend only on earlier segments, so decoding token by token is exact: the cache
-(`CamexCache`) keeps, per merge layer, the sum of the current segment's inputs so far and the current segment's
-merged weights; a layer merges once per segment, when the previous segment is complete.
+Under causal routing segment j's weights depend only on earlier segments, so decoding token by token is exact:
+the cache (`CamexCache`) keeps, per merge layer, the sum of the current segment's inputs so far and the current
+segment's merged weights; a layer merges once per segment, when the previous segment is complete.
 """
 import math
 from typing import Optional
@@ -172,7 +177,7 @@ class DenseFFN(nn.Module):
         shapes = expert_matrices(config)
         for name, shape in shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape)))
-        self.bias = nn.ParameterDict({n: nn.Parameter(torch.empty(s[0])) for n, s in shapes.items()}) \
+        self.bias = nn.ParameterDict({name: nn.Parameter(torch.empty(s[0])) for name, s in shapes.items()}) \
             if config.bias == "all" else None
 
     def forward(self, x):
@@ -237,7 +242,7 @@ class MergeLayer(nn.Module):
                                                 for name, s in shapes.items()})
             if self.ties:
                 self.experts = stack(n)
-        self.bias = nn.ParameterDict({n: nn.Parameter(torch.empty(s[0])) for n, s in shapes.items()}) \
+        self.bias = nn.ParameterDict({name: nn.Parameter(torch.empty(s[0])) for name, s in shapes.items()}) \
             if config.bias == "all" else None
 
     def merge(self, gates: torch.Tensor, previous: Optional[dict]) -> dict:
@@ -329,8 +334,8 @@ class TokenMoE(nn.Module):
         shapes, n = expert_matrices(config), config.num_experts
         self.gate = nn.Linear(config.hidden_size, n, bias=False)
         self.experts = nn.ParameterDict({name: nn.Parameter(torch.empty(n, *s)) for name, s in shapes.items()})
-        self.expert_biases = nn.ParameterDict({name: nn.Parameter(torch.empty(n, s[0])) for name, s in shapes.items()}) \
-            if config.bias == "all" else None
+        self.expert_biases = nn.ParameterDict({name: nn.Parameter(torch.empty(n, s[0]))
+                                               for name, s in shapes.items()}) if config.bias == "all" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
