@@ -148,6 +148,12 @@ def test_incremental_decoding_merges_once_per_segment(tmp_path, single_thread):
                              num_beams=3, do_sample=False, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
                  for use_cache in (True, False)]
     assert torch.equal(*beams)
+    cache_class = sys.modules[type(hf).__module__].CamexCache
+    with torch.no_grad():  # a prompt prefilled in chunks that straddle segment boundaries
+        chunked = [hf.generate(ids[:, :11], attention_mask=torch.ones_like(ids[:, :11]), max_new_tokens=SEGMENT + 1,
+                               do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+                   for kw in ({}, {"prefill_chunk_size": 3, "cache": cache_class()})]
+    assert torch.equal(*chunked)
 
 
 def _cli_error(capsys, *args) -> str:
