@@ -1,0 +1,111 @@
+"""Issue 25: `camex-evaluate --stride` scores whole documents as lm-evaluation-harness's wikitext task does.
+
+A tiny camex model (tests/test_hf_export.py's) with a character-level tokenizer.json is consolidated and
+exported; the documents are longer and shorter than its 32-token window, one holds a character outside the
+vocabulary (bytes and tokens differ).
+"""
+from __future__ import annotations
+
+import json
+import math
+import string
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from camex_ds.ckpt.format import load_pretrained, save_pretrained  # noqa: E402
+from camex_ds.ckpt.hf import export_hf  # noqa: E402
+from camex_ds.cli import evaluate as evaluate_cli  # noqa: E402
+from camex_ds.train.rolling import rolling_windows  # noqa: E402
+from tests.test_hf_export import CASES, SEGMENT, SEQ_LEN, _model  # noqa: E402
+
+DOCUMENTS = ["the quick brown fox jumps over the lazy dog.\n" * 4,  # 180 tokens, 37 words: 6 windows
+             "a short one,\nin a café.",  # 23 tokens, 24 bytes (é is <unk>), 6 words: 1 window
+             "words  and\tmore   words " * 3]  # 75 tokens, 13 words: 3 windows
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    """The consolidated model (`src`, with its tokenizer.json), its export (`hf`) and the documents (`jsonl`)."""
+    from tokenizers import Tokenizer, models
+
+    root = tmp_path_factory.mktemp("rolling")
+    chars = string.ascii_lowercase + " \n\t.,"
+    vocab = {"</s>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")).save(str(root / "tokenizer.json"))
+    model = _model("llama", CASES["camex"])
+    (root / "src").mkdir()
+    save_pretrained(root / "src", model.state_dict(), model.config, root / "tokenizer.json")
+    export_hf(root / "src", root / "hf")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+    return {"src": root / "src", "hf": root / "hf", "jsonl": root / "docs.jsonl"}
+
+
+def _camex_evaluate(capsys, *args) -> tuple[int, str, str]:
+    code = evaluate_cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("length", [1, 5, SEQ_LEN, SEQ_LEN + 1, 100])
+@pytest.mark.parametrize("stride", [1, 7, SEQ_LEN])
+def test_rolling_windows_score_every_token_once_with_the_context_before_it(length, stride):
+    tokens, prefix = list(range(100, 100 + length)), 0
+    windows = rolling_windows(tokens, prefix, SEQ_LEN, stride)
+    assert [t for _, targets in windows for t in targets] == tokens
+    stream = [prefix] + tokens
+    for ids, targets in windows:
+        assert len(ids) == min(SEQ_LEN, length)
+        end = stream.index(targets[-1])  # the input is the stream just before the last target
+        assert ids == stream[end - len(ids):end]
+    assert all(len(targets) == stride for _, targets in windows[1:-1])
+
+
+def test_stride_scores_each_token_given_what_precedes_it(folders, capsys, single_thread):
+    """A document shorter than the window: one forward of EOS and its tokens; smaller strides add context and
+    cover the same tokens, words and bytes."""
+    text = DOCUMENTS[1]
+    code, out, _ = _camex_evaluate(capsys, "--model", folders["src"], "--val_data", folders["jsonl"],
+                                   "--stride", SEQ_LEN)
+    assert code == 0
+    result = json.loads(out.splitlines()[-1])
+    assert (result["documents"], result["windows"], result["words"]) == (3, 6 + 1 + 3, 37 + 6 + 13)
+    assert result["bytes"] == sum(len(d.encode()) for d in DOCUMENTS) == result["tokens"] + 1
+    from camex_ds.data import Tokenizer
+
+    ids = Tokenizer.load(folders["src"] / "tokenizer.json").encode(text)
+    model = load_pretrained(folders["src"])
+    padded = [0] + ids[:-1] + [0] * (-len(ids) % SEGMENT)
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(torch.tensor([padded])).logits[0, :len(ids)], -1)
+    alone = float(logprobs.gather(-1, torch.tensor(ids)[:, None]).sum())
+    (folders["src"].parent / "one.txt").write_text(text)
+    code, out, _ = _camex_evaluate(capsys, "--model", folders["src"], "--val_data", folders["src"].parent / "one.txt",
+                                   "--stride", SEQ_LEN)
+    assert math.isclose(json.loads(out.splitlines()[-1])["loglikelihood"], alone, rel_tol=1e-6)
+    code, out, _ = _camex_evaluate(capsys, "--model", folders["src"], "--val_data", folders["jsonl"], "--stride", 5)
+    strided = json.loads(out.splitlines()[-1])
+    assert {k: strided[k] for k in ("tokens", "words", "bytes")} == {k: result[k] for k in ("tokens", "words", "bytes")}
+    assert strided["windows"] > result["windows"] and strided["loglikelihood"] != result["loglikelihood"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stride", "0"], "--stride=0 is invalid: expected an integer from 1 to 32, the window (the model's seq_len)"),
+    (["--stride", "33"], "--stride=33 is invalid: expected an integer from 1 to 32"),
+    (["--stride", "8", "--max_windows", "2"], "it takes neither --max_windows nor --max_batches"),
+    (["--stride", "8", "--data", "default"], "give --val_data, without --data or --split"),
+])
+def test_bad_stride_is_one_line(folders, capsys, args, message):
+    code, _, err = _camex_evaluate(capsys, "--model", folders["src"], "--val_data", folders["jsonl"], *args)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_routing_whose_gates_see_their_segment_is_refused_in_one_line(folders, tmp_path, capsys):
+    model = _model("gpt", {"method": "camex", "routing": "segment"})
+    save_pretrained(tmp_path, model.state_dict(), model.config, folders["src"] / "tokenizer.json")
+    code, _, err = _camex_evaluate(capsys, "--model", tmp_path, "--val_data", folders["jsonl"], "--stride", "8")
+    assert code == 2 and err.count("\n") == 1 and "routing='segment'" in err, err
+
