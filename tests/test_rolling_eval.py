@@ -1,4 +1,5 @@
-"""Issue 25: `camex-evaluate --stride` scores whole documents as lm-evaluation-harness's wikitext task does.
+"""Issue 25: `camex-evaluate --stride` scores whole documents as lm-evaluation-harness's wikitext task does, and
+lm-eval itself, run offline on our exported model through the repository's local-file task, gets the same numbers.
 
 A tiny camex model (tests/test_hf_export.py's) with a character-level tokenizer.json is consolidated and
 exported; the documents are longer and shorter than its 32-token window, one holds a character outside the
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from camex_ds.cli import evaluate as evaluate_cli  # noqa: E402
 from camex_ds.train.rolling import rolling_windows  # noqa: E402
 from tests.test_hf_export import CASES, SEGMENT, SEQ_LEN, _model  # noqa: E402
 
+TASKS = Path(__file__).resolve().parent.parent / "camex_ds" / "eval_tasks"
 DOCUMENTS = ["the quick brown fox jumps over the lazy dog.\n" * 4,  # 180 tokens, 37 words: 6 windows
              "a short one,\nin a café.",  # 23 tokens, 24 bytes (é is <unk>), 6 words: 1 window
              "words  and\tmore   words " * 3]  # 75 tokens, 13 words: 3 windows
@@ -109,3 +112,28 @@ def test_routing_whose_gates_see_their_segment_is_refused_in_one_line(folders, t
     code, _, err = _camex_evaluate(capsys, "--model", tmp_path, "--val_data", folders["jsonl"], "--stride", "8")
     assert code == 2 and err.count("\n") == 1 and "routing='segment'" in err, err
 
+
+def test_lm_eval_on_the_export_gives_our_bits_per_byte(folders, capsys, monkeypatch, single_thread):
+    """lm-eval 0.4's `hf` model with trust_remote_code, offline, on the repository's local-file task."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e '.[lm_eval]'")
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    tokens = list(range(100, 170))
+    for stride in (1, 7, SEQ_LEN):  # our windows are lm-eval's, at its context_len = window - stride + 1
+        theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 0, SEQ_LEN, SEQ_LEN - stride + 1)]
+        ours = rolling_windows(tokens, 0, SEQ_LEN, stride)
+        assert [(ids[:len(ids) - len(t) + 1], t) for ids, t in ours] == theirs
+
+    code, out, _ = _camex_evaluate(capsys, "--model", folders["src"], "--val_data", folders["jsonl"],
+                                   "--stride", SEQ_LEN, "--batch_size", 3)
+    ours = json.loads(out.splitlines()[-1])
+    tasks = TaskManager(include_path=str(TASKS), metadata={"text_file": str(folders["jsonl"])})
+    model_args = {"pretrained": str(folders["hf"]), "trust_remote_code": True, "dtype": "float32"}
+    result = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=["camex_local_text"], task_manager=tasks,
+                                     batch_size=4, device="cpu", log_samples=False)
+    theirs = result["results"]["camex_local_text"]
+    for metric in ("bits_per_byte", "word_perplexity", "byte_perplexity"):
+        assert abs(theirs[f"{metric},none"] / ours[metric] - 1) < 1e-3, (metric, theirs, ours)
