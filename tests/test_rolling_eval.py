@@ -1,9 +1,9 @@
 """Issue 25: `camex-evaluate --stride` scores whole documents as lm-evaluation-harness's wikitext task does, and
 lm-eval itself, run offline on our exported model through the repository's local-file task, gets the same numbers.
 
-A tiny camex model (tests/test_hf_export.py's) with a character-level tokenizer.json is consolidated and
-exported; the documents are longer and shorter than its 32-token window, one holds a character outside the
-vocabulary (bytes and tokens differ).
+Tiny camex models (tests/test_hf_export.py's) with a character-level tokenizer.json, or with a SentencePiece
+model as our pipeline trains it, are consolidated and exported; the documents are longer and shorter than the
+32-token window, and some hold characters outside the vocabulary (bytes and tokens differ).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 from camex_ds.ckpt.format import load_pretrained, save_pretrained  # noqa: E402
 from camex_ds.ckpt.hf import export_hf  # noqa: E402
 from camex_ds.cli import evaluate as evaluate_cli  # noqa: E402
+from camex_ds.model import GPT  # noqa: E402
 from camex_ds.train.rolling import rolling_windows  # noqa: E402
 from tests.test_hf_export import CASES, SEGMENT, SEQ_LEN, _model  # noqa: E402
 
@@ -30,21 +31,39 @@ DOCUMENTS = ["the quick brown fox jumps over the lazy dog.\n" * 4,  # 180 tokens
              "words  and\tmore   words " * 3]  # 75 tokens, 13 words: 3 windows
 
 
+def _export(root: Path, model, tokenizer: Path, documents: list) -> dict:
+    """The consolidated model (`src`, with the tokenizer), its export (`hf`) and the documents (`jsonl`)."""
+    (root / "src").mkdir()
+    save_pretrained(root / "src", model.state_dict(), model.config, tokenizer)
+    export_hf(root / "src", root / "hf")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    return {"src": root / "src", "hf": root / "hf", "jsonl": root / "docs.jsonl"}
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    """The consolidated model (`src`, with its tokenizer.json), its export (`hf`) and the documents (`jsonl`)."""
+    """A camex model with a character-level tokenizer.json, on DOCUMENTS."""
     from tokenizers import Tokenizer, models
 
     root = tmp_path_factory.mktemp("rolling")
     chars = string.ascii_lowercase + " \n\t.,"
     vocab = {"</s>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")).save(str(root / "tokenizer.json"))
-    model = _model("llama", CASES["camex"])
-    (root / "src").mkdir()
-    save_pretrained(root / "src", model.state_dict(), model.config, root / "tokenizer.json")
-    export_hf(root / "src", root / "hf")
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
-    return {"src": root / "src", "hf": root / "hf", "jsonl": root / "docs.jsonl"}
+    return _export(root, _model("llama", CASES["camex"]), root / "tokenizer.json", DOCUMENTS)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_folders(tmp_path_factory) -> dict:
+    """The tokenizer our pipeline trains (SentencePiece, byte fallback), which the export copies as
+    tokenizer.model for transformers to convert; documents with indentation and characters it never saw."""
+    from camex_ds.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("rolling-sp")
+    documents = DOCUMENTS + ["def f(x):\n    return x  # naïve ✓ 12345\n", "ünïcödé — ⟨text⟩ " * 5]
+    tokenizer = train_tokenizer(DOCUMENTS * 10, 300, root / "tok")
+    torch.manual_seed(0)
+    return _export(root, GPT(_model("gpt", CASES["dynamic-camex"]).config.replace(vocab_size=300)).eval(),
+                   tokenizer.path, documents)
 
 
 def _camex_evaluate(capsys, *args) -> tuple[int, str, str]:
@@ -113,7 +132,8 @@ def test_routing_whose_gates_see_their_segment_is_refused_in_one_line(folders, t
     assert code == 2 and err.count("\n") == 1 and "routing='segment'" in err, err
 
 
-def test_lm_eval_on_the_export_gives_our_bits_per_byte(folders, capsys, monkeypatch, single_thread):
+@pytest.mark.parametrize("tokenizer", ["tokenizer.json", "sentencepiece"])
+def test_lm_eval_on_the_export_gives_our_bits_per_byte(tokenizer, request, capsys, monkeypatch, single_thread):
     """lm-eval 0.4's `hf` model with trust_remote_code, offline, on the repository's local-file task."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -127,6 +147,7 @@ def test_lm_eval_on_the_export_gives_our_bits_per_byte(folders, capsys, monkeypa
         ours = rolling_windows(tokens, 0, SEQ_LEN, stride)
         assert [(ids[:len(ids) - len(t) + 1], t) for ids, t in ours] == theirs
 
+    folders = request.getfixturevalue("folders" if tokenizer == "tokenizer.json" else "sentencepiece_folders")
     code, out, _ = _camex_evaluate(capsys, "--model", folders["src"], "--val_data", folders["jsonl"],
                                    "--stride", SEQ_LEN, "--batch_size", 3)
     ours = json.loads(out.splitlines()[-1])
