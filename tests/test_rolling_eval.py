@@ -42,13 +42,16 @@ def _export(root: Path, model, tokenizer: Path, documents: list) -> dict:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    """A camex model with a character-level tokenizer.json, on DOCUMENTS."""
-    from tokenizers import Tokenizer, models
+    """A camex model with a character-level tokenizer.json that, like Llama's, adds BOS when asked for special
+    tokens (as lm-eval asks unless `add_bos_token=False`), on DOCUMENTS."""
+    from tokenizers import Tokenizer, models, processors
 
     root = tmp_path_factory.mktemp("rolling")
     chars = string.ascii_lowercase + " \n\t.,"
-    vocab = {"</s>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")).save(str(root / "tokenizer.json"))
+    vocab = {"</s>": 0, "<unk>": 1, "<s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tokenizer.save(str(root / "tokenizer.json"))
     return _export(root, _model("llama", CASES["camex"]), root / "tokenizer.json", DOCUMENTS)
 
 
@@ -152,7 +155,8 @@ def test_lm_eval_on_the_export_gives_our_bits_per_byte(tokenizer, request, capsy
                                    "--stride", SEQ_LEN, "--batch_size", 3)
     ours = json.loads(out.splitlines()[-1])
     tasks = TaskManager(include_path=str(TASKS), metadata={"text_file": str(folders["jsonl"])})
-    model_args = {"pretrained": str(folders["hf"]), "trust_remote_code": True, "dtype": "float32"}
+    model_args = {"pretrained": str(folders["hf"]), "trust_remote_code": True, "dtype": "float32",
+                  "add_bos_token": False}  # docs/hf.md's command
     result = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=["camex_local_text"], task_manager=tasks,
                                      batch_size=4, device="cpu", log_samples=False)
     theirs = result["results"]["camex_local_text"]
