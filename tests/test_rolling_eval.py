@@ -89,6 +89,17 @@ def test_rolling_windows_score_every_token_once_with_the_context_before_it(lengt
     assert all(len(targets) == stride for _, targets in windows[1:-1])
 
 
+def test_whole_files_keep_a_long_text_one_document(tmp_path):
+    """Training cuts a long text file into 4 KB pieces; rolling evaluation keeps it one document, as lm-eval would."""
+    from camex_ds.data import resolve_source
+
+    text = "a line of text\n\n" * 1000
+    (tmp_path / "long.txt").write_text(text)
+    assert len(list(resolve_source(tmp_path / "long.txt").documents())) > 1
+    assert [d.text for d in resolve_source(tmp_path / "long.txt", whole_files=True).documents()] == [text]
+    assert [d.text for d in resolve_source(tmp_path, whole_files=True).documents()] == [text]
+
+
 def test_stride_scores_each_token_given_what_precedes_it(folders, capsys, single_thread):
     """A document shorter than the window: one forward of EOS and its tokens; smaller strides add context and
     cover the same tokens, words and bytes."""

@@ -33,10 +33,12 @@ def count_words(text: str) -> int:
 
 
 def count_bytes(text: str) -> int:
+    """lm-eval's byte count (`Task.count_bytes`): UTF-8 bytes, the unit of bits per byte whatever the tokenizer."""
     return len(text.encode("utf-8"))
 
 
 def check_stride(stride: int, window: int) -> None:
+    """A window scores at most its own length and at least one new token (0 would never advance)."""
     if not 1 <= stride <= window:
         raise ConfigError(f"--stride={stride} is invalid: expected an integer from 1 to {window}, the window "
                           "(the model's seq_len)")
