@@ -610,3 +610,29 @@ def test_ep2_zero2_reshard_to_ep1_resumes_and_trains_on(ep2_run, workspace, tmp_
     a, b = load_pretrained(tmp_path / "a").state_dict(), load_pretrained(tmp_path / "b").state_dict()
     for name in a:  # Adam normalises tiny gradient differences; a lost optimizer state would be far off
         assert (a[name] - b[name]).abs().max() <= 1e-3 * b[name].abs().max() + 1e-7, name
+
+
+@pytest.mark.slow
+def test_ep2_zero2_consolidate_export_hf_same_logits_and_tokens(ep2_run, tmp_path):
+    """Issue 25: a model trained at ep_size 2 on 2 ranks, consolidated and exported with its own modeling code,
+    computes our logits and greedy tokens (2 x segment_len + 3 new ones, through the cache)."""
+    transformers = pytest.importorskip("transformers")
+    from camex_ds.ckpt.hf import export_hf
+    from camex_ds.cli.generate import next_token_logits, padding_plan
+
+    consolidate(ep2_run, tmp_path / "c")
+    assert export_hf(tmp_path / "c", tmp_path / "hf")["architecture"] == "CamexForCausalLM"
+    ours = load_pretrained(tmp_path / "c")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    assert (_logits(ours, ids) - _logits(hf, ids)).abs().max() < 1e-5
+    multiple, _ = padding_plan(ours.config)
+    prompt, new = ids[0, :5].tolist(), 2 * ours.config.moe.segment_len + 3
+    want = list(prompt)
+    for _ in range(new):
+        want.append(int(next_token_logits(ours, want, 0, multiple, "cpu").argmax()))
+    with torch.no_grad():
+        prompt_ids = torch.tensor([prompt])
+        got = hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert got[0].tolist() == want

@@ -13,11 +13,11 @@ row-wise concatenation of q_proj, k_proj and v_proj, and GPT-2's `Conv1D` stores
 [in, out], transposed from ours. Only `transformers`' config.json and tensor names are used; the package
 itself is not needed.
 
-Export writes a dense model in the layout and `config.json` of its family: `gpt` -> GPT-2, `llama` ->
-Llama (Qwen2 with q/k/v biases). A MoE model exports only when it is a dense model in disguise, i.e.
-every expert of every merge layer equals its base (an upcycled model, or its fold, before training):
-then every merged FFN is the base whatever the gates. A trained MoE merges different experts per
-segment, which no stock architecture expresses, and is refused.
+Export writes a stock architecture where one computes exactly our function: a dense model in the layout and
+`config.json` of its family (`gpt` -> GPT-2, `llama` -> Llama, Qwen2 with q/k/v biases), and a MoE model that is
+a dense model in disguise (every expert of every static merge layer equals its base: an upcycled model, or its
+fold, before training; every merged FFN is then the base whatever the gates). Every other model, a trained merge
+model for one, gets its own modeling code (`hf_remote`); `import_hf` reads such a folder back exactly.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from .format import (
     reference_shapes,
     save_pretrained,
 )
+from .hf_remote import MODEL_TYPE as REMOTE_MODEL_TYPE
+from .hf_remote import camex_state, export_notes, write_folder
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -140,9 +142,9 @@ def read_hf_config(folder: PathLike) -> dict:
     hf = read_json_object(folder / "config.json", "config", ConvertError)
     if hf.get("format") == FORMAT:
         raise ConvertError(f"'{folder}' is already a consolidated camex_ds model, not a Hugging Face one")
-    if hf.get("model_type") not in MODEL_TYPES:
+    if hf.get("model_type") not in MODEL_TYPES + (REMOTE_MODEL_TYPE,):
         raise ConvertError(f"model_type {hf.get('model_type')!r} of '{folder}' is not supported: expected one of "
-                           f"{', '.join(MODEL_TYPES)}")
+                           f"{', '.join(MODEL_TYPES)} or {REMOTE_MODEL_TYPE} (a camex_ds export)")
     return hf
 
 
@@ -330,9 +332,14 @@ def import_hf(input_dir: PathLike, output: PathLike, seq_len: Optional[int] = No
     hf = read_hf_config(folder)
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
         raise ConvertError(f"--seq_len {seq_len!r} is invalid: expected an integer >= 1")
-    cfg = model_config_from_hf(hf, seq_len)
-    hf_state = read_hf_weights(folder, allow_pickle)
-    state = state_from_hf(hf_state, cfg, hf["model_type"], str(folder))
+    if hf["model_type"] == REMOTE_MODEL_TYPE:
+        cfg, state = camex_state(folder, hf)
+        if seq_len is not None and seq_len != cfg.seq_len:
+            raise ConvertError(f"--seq_len {seq_len} differs from the seq_len={cfg.seq_len} of the camex_ds model "
+                               f"'{folder}' exports: leave it out")
+    else:
+        cfg = model_config_from_hf(hf, seq_len)
+        state = state_from_hf(read_hf_weights(folder, allow_pickle), cfg, hf["model_type"], str(folder))
     floats = {v.dtype for v in state.values() if v.is_floating_point()}
     if dtype is None:  # keep bf16; fp16 (and anything mixed) widens to fp32, which holds it exactly
         dtype = "bf16" if floats == {torch.bfloat16} else "fp32"
@@ -363,25 +370,20 @@ def import_hf(input_dir: PathLike, output: PathLike, seq_len: Optional[int] = No
 # export
 
 
-def dense_state(state: dict, cfg: ModelConfig, source: str) -> dict:
-    """The dense model a MoE model is when every merge layer's experts equal its base, else a `ConvertError`
-    saying why it has no stock architecture."""
+def dense_state(state: dict, cfg: ModelConfig) -> Optional[dict]:
+    """The dense model's state dict when `cfg` is dense or a MoE model equal to one (every expert of every static
+    merge layer equals its base), else None."""
     moe = cfg.moe
-    why = f"'{source}' is a {cfg.method} MoE model"
-    if moe.method == "smoe":
-        raise ConvertError(f"{why}: token routing (top-{moe.k} experts per token) is not expressible in a dense "
-                           f"{'GPT-2' if cfg.architecture == 'gpt' else 'Llama'} model")
-    if moe.dynamic:
-        raise ConvertError(f"{why} with a dynamic chain: its merged weights depend on the previous layers' gates")
+    if moe is None:
+        return state
+    if moe.method == "smoe" or moe.dynamic:
+        return None
     out = {}
     for name, value in state.items():
         m = EXPERT_RE.match(name)
         if m is not None:
             if ".curvature." not in name and not torch.equal(value, state[f"{m['layer']}.base.{m['rest']}"]):
-                raise ConvertError(f"{why} whose experts differ from their base (first: '{name}'): it merges them per "
-                                   "segment with its router's gates, which no stock architecture expresses; only a "
-                                   "dense model, or a MoE model whose experts equal their base (upcycled, not yet "
-                                   "trained), exports")
+                return None
             continue
         if ".router." in name:
             continue
@@ -436,32 +438,49 @@ def state_to_hf(state: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def _write_tokenizer(work: Path, tokenizer: Optional[Path]) -> Optional[int]:
+    """Copy the tokenizer into an exported folder, with the `tokenizer_config.json` AutoTokenizer needs beside a
+    tokenizer.json; returns its end-of-document id (None without a tokenizer), where `generate()` stops as
+    camex-generate does."""
+    if tokenizer is None:
+        return None
+    from ..data import Tokenizer
+
+    tok = Tokenizer.load(tokenizer)
+    (work / tokenizer.name).write_bytes(tokenizer.read_bytes())
+    if tokenizer.name == "tokenizer.json":
+        (work / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token}, indent=2) + "\n")
+    return tok.eos_id
+
+
 def export_hf(input_dir: PathLike, output: PathLike) -> dict:
-    """Consolidated dense model (or a MoE model equal to one) -> Hugging Face folder loadable with
-    `transformers.AutoModelForCausalLM.from_pretrained`."""
+    """Consolidated model -> Hugging Face folder loadable with `transformers.AutoModelForCausalLM.from_pretrained`:
+    a stock architecture where one computes our function, else our own modeling code (`trust_remote_code=True`)."""
     from safetensors.torch import save_file
 
     cfg, _, state = read_consolidated(input_dir)
     notes, method = [], cfg.method
-    if cfg.moe is not None:
-        state = dense_state(state, cfg, str(input_dir))
-        notes.append(f"every {cfg.method} expert equals its base: exported as the dense model it computes")
-        cfg = cfg.replace(moe=None)
+    dense = dense_state(state, cfg)
+    stock = dense is not None and not (cfg.architecture == "gpt" and cfg.activation == "swiglu")
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    config = hf_config(cfg, dtype)
-    tensors = state_to_hf(state, cfg)
+    if stock:
+        if cfg.moe is not None:
+            notes.append(f"every {cfg.method} expert equals its base: exported as the dense model it computes")
+        cfg = cfg.replace(moe=None)
+        config, tensors = hf_config(cfg, dtype), state_to_hf(dense, cfg)
+    else:
+        notes.extend(export_notes(cfg))
+        notes.append(f"no stock architecture computes this {method} model: exported with its own modeling code, "
+                     "load it with trust_remote_code=True")
     tokenizer = find_tokenizer(input_dir)
     with atomic_output_dir(output) as work:
-        save_file(tensors, str(work / SAFETENSORS), metadata={"format": "pt"})
-        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            (work / tokenizer.name).write_bytes(tokenizer.read_bytes())
-            if tokenizer.name == "tokenizer.json":  # what AutoTokenizer needs beside it
-                from ..data import Tokenizer
-
-                (work / "tokenizer_config.json").write_text(json.dumps(
-                    {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": Tokenizer.load(tokenizer).eos_token},
-                    indent=2) + "\n")
+        eos = {} if tokenizer is None else {"eos_token_id": _write_tokenizer(work, tokenizer)}
+        if stock:
+            save_file(tensors, str(work / SAFETENSORS), metadata={"format": "pt"})
+            (work / "config.json").write_text(json.dumps({**config, **eos}, indent=2) + "\n")
+        else:
+            config = write_folder(work, cfg, state, eos)
     return {"output": str(output), "model_type": config["model_type"], "architecture": config["architectures"][0],
             "source": str(Path(input_dir).resolve()), "source_method": method,
             "dtype": dtype_name(dtype), "notes": notes}

@@ -8,7 +8,8 @@
     camex-convert upcycle --input out/dense --moe_config moe.json --output out/upcycled
     # camex* model -> Euclidean twin with the curvature folded into the experts (same outputs, smaller)
     camex-convert fold --input out/model --output out/folded
-    # Hugging Face Llama / Mistral / Qwen2 / GPT-2 folder -> consolidated dense model (and back: docs/hf.md)
+    # Hugging Face Llama / Mistral / Qwen2 / GPT-2 folder -> consolidated dense model; any consolidated model
+    # -> Hugging Face folder (its own modeling code where no stock architecture computes it; docs/hf.md)
     camex-convert import-hf --input hf/TinyLlama --output out/tinyllama --seq_len 2048
     camex-convert export-hf --input out/tinyllama --output hf/tinyllama-again
 
@@ -69,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", required=True, metavar="OUT", help="consolidated camex, camex-ties or camex-dare model")
     p.add_argument("--output", required=True, metavar="OUT2", help=NEW_FOLDER)
 
-    p = sub.add_parser("import-hf", help="Hugging Face Llama/Mistral/Qwen2/GPT-2 folder -> consolidated dense model")
+    p = sub.add_parser("import-hf", help="Hugging Face Llama/Mistral/Qwen2/GPT-2 folder, or our own export, -> "
+                                        "consolidated model")
     p.add_argument("--input", required=True, metavar="HF_DIR",
                    help="folder with config.json and safetensors weights (sharded with their index, or not)")
     p.add_argument("--output", required=True, metavar="OUT", help=NEW_FOLDER)
@@ -79,9 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow_pickle", action="store_true",
                    help="also read pytorch_model.bin (a pickle: it can run code) through torch.load(weights_only=True)")
 
-    p = sub.add_parser("export-hf", help="consolidated dense model -> Hugging Face folder (GPT-2, Llama or Qwen2)")
+    p = sub.add_parser("export-hf", help="consolidated model -> Hugging Face folder (GPT-2, Llama or Qwen2 where one "
+                                        "computes the model, else its own modeling code: trust_remote_code=True)")
     p.add_argument("--input", required=True, metavar="OUT",
-                   help="consolidated dense model, or a MoE model whose experts all equal their base")
+                   help="consolidated model of any method (dense, smoe or a merge model)")
     p.add_argument("--output", required=True, metavar="HF_DIR", help=NEW_FOLDER)
     return ap.parse_args(argv)
 

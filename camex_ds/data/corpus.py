@@ -16,6 +16,9 @@
   network), each row's ``text`` is a document. The prefix keeps a mistyped path from turning into a
   network request.
 
+``resolve_source(data, whole_files=True)`` keeps every plain text file one document however long: what an
+evaluation over whole documents (lm-evaluation-harness's rolling loglikelihood, ``camex-evaluate --stride``) reads.
+
 Every document carries a stable key: its relative path (a whole text file), ``path:LINE`` for a piece of a
 text file that starts a line (the 1-based line) or for a JSONL line, ``path:LINE:BYTE`` for a piece of a text
 file that starts inside a long line (BYTE: its 0-based UTF-8 byte offset in that line), ``path#ROW`` for a
@@ -158,8 +161,9 @@ class HubSource(Source):
         yield from _dataset_documents(self._load(), self.hub_name, self.description)
 
 
-def resolve_source(data: str | os.PathLike | None) -> Source:
-    """Turn a ``--data`` value into a Source (see the module docstring for what is accepted)."""
+def resolve_source(data: str | os.PathLike | None, whole_files: bool = False) -> Source:
+    """Turn a ``--data`` value into a Source (see the module docstring for what is accepted); ``whole_files``
+    keeps long plain text files whole instead of cutting them into pieces."""
     if data is None:
         return default_corpus()
     spec = str(data)
@@ -171,8 +175,9 @@ def resolve_source(data: str | os.PathLike | None) -> Source:
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"data path {spec!r} does not exist (a hub dataset is written hf:NAME)")
+    piece_bytes = None if whole_files else PIECE_BYTES
     if path.is_file():
-        return FileSource(path.parent, [path.name], f"file {path}", path.name)
+        return FileSource(path.parent, [path.name], f"file {path}", path.name, piece_bytes=piece_bytes)
     if (path / INDEX_FILE).is_file():
         raise DataError(f"{spec!r} is already a preprocessed dataset; pass it to training as it is")
     files = sorted(
@@ -182,7 +187,8 @@ def resolve_source(data: str | os.PathLike | None) -> Source:
     )
     if not files:
         raise DataError(f"no documents found in folder {spec!r} (looked for {', '.join(TEXT_SUFFIXES)} files)")
-    return FileSource(path, files, f"folder {path} ({len(files)} files)", path.resolve().name or "root")
+    return FileSource(path, files, f"folder {path} ({len(files)} files)", path.resolve().name or "root",
+                      piece_bytes=piece_bytes)
 
 
 def default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> Source:
