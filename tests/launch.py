@@ -4,8 +4,8 @@ library's docstrings, comes from `camex_ds.data.prose`).
 `launch(argv)` runs `launcher/pretrain.py`'s `main(argv)` (camex_ds.cli.pretrain) in this process and returns
 its exit code and what it printed: a job costs ~0.5 s instead of a new interpreter's ~5 s, which is what makes
 hundreds of runs affordable. `run_main(name, argv)` does the same for any `camex_ds.cli` command (the tools'
-and the launcher's tests call the real scripts once each, e.g. with `--help`). The process environment and signal handlers are left as they were. `write_json` and
-`tiny_ds_config` write the configs such runs take.
+and the launcher's tests call the real scripts once each, e.g. with `--help`). The process environment and
+signal handlers are left as they were. `write_json` and `tiny_ds_config` write the configs such runs take.
 """
 from __future__ import annotations
 
