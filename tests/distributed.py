@@ -84,3 +84,14 @@ def ranks(script, *args, world=2, extra_env=None, timeout=300, watch=None) -> li
         out.append((p.returncode, log.read(), ended[i] if ended[i] is not None else time.monotonic() - started))
         log.close()
     return out
+
+
+def ranks_ok(script, *args, timeout=600, **kw) -> list:
+    """`ranks(script, *args, **kw)`, every rank of which must exit 0 (else an AssertionError with their output's
+    ends): for jobs whose tests are not about DeepSpeed's launcher, which `deepspeed(...)` would add ~5 s to.
+    The time limit is `deepspeed(...)`'s (`run`'s), for the jobs that move here from it."""
+    results = ranks(script, *args, timeout=timeout, **kw)
+    if any(code != 0 for code, _, _ in results):
+        raise AssertionError(f"job failed ({[code for code, _, _ in results]}): {script} {' '.join(map(str, args))}\n"
+                             + "\n".join(f"--- rank {r} ---\n{log[-4000:]}" for r, (_, log, _) in enumerate(results)))
+    return results

@@ -3,15 +3,18 @@ library's docstrings, comes from `camex_ds.data.prose`).
 
 `launch(argv)` runs `launcher/pretrain.py`'s `main(argv)` (camex_ds.cli.pretrain) in this process and returns
 its exit code and what it printed: a job costs ~0.5 s instead of a new interpreter's ~5 s, which is what makes
-hundreds of runs affordable. The process environment and signal handlers are left as they were. `write_json` and
-`tiny_ds_config` write the configs such runs take.
+hundreds of runs affordable. `run_main(name, argv)` does the same for any `camex_ds.cli` command (the tools'
+and the launcher's tests call the real scripts once each, e.g. with `--help`). The process environment and
+signal handlers are left as they were. `write_json` and `tiny_ds_config` write the configs such runs take.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,16 +40,21 @@ def tiny_ds_config(path: Path, stage=0, accum=1, micro=2) -> Path:
                              "tensorboard": {"enabled": False}})
 
 
-def launch(argv) -> tuple[int, str, str]:
-    """`(exit code, stderr, stdout)` of `launcher/pretrain.py ARGV`, run in this process."""
-    from camex_ds.cli import pretrain
-
+def run_main(name: str, argv) -> subprocess.CompletedProcess:
+    """`camex_ds.cli.NAME`'s `main(ARGV)` (what `tools/*.py`, `launcher/pretrain.py` and the `camex-*` commands run)
+    in this process, as a `CompletedProcess` with its exit code (`main`'s return value or `SystemExit`'s code, e.g.
+    argparse's 2) and what it printed to stdout and stderr. A run saves a new interpreter's ~3.5 s of torch and
+    DeepSpeed import; it uses this process's torch threads, so compare it with a real process to a tolerance and
+    bit for bit only with another run in this process. The distributed variables a world of one fills in are
+    restored afterwards; the rest of the environment and the signal handlers are left as they were."""
+    module = importlib.import_module(f"camex_ds.cli.{name}")
+    argv = [str(a) for a in argv]
     saved = {k: os.environ.get(k) for k in DIST_ENV}
     err, out = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
-                code = pretrain.main([str(a) for a in argv])
+                code = module.main(argv)
             except SystemExit as e:  # argparse
                 code = e.code
     finally:
@@ -55,7 +63,23 @@ def launch(argv) -> tuple[int, str, str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return code, err.getvalue(), out.getvalue()
+    code = 0 if code is None else code
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_checked(name: str, *argv) -> subprocess.CompletedProcess:
+    """`run_main(name, argv)`, which must exit 0 (else an AssertionError with what it printed)."""
+    proc = run_main(name, argv)
+    if proc.returncode != 0:
+        raise AssertionError(f"camex_ds.cli.{name} failed ({proc.returncode}): {' '.join(proc.args[1:])}\n"
+                             f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def launch(argv) -> tuple[int, str, str]:
+    """`(exit code, stderr, stdout)` of `launcher/pretrain.py ARGV`, run in this process (`run_main`)."""
+    proc = run_main("pretrain", argv)
+    return proc.returncode, proc.stderr, proc.stdout
 
 
 def error_lines(stderr: str) -> list:

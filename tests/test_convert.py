@@ -1,17 +1,16 @@
 """Checkpoint conversion and evaluation tools (issue 6): consolidate, reshard, upcycle, fold, evaluate, generate.
 
-Fast tests build tiny models in-process or train 2-3 steps in one process; the `slow` ones run
-2-rank DeepSpeed jobs (expert parallelism 2, ZeRO-2) and resume a resharded checkpoint.
+Fast tests build tiny models in-process or train 2-3 steps in this process (the tools too: their commands'
+`main` in-process, one real `tools/*.py` run each); the `slow` ones run a 2-rank job (expert parallelism 2,
+ZeRO-2) and resume a resharded checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -24,8 +23,10 @@ from camex_ds.ckpt.format import (ConvertError, PretrainedError, global_expert_n
 from camex_ds.ckpt.upcycle import fold, upcycle
 from camex_ds.config import ModelConfig
 from camex_ds.model import GPT
-from camex_ds.parallel import free_port
 from camex_ds.train.metrics import layer_means, layer_stats
+
+from . import distributed
+from .launch import run_checked, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launcher" / "pretrain.py"
@@ -49,37 +50,28 @@ EP_RUN = {
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
-        env.pop(k, None)
-    return env
-
-
-def _run(cmd, check=True, timeout=900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
-                             f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
-    return proc
+def _script(name, *args) -> subprocess.CompletedProcess:
+    """`python tools/NAME ARGS` in a new interpreter: each wrapper's one real run (the others run in-process)."""
+    return distributed.python(TOOLS / name, *args, check=False, timeout=900)
 
 
 def _tool(name, *args, check=True) -> subprocess.CompletedProcess:
-    return _run([sys.executable, TOOLS / name, *args], check=check)
+    """`tools/NAME ARGS`'s command (`camex_ds.cli`) run in this process."""
+    cli = {"convert_checkpoint.py": "convert", "evaluate.py": "evaluate", "generate.py": "generate"}[name]
+    return run_checked(cli, *args) if check else run_main(cli, args)
 
 
 def _last_json(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _train(out, model_cfg, ds_cfg, corpus, cache, *args, num_gpus=None):
+def _train(out, model_cfg, ds_cfg, corpus, cache, *args, world=None):
+    """One rank in this process; `world=N`: N rank processes (`distributed.ranks`)."""
     common = ["--model_config", model_cfg, "--deepspeed_config", ds_cfg, "--data", corpus, "--vocab_size", "512",
               "--cache_dir", cache, "--output_dir", out, "--log_interval", "1", "--no_progress", *args]
-    if num_gpus is None:
-        return _run([sys.executable, LAUNCHER, *common])
-    return _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", num_gpus, "--master_port",
-                 free_port(), LAUNCHER, *common])
+    if world is None:
+        return run_checked("pretrain", *common)
+    return distributed.ranks_ok(LAUNCHER, *common, world=world, timeout=900)
 
 
 def _write_json(path: Path, obj) -> Path:
@@ -356,7 +348,7 @@ def test_generate_cli(moe_run, tmp_path):
     sampled = _last_json(_tool("generate.py", "--model", out, "--prompt", "import", "--max_new_tokens", "6",
                                "--temperature", "0.9", "--top_p", "0.9", "--seed", "3", "--json"))
     assert sampled["prompt"] == "import"
-    bad = _tool("generate.py", "--model", out, "--prompt", "x", "--top_p", "0", check=False)
+    bad = _script("generate.py", "--model", out, "--prompt", "x", "--top_p", "0")
     assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -378,7 +370,7 @@ def test_consolidate_one_process_run_matches_its_evaluation(moe_run, workspace, 
     assert Path(recorded["data"]).resolve().parent == Path(workspace["cache"]).resolve()
     assert consolidate(moe_run, tmp_path / "c2", tag="global_step2", tokenizer=tmp_path / "c" / "tokenizer.model")[
         "step"] == 2
-    proc = _tool("evaluate.py", "--model", tmp_path / "c2", check=False)  # an explicit tokenizer records no dataset
+    proc = _script("evaluate.py", "--model", tmp_path / "c2")  # an explicit tokenizer records no dataset
     assert proc.returncode == 2 and "--data is required" in proc.stderr and "Traceback" not in proc.stderr
     bf16 = consolidate(moe_run, tmp_path / "c3", dtype="bf16")
     assert bf16["trained_dtype"] == "fp32"
@@ -443,8 +435,7 @@ def test_consolidate_and_reshard_check_the_checkpoint(moe_run, tmp_path):
     assert not out.exists()
     _no_partials(tmp_path)
 
-    proc = _tool("convert_checkpoint.py", "consolidate", "--checkpoint", moe_run, "--tag", "nope", "--output", out,
-                 check=False)
+    proc = _script("convert_checkpoint.py", "consolidate", "--checkpoint", moe_run, "--tag", "nope", "--output", out)
     assert proc.returncode == 2 and proc.stderr.startswith("error: checkpoint tag 'nope' does not exist")
     assert "Traceback" not in proc.stderr and not out.exists()
 
@@ -534,15 +525,14 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="session")
 def ep2_run(workspace):
-    """2 ranks, ep_size 2, ZeRO-2: stop at step 6 (checkpoint), then resume to step 8 (checkpoint, final eval)."""
+    """2 ranks, ep_size 2, ZeRO-2, 8 steps: checkpoints at step 6 and at the end (final eval)."""
     root = workspace["root"]
     out = root / "ep2_run"
     cfg = _write_json(root / "ep_run.json", EP_RUN)
     ds = _ds_config(root / "z2.json", stage=2)
-    common = ("--max_steps", "8", "--save_interval", "100", "--eval_interval", "2", "--eval_batches", "4",
-              "--ep_size", "2")
-    _train(out, cfg, ds, workspace["corpus"], workspace["cache"], *common, "--stop_at_step", "6", num_gpus=2)
-    _train(out, cfg, ds, workspace["corpus"], workspace["cache"], *common, "--resume", num_gpus=2)
+    _train(out, cfg, ds, workspace["corpus"], workspace["cache"], "--max_steps", "8", "--save_interval", "6",
+           "--eval_interval", "2", "--eval_batches", "4", "--ep_size", "2", "--peak_tflops", "1", world=2)
+    assert sorted(p.name for p in (out / "checkpoints").glob("global_step*")) == ["global_step6", "global_step8"]
     return out
 
 

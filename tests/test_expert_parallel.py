@@ -1,11 +1,11 @@
 """Issue 3: CAMEx experts and curvature factors sharded over expert-parallel ranks match one process.
 
-One 2-rank DeepSpeed job runs one optimizer step for ep_size=2 and for ep_size=1 with DP=2, under
-ZeRO 0, 1 and 2, for camex-ties and euclid, with curvature factors away from identity; one plain
-process runs the same step on the concatenated batch. The ep_size=2 checkpoints are then loaded into
-ep_size=1 models. Config notes (tests/dist/ep_step.py): aux loss off (its cv² is not additive over
-ranks) and alpha=0.5 (with alpha=1 and full soft merging the euclid base cancels out of W exactly, its
-gradient is rounding noise, and Adam's first step turns noise into ±lr).
+One 2-rank DeepSpeed job (two rank processes, no launcher: `distributed.ranks`) runs one optimizer step
+for ep_size=2 and for ep_size=1 with DP=2, under ZeRO 0, 1 and 2, for camex-ties and euclid, with
+curvature factors away from identity; one plain process runs the same step on the concatenated batch. The
+ep_size=2 checkpoints are then loaded into ep_size=1 models. Config notes (tests/dist/ep_step.py): aux loss
+off (its cv² is not additive over ranks) and alpha=0.5 (with alpha=1 and full soft merging the euclid base
+cancels out of W exactly, its gradient is rounding noise, and Adam's first step turns noise into ±lr).
 """
 import pytest
 import torch
@@ -13,6 +13,7 @@ import torch
 from camex_ds.moe.comm import ep_bytes_per_layer as ep_bytes_per_step
 
 from . import distributed
+from .launch import run_main
 
 pytestmark = pytest.mark.slow
 SCRIPT = "tests.dist.ep_step"
@@ -23,7 +24,7 @@ REL_TOL = 1e-5
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
     (out / "ck").mkdir()
-    distributed.deepspeed(SCRIPT, "--out", out, "--layouts", "ep2,dp2", "--ckpt", out / "ck")
+    distributed.ranks_ok(SCRIPT, "--out", out, "--layouts", "ep2,dp2", "--ckpt", out / "ck")
     distributed.python(SCRIPT, "--out", out, "--layouts", "ref,load", "--ckpt", out / "ck")
 
     def merged(layout):
@@ -67,8 +68,7 @@ def test_ep2_checkpoint_loads_into_ep1(results, method, zero):
 
 
 def test_bf16_runs_under_expert_parallelism(tmp_path):
-    distributed.deepspeed(SCRIPT, "--out", tmp_path, "--layouts", "ep2", "--zero", "2", "--bf16",
-                          "--methods", "camex")
+    distributed.ranks_ok(SCRIPT, "--out", tmp_path, "--layouts", "ep2", "--zero", "2", "--bf16", "--methods", "camex")
     for rank in range(2):
         after = torch.load(tmp_path / f"ep2_rank{rank}.pt")["camex-zero2"]["after"]
         assert all(torch.isfinite(v).all() for v in after.values())
@@ -80,8 +80,7 @@ def test_zero3_is_a_clear_error(tmp_path):
     cfg = json.loads((distributed.ROOT / "ds_configs" / "cpu.json").read_text())
     cfg["zero_optimization"] = {"stage": 3}
     (tmp_path / "z3.json").write_text(json.dumps(cfg))
-    proc = distributed.python(distributed.ROOT / "launcher" / "pretrain.py", "--deepspeed_config",
-                              tmp_path / "z3.json", "--output_dir", tmp_path / "run", check=False)
+    proc = run_main("pretrain", ["--deepspeed_config", tmp_path / "z3.json", "--output_dir", tmp_path / "run"])
     assert proc.returncode == 2
     assert "zero_optimization.stage=3" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from . import distributed
+from .launch import run_checked, run_main
 
 LAUNCHER = distributed.ROOT / "launcher" / "pretrain.py"
 FAULTY = "tests.dist.faulty_pretrain"
@@ -63,17 +64,18 @@ def test_two_ranks_expert_parallel_perplexity_falls(tmp_path, cache):
 @pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses(tmp_path, cache):
     full, stopped, killed = tmp_path / "full", tmp_path / "stopped", tmp_path / "killed"
-    distributed.python(LAUNCHER, *_args(tmp_path, cache, full))
-    distributed.python(LAUNCHER, *_args(tmp_path, cache, stopped, extra=["--stop_at_step", 20]))
+    # in this process, but for the killed run, which must be a real process
+    run_checked("pretrain", *_args(tmp_path, cache, full))
+    run_checked("pretrain", *_args(tmp_path, cache, stopped, extra=["--stop_at_step", 20]))
     assert max(_losses(stopped)) == 20
-    distributed.python(LAUNCHER, *_args(tmp_path, cache, stopped, extra=["--resume"]))
+    run_checked("pretrain", *_args(tmp_path, cache, stopped, extra=["--resume"]))
 
     # SIGKILL just before step 21, right after the step-20 checkpoint (injected by the test-side wrapper)
     proc = distributed.run([sys.executable, "-m", FAULTY, *map(str, _args(tmp_path, cache, killed))], check=False,
                            extra_env={"CAMEX_FAULT": "0:KILL:step:21"})
     assert proc.returncode == -signal.SIGKILL
     assert (killed / "checkpoints" / "latest").read_text() == "global_step20"
-    distributed.python(LAUNCHER, *_args(tmp_path, cache, killed, extra=["--resume"]))
+    run_checked("pretrain", *_args(tmp_path, cache, killed, extra=["--resume"]))
 
     reference = _losses(full)
     for run in (stopped, killed):
@@ -127,7 +129,7 @@ def test_bad_input_is_one_line(tmp_path, cache, case):
         model = dict(TINY, moe={"method": "smoe", "num_experts": 4, "every": 2, "backend": "megablocks"})
     args = ["--model_config", _write(tmp_path / "m.json", model), "--cache_dir", cache,
             "--output_dir", tmp_path / "out", "--max_steps", 2, "--no_progress", *extra]
-    proc = distributed.python(LAUNCHER, *args, check=False)
+    proc = run_main("pretrain", args)  # in this process: the real script's own run is test_help_explains_flags
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -148,16 +150,16 @@ def test_help_explains_flags():
 def test_init_from_an_upcycled_dense_model(tmp_path, cache):
     dense = dict(TINY, moe=None)
     run, cons, up = tmp_path / "dense", tmp_path / "dense_model", tmp_path / "moe_model"
-    distributed.python(LAUNCHER, "--model_config", _write(tmp_path / "d.json", dense), "--cache_dir", cache,
-                       "--output_dir", run, "--max_steps", 20, "--eval_interval", 20, "--save_interval", 20,
-                       "--log_interval", 1, "--no_progress")
-    tool = distributed.ROOT / "tools" / "convert_checkpoint.py"
-    distributed.python(tool, "consolidate", "--checkpoint", run, "--output", cons)
+    # the launcher and camex-convert in this process (their real scripts run in other tests)
+    run_checked("pretrain", "--model_config", _write(tmp_path / "d.json", dense), "--cache_dir", cache,
+                "--output_dir", run, "--max_steps", 20, "--eval_interval", 20, "--save_interval", 20,
+                "--log_interval", 1, "--no_progress")
+    run_checked("convert", "consolidate", "--checkpoint", run, "--output", cons)
     moe_cfg = _write(tmp_path / "m.json", {"moe": TINY["moe"]})
-    distributed.python(tool, "upcycle", "--input", cons, "--moe_config", moe_cfg, "--output", up)
+    run_checked("convert", "upcycle", "--input", cons, "--moe_config", moe_cfg, "--output", up)
     out = tmp_path / "moe_run"
-    distributed.python(LAUNCHER, "--init_from", up, "--cache_dir", cache, "--output_dir", out, "--max_steps", 2,
-                       "--eval_interval", 2, "--save_interval", 2, "--log_interval", 1, "--no_progress")
+    run_checked("pretrain", "--init_from", up, "--cache_dir", cache, "--output_dir", out, "--max_steps", 2,
+                "--eval_interval", 2, "--save_interval", 2, "--log_interval", 1, "--no_progress")
     cfg = json.loads((out / "model_config.json").read_text())
     assert cfg["moe"]["method"] == "camex"
     first, dense_losses = _losses(out)[1], _losses(run)
