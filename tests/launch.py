@@ -16,6 +16,9 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launcher" / "pretrain.py"
@@ -40,16 +43,22 @@ def tiny_ds_config(path: Path, stage=0, accum=1, micro=2) -> Path:
                              "tensorboard": {"enabled": False}})
 
 
-def run_main(name: str, argv) -> subprocess.CompletedProcess:
+def run_main(name: str, argv, threads: Optional[int] = 1) -> subprocess.CompletedProcess:
     """`camex_ds.cli.NAME`'s `main(ARGV)` (what `tools/*.py`, `launcher/pretrain.py` and the `camex-*` commands run)
     in this process, as a `CompletedProcess` with its exit code (`main`'s return value or `SystemExit`'s code, e.g.
     argparse's 2) and what it printed to stdout and stderr. A run saves a new interpreter's ~3.5 s of torch and
-    DeepSpeed import; it uses this process's torch threads, so compare it with a real process to a tolerance and
-    bit for bit only with another run in this process. The distributed variables a world of one fills in are
-    restored afterwards; the rest of the environment and the signal handlers are left as they were."""
+    DeepSpeed import. It runs with `threads` torch intra-op threads (restored afterwards; None: this process's),
+    1 by default as the real processes it replaces (`distributed.env()`'s OMP_NUM_THREADS=1): on a shared
+    2-core box a second spinning thread makes tiny runs slower. Still, compare it with a real process to a
+    tolerance, and bit for bit only with another run in this process. The distributed variables a world of one
+    fills in are restored afterwards; the rest of the environment and the signal handlers are left as they
+    were."""
     module = importlib.import_module(f"camex_ds.cli.{name}")
     argv = [str(a) for a in argv]
     saved = {k: os.environ.get(k) for k in DIST_ENV}
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     err, out = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -58,6 +67,7 @@ def run_main(name: str, argv) -> subprocess.CompletedProcess:
             except SystemExit as e:  # argparse
                 code = e.code
     finally:
+        torch.set_num_threads(saved_threads)
         for k, v in saved.items():  # init_distributed fills these in for a world of one
             if v is None:
                 os.environ.pop(k, None)
@@ -77,8 +87,9 @@ def run_checked(name: str, *argv) -> subprocess.CompletedProcess:
 
 
 def launch(argv) -> tuple[int, str, str]:
-    """`(exit code, stderr, stdout)` of `launcher/pretrain.py ARGV`, run in this process (`run_main`)."""
-    proc = run_main("pretrain", argv)
+    """`(exit code, stderr, stdout)` of `launcher/pretrain.py ARGV`, run in this process (`run_main`) with its
+    torch threads as they are (the robustness tests' runs, measured and compared that way)."""
+    proc = run_main("pretrain", argv, threads=None)
     return proc.returncode, proc.stderr, proc.stdout
 
 

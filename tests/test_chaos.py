@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests import distributed
-from tests.launch import LAUNCHER, TINY, launch, one_error, tiny_ds_config, write_json
+from tests.launch import LAUNCHER, TINY, launch, one_error, run_checked, tiny_ds_config, write_json
 from camex_ds.data import PreparedDataset
 from camex_ds.train import manifest
 
@@ -333,8 +333,10 @@ def test_skipped_nan_step_changes_nothing(setup, tmp_path, monkeypatch, stage, a
 
 
 def _two_rank_args(s, out, steps, *extra) -> list:
+    """2 ranks, expert parallel 2, ZeRO 2, a checkpoint every step; `--peak_tflops 1`: no test here reads MFU, so
+    rank 0 skips its CPU matmul probe (~0.5 s per run)."""
     return [*_args(s, out, "--max_steps", steps, "--save_interval", 1, "--eval_interval", steps, "--ep_size", 2,
-                   *extra, ds=s["root"] / "zero2.json")]
+                   "--peak_tflops", 1, *extra, ds=s["root"] / "zero2.json")]
 
 
 def _events_per_save(log: Path, saves: int) -> dict:
@@ -445,24 +447,23 @@ def test_plain_text_and_val_data_through_launcher_compare_methods_and_evaluate(s
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = torch.load(run / "out" / "pytorch_model.bin", weights_only=True)
     model = tmp_path / "model"
-    distributed.python(distributed.ROOT / "tools" / "convert_checkpoint.py", "consolidate", "--checkpoint", run,
-                       "--output", model)
+    # the tools' commands in this process (tests/test_convert.py runs each real script once)
+    run_checked("convert", "consolidate", "--checkpoint", run, "--output", model)
     from camex_ds.ckpt.format import read_weights
 
     consolidated = read_weights(model)
     assert weights.keys() == consolidated.keys() and all(torch.equal(weights[k], consolidated[k]) for k in weights)
 
-    proc = distributed.python(distributed.ROOT / "tools" / "evaluate.py", "--model", model, "--val_data",
-                              setup["valid"], "--cache_dir", setup["cache"], "--batch_size", 2, "--max_batches", 4)
+    proc = run_checked("evaluate", "--model", model, "--val_data", setup["valid"], "--cache_dir", setup["cache"],
+                       "--batch_size", 2, "--max_batches", 4)
     evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(evaluated["val_loss"] - final["val_loss"]) <= 1e-4 * final["val_loss"], (evaluated, final)
 
     out = tmp_path / "compare"
-    proc = distributed.python(distributed.ROOT / "tools" / "compare_methods.py", "--data", setup["train"],
-                              "--val_data", setup["valid"], "--methods", "camex", "--seeds", 1, "--max_steps", 2,
-                              "--eval_interval", 2, "--model_config", setup["model"], "--deepspeed_config",
-                              setup["ds"], "--output", out, "--no_progress", "--bootstrap_resamples", 10, "--",
-                              "--vocab_size", 512, "--cache_dir", setup["cache"], "--eval_batches", 2)
+    run_checked("compare", "--data", setup["train"], "--val_data", setup["valid"], "--methods", "camex", "--seeds", 1,
+                "--max_steps", 2, "--eval_interval", 2, "--model_config", setup["model"], "--deepspeed_config",
+                setup["ds"], "--output", out, "--no_progress", "--bootstrap_resamples", 10, "--", "--vocab_size", 512,
+                "--cache_dir", setup["cache"], "--eval_batches", 2, "--peak_tflops", 1)
     result = json.loads((out / "results.json").read_text())["methods"]["camex"]["seeds"]["0"]
     assert result["step"] == 2 and math.isfinite(result["val_loss"])
     assert "--val_data" in (out / "runs" / "camex" / "seed0" / "log.txt").read_text()

@@ -101,7 +101,7 @@ def test_compiled_model_matches_eager(name):
 def test_compiled_expert_parallel_step_matches_eager(tmp_path):
     script = "tests.dist.ep_step"
     distributed.python(script, "--out", tmp_path, "--layouts", "ref", "--methods", "camex")
-    distributed.deepspeed(script, "--out", tmp_path, "--layouts", "ep2", "--methods", "camex", "--compile")
+    distributed.ranks_ok(script, "--out", tmp_path, "--layouts", "ep2", "--methods", "camex", "--compile")
     want = torch.load(tmp_path / "ref_rank0.pt")
     parts = [torch.load(tmp_path / f"ep2_compiled_rank{r}.pt") for r in range(2)]
     for key in want:
