@@ -113,6 +113,7 @@ def make_plan(s: StudySettings) -> Plan:
             if not value > 0:
                 raise UsageError(f"--{key} must be > 0, got {value}")
             numbers[key] = value
+    numbers["sweep_seeds"] = min(numbers["sweep_seeds"], numbers["seeds"])  # the first seeds of the reference's
     if (s.data is None) != (s.val_data is None):
         raise UsageError("--data and --val_data go together: the second corpus's training and held-out text")
     model = dict(default_model(), **(TINY_MODEL if s.quick else {}))
@@ -192,7 +193,7 @@ def _seeds_of(plan: Plan, stage: str, variant: str) -> int:
     if stage == "pretrain":
         return 1
     if stage == "scratch_scaled" or (stage == "finetune" and variant not in plan.reference_variants):
-        return min(n["sweep_seeds"], n["seeds"])
+        return n["sweep_seeds"]
     return n["seeds"]
 
 
@@ -202,7 +203,7 @@ def plan_lines(plan: Plan) -> List[str]:
     lines = [f"curvature study ({'quick' if s.quick else 'full'}) in {plan.output}",
              f"  model: d_model {plan.model['d_model']}, {plan.model['n_layers']} layers, seq_len "
              f"{plan.model['seq_len']}; seeds {n['seeds']} (the sweep's other arms: "
-             f"{min(n['sweep_seeds'], n['seeds'])}); fine-tuning lr {n['finetune_lr']}",
+             f"{n['sweep_seeds']}); fine-tuning lr {n['finetune_lr']}",
              f"  base corpus: {s.base_data or 'the default corpus (standard-library sources)'}; second corpus: "
              f"{s.data or 'standard-library docstrings (prose)'}",
              f"  upcycled MoE: {json.dumps(plan.moe)}; arms: {' x '.join(plan.sweeps) or 'one'}"]
@@ -302,7 +303,7 @@ def run_study(settings: StudySettings) -> int:
         moe_set=[f"{k}={format_value(v)}" for k, v in plan.moe.items()], sweep=plan.sweeps,
         deepspeed_config=str(configs / "finetune_ds.json"), seed_data_order=True,
         eval_interval=max(1, n["finetune_steps"] // EVALS_PER_RUN),
-        arm_seeds=min(n["sweep_seeds"], n["seeds"]),
+        arm_seeds=n["sweep_seeds"],
         eval_windows=eval_windows_for(train, valid, tokenizer, seq_len, n["vocab_size"], n["eval_cap"])),
         plan, log)
     if reports["finetune"] is None:
@@ -319,7 +320,7 @@ def run_study(settings: StudySettings) -> int:
     if scaled is not None:
         reports["scratch_scaled"] = _stage("scratch_scaled", GridOptions(
             output=str(out / "scratch_scaled"), methods=",".join(SCALED_METHODS),
-            seeds=min(n["sweep_seeds"], n["seeds"]), max_steps=n["scratch_steps"],
+            seeds=n["sweep_seeds"], max_steps=n["scratch_steps"],
             model_config=str(configs / "base_model.json"), data=train, val_data=valid,
             moe_set=[scaled], eval_interval=max(1, n["scratch_steps"] // EVALS_PER_RUN),
             eval_windows=eval_windows_for(train, valid, None, seq_len, n["vocab_size"], n["eval_cap"]),
