@@ -40,7 +40,7 @@ def test_merge_layer_traces_whole_forward_and_backward(method, dynamic):
     def loss(x):
         chain, out, aux = MergeChain(), x, 0.0
         for layer in layers:
-            out, layer_aux, _ = layer(out, chain)
+            out, layer_aux, _, chain = layer(out, chain)
             aux = aux + layer_aux
         return out.square().mean() + aux
 

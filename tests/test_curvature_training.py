@@ -20,7 +20,7 @@ from camex_ds.ckpt.format import EXPERT_RE
 from camex_ds.config import ModelConfig, TrainArgs
 from camex_ds.model import GPT, apply_lr_scales, param_groups
 from camex_ds.model.optim import LR_SCALE
-from camex_ds.moe.layer import factor_shapes
+from camex_ds.moe.factors import factor_shapes
 from camex_ds.train import manifest
 from camex_ds.train.configs import deepspeed_config
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from tests import reference as ref
 from camex_ds.config import ConfigError
 from camex_ds.moe import CAMExMoE, MergeChain
-from camex_ds.moe.layer import split_factors
+from camex_ds.moe.factors import split_factors
 from camex_ds.moe import functional as Fn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -95,7 +95,7 @@ def test_layer_matches_reference(method, config):
     layer = make(method, n=4, T=2, perturb=0.3, curvature_rank=2, alpha=0.7, routing=routing, first_segment=first,
                  activation=activation, top_k=top_k).eval()
     x = torch.randn(2, 8, 6, dtype=F64)
-    out, l_aux, counts = layer(x)
+    out, l_aux, counts, _ = layer(x)
     mask = "none" if mask_of(method) == "dare" else mask_of(method)
     want, _, _ = reference_forward(layer, x, T=2, top_k=top_k, routing=routing, first_segment=first, alpha=0.7,
                                    activation=activation, mask=mask)
@@ -119,7 +119,7 @@ def test_layer_dare_training_uses_one_mask_per_forward(monkeypatch, method):
     p = 0.4
     layer = make(method, n=3, T=2, perturb=0.3, dare_p=p).train()
     x = torch.randn(2, 8, 6, dtype=F64)
-    out, _, _ = layer(x)
+    out, _, _, _ = layer(x)
     assert len(drawn) == 2  # one per matrix (w_in [10,6], w_out [6,10])
     masks = {("w_in" if m.shape[1:] == (10, 6) else "w_out"): m for m in drawn}
     assert set(masks) == {"w_in", "w_out"} and all(m.shape[0] == 3 for m in drawn)
@@ -132,7 +132,7 @@ def test_layer_dare_training_uses_one_mask_per_forward(monkeypatch, method):
     layer(x)
     assert len(drawn) == 4 and not torch.equal(drawn[0], drawn[2])
     layer.eval()
-    out_eval, _, _ = layer(x)
+    out_eval, _, _, _ = layer(x)
     assert len(drawn) == 4
     close(out_eval, reference_forward(layer, x, T=2)[0])
     assert (out - out_eval).abs().max() > 1e-6
@@ -141,7 +141,7 @@ def test_layer_dare_training_uses_one_mask_per_forward(monkeypatch, method):
 def test_layer_bfloat16_and_float32_preserve_dtype():
     for dtype in (torch.float32, torch.bfloat16):
         layer = make("camex-ties", double=False, perturb=0.1).to(dtype)
-        out, l_aux, counts = layer(torch.randn(1, 4, 6).to(dtype))
+        out, l_aux, counts, _ = layer(torch.randn(1, 4, 6).to(dtype))
         assert out.dtype == dtype and l_aux.dtype == dtype and counts.shape == (3,)
         assert torch.isfinite(out.float()).all()
 
@@ -166,9 +166,9 @@ def test_camex_equals_euclidean_twin_at_init(twin, train):
 
     x = torch.randn(2, 8, 6, dtype=F64)
     torch.manual_seed(7)
-    out_c, aux_c, cnt_c = curved(x)
+    out_c, aux_c, cnt_c, _ = curved(x)
     torch.manual_seed(7)
-    out_f, aux_f, cnt_f = flat(x)
+    out_f, aux_f, cnt_f, _ = flat(x)
     close(out_c, out_f, tol=1e-13)
     close(aux_c, aux_f, tol=1e-13)
     assert torch.equal(cnt_c, cnt_f)
@@ -192,7 +192,7 @@ def _at_init(method, rank, dynamic, train, x):
     torch.manual_seed(7)
     chain, out, aux = MergeChain(), x, 0.0
     for layer in layers:
-        out, l_aux, _ = layer(out, chain)
+        out, l_aux, _, chain = layer(out, chain)
         aux = aux + l_aux
     return out, aux, layers
 
@@ -329,7 +329,7 @@ def test_dynamic_chain_matches_reference_recursion(method, activation):
     chain = MergeChain()
     inp, prev = x, None
     for layer in chain_layers:
-        out, l_aux, counts = layer(inp, chain)
+        out, l_aux, counts, chain = layer(inp, chain)
         assert counts.shape == (3,)  # N-1 routed experts
         want, weights, _ = reference_forward(layer, inp, T=2, alpha=0.8, activation=activation,
                                              mask=mask_of(method), prev=prev)
@@ -356,7 +356,7 @@ def test_dynamic_chain_dare_training_matches_reference(monkeypatch, method):
     chain, inp, prev = MergeChain(), x, None
     for layer in layers:
         drawn.clear()
-        out = layer(inp, chain)[0]
+        out, _, _, chain = layer(inp, chain)
         assert len(drawn) == 2 and all(m.shape[0] == 3 for m in drawn)  # N-1 experts
         masks = {("w_in" if m.shape[1:] == (10, 6) else "w_out"): m for m in drawn}
         want, weights, _ = reference_forward(layer, inp, T=2, alpha=0.8, mask=masks, prev=prev)
@@ -378,7 +378,7 @@ def test_dynamic_chain_storage_and_gradient_flow():
     # the base of layer 1 gets gradient through the chain's weights alone (input of layer 2 detached)
     x = torch.randn(1, 4, 6, dtype=F64)
     chain = MergeChain()
-    y1 = first(x, chain)[0]
+    y1, _, _, chain = first(x, chain)
     second(y1.detach(), chain)[0].square().sum().backward()
     assert first.base["w_in"].grad is not None and first.base["w_in"].grad.abs().max() > 0
 
@@ -514,7 +514,7 @@ def _gradcheck_module_chain(layers, x, outputs=lambda outs: outs, fast=True):
         chain, inp, outs = MergeChain(), x_, []
         for i, layer in enumerate(layers):
             p = {n: t for (j, n), t in zip(specs, flat) if j == i}
-            inp = functional_call(layer, p, (inp, chain))[0]
+            inp, _, _, chain = functional_call(layer, p, (inp, chain))
             outs.append(inp)
         return tuple(outputs(outs))
 
@@ -564,7 +564,7 @@ def test_gradcheck_aux_loss_in_float64():
 def test_aux_loss_finite_nonnegative_and_counts(top_k, noisy):
     layer = make("camex", n=4, T=2, top_k=top_k, noisy_gating=noisy, aux_loss_coef=0.05).train()
     x = torch.randn(3, 8, 6, dtype=F64)
-    _, l_aux, counts = layer(x)
+    _, l_aux, counts, _ = layer(x)
     assert l_aux.dim() == 0 and torch.isfinite(l_aux) and l_aux >= 0
     assert counts.shape == (4,) and not counts.is_floating_point() and (counts >= 0).all()
     assert int(counts.sum()) == 3 * 4 * top_k  # every segment picks top_k experts
@@ -577,7 +577,7 @@ def test_aux_loss_matches_formula_without_noise():
     """coef · (cv²(importance) + cv²(load)); importance, load over the segments' own (unshifted) gates."""
     layer = make("camex", n=4, T=2, top_k=2, aux_loss_coef=0.05).train()
     x = torch.randn(3, 8, 6, dtype=F64)
-    _, l_aux, counts = layer(x)
+    _, l_aux, counts, _ = layer(x)
     _, _, own = reference_forward(layer, x, T=2, top_k=2)
     importance, load = own.sum((0, 1)), (own > 0).sum((0, 1)).to(F64)
     assert torch.equal(counts, (own > 0).sum((0, 1)).to(counts.dtype))
@@ -592,7 +592,7 @@ def test_aux_loss_zero_for_uniform_gates(noisy):
         layer.router.w_gate.zero_()
         if noisy:
             layer.router.w_noise.zero_()
-    _, l_aux, counts = layer.eval()(torch.randn(2, 8, 6, dtype=F64))
+    _, l_aux, counts, _ = layer.eval()(torch.randn(2, 8, 6, dtype=F64))
     assert abs(float(l_aux.detach())) < 1e-8
     assert counts.tolist() == [8, 8, 8, 8]
 
@@ -659,7 +659,7 @@ def test_sequence_routing_ignores_segment_len():
     """`routing="sequence"` is T = L: any L works, one gate vector per sequence."""
     layer = make("camex", T=4, routing="sequence", perturb=0.3).eval()
     x = torch.randn(2, 6, 6, dtype=F64)
-    out, _, counts = layer(x)
+    out, _, counts, _ = layer(x)
     close(out, reference_forward(layer, x, T=4, routing="sequence")[0])
     assert int(counts.sum()) == 2 * 3
 
@@ -718,7 +718,7 @@ def test_layer_on_cuda_matches_cpu_float64(method, dtype):
     xg = x.detach().to("cuda", dtype).requires_grad_(True)
     outs = []
     for layer, inp in ((cpu, x), (gpu, xg)):
-        out, _, _ = layer(inp)
+        out, _, _, _ = layer(inp)
         out.float().square().sum().backward()
         outs.append(out.detach().cpu().double())
 

@@ -6,7 +6,7 @@ the whole batch, and nothing may be reused once it is stale. Multi-process DeepS
 import pytest
 import torch
 
-from camex_ds.moe import MergeChain, MicroBatch
+from camex_ds.moe import plan_layers
 from camex_ds.moe import functional as Fn
 from tests.test_layer import F64, make, make_chain
 
@@ -19,12 +19,16 @@ def _loss(outputs, weights):
     return sum((o * w).sum() for o, w in zip(outputs, weights))
 
 
-def _forward(layers, x, micro_batch=None):
-    chain, inp, outs = MergeChain(), x, []
-    for layer in layers:
-        inp = layer(inp, chain, micro_batch)[0]
+def _forward(layers, x, plans=None):
+    chain, inp, outs = None, x, []
+    for i, layer in enumerate(layers):
+        inp, _, _, chain = layer(inp, chain, None if plans is None else plans[i])
         outs.append(inp)
     return outs
+
+
+def _segments(layer, x):
+    return x.shape[0] * (x.shape[1] // layer.segment_len_for(x.shape[1]))
 
 
 def _grads(layers):
@@ -39,13 +43,17 @@ def one_pass(layers, x, weights):
     return _grads(layers)
 
 
-def accumulated(layers, x, weights, step=0, between=None):
-    """`ACCUM` micro-batches of one optimizer step; `between(i)` runs after micro-batch i's backward."""
+def accumulated(layers, x, weights, between=None):
+    """`ACCUM` micro-batches of one optimizer step, its plans built at the first; `between(i)` runs after
+    micro-batch i's backward."""
     for layer in layers:
         layer.zero_grad(set_to_none=True)
+    plans = None
     for i, (xs, ws) in enumerate(zip(x.chunk(ACCUM), zip(*(w.chunk(ACCUM) for w in weights)))):
-        mb = MicroBatch(step=step, last=i == ACCUM - 1, accumulation=ACCUM)
-        _loss(_forward(layers, xs, mb), ws).backward()
+        if plans is None:
+            plans = plan_layers(layers, _segments(layers[0], xs), ACCUM)
+        views = [plan.for_micro_batch(last=i == ACCUM - 1) for plan in plans]
+        _loss(_forward(layers, xs, views), ws).backward()
         if between:
             between(i)
     return _grads(layers)
@@ -87,10 +95,10 @@ def test_each_chain_layer_takes_the_cheaper_exact_evaluation():
     """Layer 1 offers its span (base + N-1 curved task vectors); later layers go through it while that costs
     fewer FLOPs than segment by segment (`camex_ds.moe.chain.prefer_span`); TIES (a per-segment election) never."""
     def span_sizes(method, length):
-        chain, inp = MergeChain(), torch.randn(2, length, 6, dtype=F64)
+        chain, inp = None, torch.randn(2, length, 6, dtype=F64)
         sizes = []
         for layer in make_chain(method):
-            inp = layer(inp, chain)[0]
+            inp, _, _, chain = layer(inp, chain)
             sizes.append(chain.spans["w_in"].size if "w_in" in chain.spans else None)
         return sizes
 
@@ -105,9 +113,9 @@ def test_curvature_runs_once_per_optimizer_step(monkeypatch):
     monkeypatch.setattr(Fn, "curved_task_vectors", lambda *a, **k: calls.append(1) or real(*a, **k))
     layer = make("camex", n=4, perturb=0.3).train()
     x, w = _batch([layer])
-    accumulated([layer], x, w, step=0)
+    accumulated([layer], x, w)
     assert len(calls) == 2  # w_in and w_out, once for the four micro-batches
-    accumulated([layer], x, w, step=1)
+    accumulated([layer], x, w)
     assert len(calls) == 4  # a new step computes afresh
     one_pass([layer], x, w)
     assert len(calls) == 6  # no micro-batch information: every forward computes
@@ -132,17 +140,18 @@ def test_nothing_stale_after_a_load_a_skipped_step_or_new_parameters():
     layer = make("camex", n=4, perturb=0.3).train()
     fresh = make("camex", n=4, perturb=0.3, seed=7).train()
     x = torch.randn(2, 6, 6, dtype=F64)
-    first = MicroBatch(step=0, last=False, accumulation=ACCUM)
-    layer(x, None, first)
-    layer.load_state_dict(fresh.state_dict())  # mid-step: the kept τ̃ belong to the old parameters
-    torch.testing.assert_close(layer(x, None, first)[0], fresh(x)[0])
-    # a step whose boundary backward never ran (skipped), then changed parameters: the next step recomputes
-    layer(x, None, MicroBatch(step=0, last=True, accumulation=ACCUM))
+    segments = _segments(layer, x)
+    layer(x, None, layer.plan(segments, ACCUM).for_micro_batch(last=False))
+    layer.load_state_dict(fresh.state_dict())  # mid-step: the old plan's τ̃ belong to the old parameters
+    torch.testing.assert_close(layer(x, None, layer.plan(segments, ACCUM).for_micro_batch(last=False))[0],
+                               fresh(x)[0])
+    # a step whose boundary backward never ran (skipped), then changed parameters: the next step plans afresh
+    layer(x, None, layer.plan(segments, ACCUM).for_micro_batch(last=True))
     with torch.no_grad():
         for p in layer.parameters():
             p.mul_(1.1)
-    for step, accumulation in ((1, ACCUM), (2, 2)):  # also a changed accumulation count
-        got = layer(x, None, MicroBatch(step=step, last=False, accumulation=accumulation))[0]
+    for accumulation in (ACCUM, 2):  # also a changed accumulation count
+        got = layer(x, None, layer.plan(segments, accumulation).for_micro_batch(last=False))[0]
         torch.testing.assert_close(got, layer(x)[0])
 
 

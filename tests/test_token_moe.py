@@ -55,7 +55,7 @@ def test_megablocks_dmoe_trains_on_gpu():
     torch.manual_seed(0)
     layer = MegaBlocksMoE(64, 128, MoEConfig(num_experts=4, method="smoe", top_k=2), bf16=True).cuda()
     x = torch.randn(2, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out, aux, _ = layer(x)
+    out, aux, _, _ = layer(x)
     (out.float().square().mean() + aux).backward()
     assert out.shape == x.shape and out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert x.grad is not None and aux > 0

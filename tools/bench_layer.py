@@ -115,10 +115,10 @@ def _build(args, impl, method):
     if impl == "dense":
         net = torch.nn.Sequential(torch.nn.Linear(args.d, args.h, bias=False), torch.nn.GELU(),
                                   torch.nn.Linear(args.h, args.d, bias=False))
-        return (lambda x, micro_batch: net(x)), list(net.parameters())
+        return (lambda x, plans: net(x)), list(net.parameters())
     if impl == "naive":
         forward, params = _naive_layer(args, method)
-        return (lambda x, micro_batch: forward(x)), params
+        return (lambda x, plans: forward(x)), params
     from camex_ds.moe import CAMExMoE
 
     layer = CAMExMoE(args.d, args.h, args.experts, method=method, segment_len=args.T,
@@ -127,7 +127,16 @@ def _build(args, impl, method):
         for name, p in layer.named_parameters():
             if "curvature" in name:
                 p.add_(0.01 * torch.randn_like(p))
-    return (lambda x, micro_batch: layer(x, None, micro_batch)[0]), list(layer.parameters())
+    def forward(x, plans):
+        """One micro-batch; `plans`: `(the step's plan, whether this is its last micro-batch)`, or None for a plan
+        per call."""
+        if plans is None:
+            return layer(x)[0]
+        plan, last = plans
+        return layer(x, None, plan.for_micro_batch(last))[0]
+
+    forward.plan = lambda x, accum: layer.plan(x.shape[0] * (x.shape[1] // args.T), accum)
+    return forward, list(layer.parameters())
 
 
 def _floor_parts(args) -> dict:
@@ -200,19 +209,15 @@ def _run_one(args) -> dict:
     cuda = args.device == "cuda"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    from camex_ds.moe import MicroBatch
-
-    steps = iter(range(10 ** 9))
-
     def timed(fn, prm):
         """Seconds per micro-batch of one optimizer step of `--grad_accum` micro-batches."""
-        step, accum = next(steps), args.grad_accum
+        accum = args.grad_accum
         if cuda:
             torch.cuda.synchronize()
         start = clock()
+        plan = fn.plan(x, accum) if accum > 1 and hasattr(fn, "plan") else None  # the step's, at its start
         for j in range(accum):
-            micro_batch = MicroBatch(step=step, last=j == accum - 1, accumulation=accum) if accum > 1 else None
-            fn(x, micro_batch).float().square().mean().backward()
+            fn(x, None if plan is None else (plan, j == accum - 1)).float().square().mean().backward()
         if cuda:
             torch.cuda.synchronize()
         elapsed = clock() - start

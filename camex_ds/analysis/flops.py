@@ -17,7 +17,7 @@ really executes, op by op, so `FlopCounterMode` on the real model agrees with th
 `micro_batch_tokens` is the number of tokens one rank runs through one forward pass (micro-batch × seq_len); it
 sets the per-forward terms and DeepSpeed's SMoE capacity. `accumulation` is DeepSpeed's
 `gradient_accumulation_steps`: in training, merge layers compute what depends on parameters alone (the
-curvature, the dynamic chain's span images) once per optimizer step (`camex_ds.moe.step_reuse`), so those
+curvature, the dynamic chain's span images) once per optimizer step (`camex_ds.moe.plan`), so those
 terms are shared by `micro_batch_tokens × accumulation` tokens. The eval `forward` computes them every forward.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Optional, Union
 import torch
 
 from ..config import ConfigError, ModelConfig, MoEConfig
-from ..moe.chain import next_span_size, prefer_span, start_span_size
 from ..moe.comm import ep_bytes_per_layer
 from ..moe.ffn import matrix_shapes
 from ..moe.functional import curvature_backward_flops, curvature_flops, kron_factor_shape
+from ..moe.plan import Evaluation, evaluations
 from ..moe.token_moe import SMOE_MIN_CAPACITY, resolve_backend
 
 # FlopCounterMode's fused-attention backward formula: scores recomputed + 2 GEMMs for dV, dP + 2 for dQ, dK,
@@ -267,10 +267,9 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, accumulatio
         elif chain_start:
             # Chain start: merge_rows (addmm of N rows, base as the bias) under plain autograd: backward 2×.
             c.add("merge", 2 * n * p / seg, 2.0)
-            for plan in spans.values():
-                plan.update({name: start_span_size(n) if moe.mask != "ties" else None for name in _matrices(cfg)})
+            _chain_layer(cfg, c, tokens, accumulation, spans, elementwise, chain_start=True)
         else:
-            _chain_layer(cfg, c, tokens, accumulation, spans, elementwise)
+            _chain_layer(cfg, c, tokens, accumulation, spans, elementwise, chain_start=False)
     if moe.mask != "none":
         notes.append(f"{moe.mask} masks are elementwise: 0 matmul FLOPs")
     if moe.dynamic and len(moe_layers) > 1:
@@ -280,32 +279,37 @@ def _merge_components(cfg: ModelConfig, c: _Components, tokens: int, accumulatio
 
 
 def _chain_layer(cfg: ModelConfig, c: _Components, tokens: int, accumulation: int, spans: dict,
-                 elementwise: dict) -> None:
-    """A dynamic layer l>1 (§4), each matrix as `CAMExMoE._takes_span` evaluates it, for the eval forward (one
-    micro-batch per step) and for training (`accumulation` of them); updates `spans` for the next layer."""
+                 elementwise: dict, chain_start: bool) -> None:
+    """A dynamic layer (§4), each matrix as the layer's plan evaluates it (`moe.plan.evaluations`, the function
+    `CAMExMoE.plan` decides with), for the eval forward (one micro-batch per step) and for training (`accumulation`
+    of them); updates `spans` (the span sizes per matrix) for the next layer. A chain's first layer is counted by
+    the caller; it only hands its span on."""
     moe = cfg.moe
     n, seg, rank = moe.routed_experts, cfg.moe.segment_len_for(cfg.seq_len), moe.curvature_rank
-    segments = tokens // seg
+    shapes = _matrices(cfg)
     rows = {}  # plan -> component -> [forward, backward] per token
     for plan, acc in (("eval", 1), ("train", accumulation)):
         rows[plan] = {"dynamic": [0.0, 0.0], "merge": [0.0, 0.0]}
-        for name, (o, i) in _matrices(cfg).items():
+        chosen = evaluations(moe, shapes, chain_start, spans[plan], tokens // seg, acc)
+        for name, (evaluation, size_out) in chosen.items():
+            o, i = shapes[name]
             fwd, back = (curvature_flops(o, i, rank), curvature_backward_flops(o, i, rank)) if moe.curved else (0, 0)
-            size = spans[plan][name]
-            if prefer_span(size, n, segments, acc, (o, i), rank, moe.curved):
+            if evaluation is Evaluation.SPAN:
+                size = spans[plan][name]
                 # n·K images once per step; the merge GEMM [S, n(K+1)]·[n(K+1), P] and its two backward GEMMs.
                 rows[plan]["dynamic"][0] += n * size * fwd / (tokens * acc)
                 rows[plan]["dynamic"][1] += n * size * back / (tokens * acc)
                 rows[plan]["merge"][0] += 2 * n * (size + 1) * o * i / seg
                 rows[plan]["merge"][1] += 4 * n * (size + 1) * o * i / seg
-                spans[plan][name] = next_span_size(size, n)
-            else:
+            elif evaluation is Evaluation.SEGMENT:
                 # M_i(Ŵ^{l-1}_s): 4 GEMMs per segment and expert; the merge itself is elementwise.
                 rows[plan]["dynamic"][0] += n * fwd / seg
                 rows[plan]["dynamic"][1] += n * back / seg
                 if plan == "train":
                     elementwise["dynamic_merge"] = elementwise.get("dynamic_merge", 0.0) + 2 * n * o * i / seg
-                spans[plan][name] = None
+        spans[plan] = {name: size for name, (_, size) in chosen.items() if size is not None}
+    if chain_start:
+        return
     for component in ("dynamic", "merge"):
         c.add(component, rows["eval"][component][0], train_forward=rows["train"][component][0],
               backward=rows["train"][component][1])

@@ -8,7 +8,6 @@ import torch
 from torch.utils import flop_counter as fc
 
 from ..model import build_model
-from ..moe import MicroBatch
 from .flops import CfgLike, resolve_config
 
 
@@ -64,11 +63,14 @@ def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int]
         model.zero_grad(set_to_none=True)
         f = b = 0
         by_op: dict = {}
+        plans = None
         for i in range(accumulation):
             ids = torch.randint(0, vocab, (batch, cfg.seq_len), generator=gen)
-            micro_batch = MicroBatch(step=0, last=i == accumulation - 1, accumulation=accumulation)
             with fc.FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
-                out = model(ids, labels=ids, micro_batch=micro_batch)
+                if plans is None:  # the step's plans count in its first forward
+                    plans = model.merge_plans(batch, cfg.seq_len, accumulation)
+                view = [None if p is None else p.for_micro_batch(i == accumulation - 1) for p in plans]
+                out = model(ids, labels=ids, plans=view)
                 loss = out.loss + out.aux_loss
             with fc.FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
                 loss.backward()

@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError, ModelConfig
 from ..moe import functional as Fn
 from ..moe.ffn import expert_matrix_names, matrix_shapes
-from ..moe.layer import factor_shapes, split_factors
+from ..moe.factors import factor_shapes, split_factors
 from .format import EXPERT_RE, ConvertError, PathLike, expert_key
 
 MODEL_TYPE = "camex"

@@ -12,7 +12,7 @@ from ..config import FOLD_TARGET, ConfigError, ModelConfig, read_json_object
 from ..model import GPT
 from ..moe import functional as Fn
 from ..moe.ffn import expert_matrix_names
-from ..moe.layer import factor_shapes, split_factors, upgrade_factor_keys
+from ..moe.factors import factor_shapes, split_factors, upgrade_factor_keys
 from .format import (
     EXPERT_RE,
     EXPERTS,

@@ -13,14 +13,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, MoEConfig
-from ..moe import CAMExMoE, MergeChain, MicroBatch
+from ..moe import CAMExMoE, MergeChain, MergePlan, MoELayer, plan_layers
 from ..moe.ffn import FFN
 from ..moe.token_moe import MegaBlocksMoE, TokenMoE, resolve_backend
 from .rope import apply_rotary, rotary_tables
@@ -79,16 +79,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_ffn = build_norm(cfg)
         self.ffn = ffn
-        self.is_moe = not isinstance(ffn, FFN)
+        self.is_moe = isinstance(ffn, MoELayer)
 
-    def forward(self, x: Tensor, chain: MergeChain, micro_batch: Optional[MicroBatch] = None,
-                rotary=None) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, x: Tensor, chain: Optional[MergeChain], plan: Optional[MergePlan] = None,
+                rotary=None) -> tuple[Tensor, Optional[Tensor], Optional[MergeChain]]:
+        """`(x, aux loss or None, the chain for the next block)`: a dense block hands the chain on unchanged."""
         x = x + self.attn(self.ln_attn(x), rotary)
         h = self.ln_ffn(x)
         if not self.is_moe:
-            return x + self.ffn(h), None
-        out, aux, _ = self.ffn(h, chain, micro_batch)
-        return x + out, aux
+            return x + self.ffn(h), None, chain
+        out, aux, _, chain = self.ffn(h, chain, plan)
+        return x + out, aux, chain
 
 
 class GPT(nn.Module):
@@ -122,10 +123,18 @@ class GPT(nn.Module):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
 
+    def merge_plans(self, batch: int, length: int, accumulation: int = 1) -> list[Optional[MergePlan]]:
+        """Every MoE layer's plan for one optimizer step of `accumulation` micro-batches of `[batch, length]`
+        tokens (the trainer asks at the step's first micro-batch; `moe.plan`)."""
+        if self.config.moe is None:
+            return []
+        segments = batch * (length // self.config.moe.segment_len_for(length))
+        return plan_layers([layer for _, layer in self.moe_layers()], segments, accumulation)
+
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
-                micro_batch: Optional[MicroBatch] = None) -> ModelOutput:
-        """`micro_batch`: where a training forward sits in its optimizer step (the trainer passes it, from
-        DeepSpeed's engine), so merge layers do their per-step work once per optimizer step."""
+                plans: Optional[Sequence[Optional[MergePlan]]] = None) -> ModelOutput:
+        """`plans`: one per MoE layer, this micro-batch's view of the step's plans (`merge_plans`, then
+        `for_micro_batch`); without them every merge layer builds its plan per call."""
         bsz, length = input_ids.shape
         if length > self.config.seq_len:
             raise ValueError(f"input length {length} exceeds the model's seq_len={self.config.seq_len}")
@@ -135,10 +144,11 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(length, device=input_ids.device))
         else:
             rotary = rotary_tables(self.config, length, x.dtype, input_ids.device)
-        chain = MergeChain()
-        aux_loss = x.new_zeros(())
+        chain, aux_loss = None, x.new_zeros(())
+        layer_plans = iter(plans) if plans is not None else None
         for block in self.blocks:
-            x, aux = block(x, chain, micro_batch, rotary)
+            plan = next(layer_plans) if block.is_moe and layer_plans is not None else None
+            x, aux, chain = block(x, chain, plan, rotary)
             if aux is not None:
                 aux_loss = aux_loss + aux
         logits = F.linear(self.ln_f(x), self.wte.weight if self.lm_head is None else self.lm_head.weight)

@@ -2,6 +2,7 @@
 from . import functional
 from .chain import MergeChain
 from .layer import CAMExMoE
-from .step_reuse import MicroBatch
+from .plan import MergePlan
+from .protocol import MoELayer, MoEOutput, plan_layers
 
-__all__ = ["functional", "CAMExMoE", "MergeChain", "MicroBatch"]
+__all__ = ["functional", "CAMExMoE", "MergeChain", "MergePlan", "MoELayer", "MoEOutput", "plan_layers"]

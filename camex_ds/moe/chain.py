@@ -34,13 +34,13 @@ class Span:
 
 @dataclass
 class MergeChain:
-    """Carries a dynamic chain's per-segment merged weights `Ŵ^{l-1}_s` to the next layer (§4), and their span
-    while the chain can still be evaluated through it.
+    """A dynamic layer's per-segment merged weights `Ŵ^l_s` (`name -> [S, out, in]`), which the next layer of its
+    chain merges onto (§4), and their spans while the chain can still be evaluated through them.
 
-    Make one per forward pass and hand it to every MoE layer in order; static layers ignore it.
+    Each dynamic layer returns its own; the next layer reads it and returns a new one.
     """
 
-    weights: Optional[dict] = None
+    weights: dict = field(default_factory=dict)
     spans: dict = field(default_factory=dict)
 
 

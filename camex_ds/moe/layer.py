@@ -22,57 +22,12 @@ from ..parallel import expert_parallel_rank, global_expert
 from ..parallel import rank as process_rank
 from . import comm
 from . import functional as Fn
-from .chain import MergeChain, Span, prefer_span
+from .chain import MergeChain
 from .factor_init import initial_factors, peeked_generator
+from .factors import KronFactors, split_factors
+from .protocol import MoEOutput
 from .router import SegmentRouter
-from .step_reuse import MicroBatch, StepReuse
-
-
-class KronFactors(nn.Module):
-    """One matrix's curvature factors `A [R,o1,o1], B [R,o2,o2], C [R,i1,i1], D [R,i2,i2]`: built as the identity,
-    then `CAMExMoE` draws the terms apart (`factor_init`, spec §3).
-
-    They are stored as one flat parameter `flat = [A | B | C | D]` and read as views: a training engine pays
-    per parameter (gradient hooks, buckets, clipping, optimizer state), and on a GPU four tiny tensors per
-    matrix and expert cost more in that bookkeeping than the curvature's arithmetic. Checkpoints that hold
-    the four factors separately (`.a`, `.b`, `.c`, `.d`) still load.
-    """
-
-    def __init__(self, rank: int, out_features: int, in_features: int):
-        super().__init__()
-        self.shapes = factor_shapes(rank, out_features, in_features)
-        self.flat = nn.Parameter(torch.cat([f.flatten() for f in Fn.identity_factors(rank, 1, out_features,
-                                                                                      in_features)]))
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        return split_factors(self.flat, self.shapes)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        upgrade_factor_keys(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def upgrade_factor_keys(state: dict, prefix: str) -> None:
-    """The one reader of the old four-tensor layout: a matrix's factors stored separately (`<prefix>a` ...
-    `<prefix>d`) become, in place, the one flat tensor `<prefix>flat` that `KronFactors` holds."""
-    if prefix + "flat" not in state and all(prefix + k in state for k in "abcd"):
-        state[prefix + "flat"] = torch.cat([state.pop(prefix + k).flatten() for k in "abcd"])
-
-
-def factor_shapes(rank: int, out_features: int, in_features: int) -> list[tuple[int, int, int]]:
-    """`[R,k,k]` of A, B, C, D for one `[out, in]` matrix (§3)."""
-    dims = Fn.kron_factor_shape(out_features) + Fn.kron_factor_shape(in_features)
-    return [(rank, k, k) for k in dims]
-
-
-def split_factors(flat: Tensor, shapes) -> tuple[Tensor, ...]:
-    """Views of the four factors in `flat [..., Σ R·k²]` (leading dims kept): `[..., R, k, k]` each."""
-    views, start = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        views.append(flat[..., start:start + size].unflatten(-1, shape))
-        start += size
-    return tuple(views)
+from .plan import Evaluation, MatrixPlan, MergePlan, evaluations
 
 
 class CurvedExpert(nn.Module):
@@ -105,11 +60,10 @@ LAYER_DEFAULTS = {"segment_len": 256}
 class CAMExMoE(MoE):
     """Segment-routed soft merging of experts: `euclid`, `ties`, `dare` and their curvature-aware twins.
 
-    `forward(hidden_states [B,L,d], chain=None, micro_batch=None) -> (output, l_aux, exp_counts)`. Dynamic
-    layers (`dynamic=True`) read the previous layer's merged weights from `chain` (a `MergeChain`) and
-    write theirs; the first layer of a chain (`chain_start=True`) owns the base. With `micro_batch` (where a
-    training forward sits in its optimizer step), the work that depends on parameters alone is done once per
-    optimizer step (`StepReuse`).
+    `forward(hidden_states [B,L,d], chain=None, plan=None) -> MoEOutput(output, l_aux, exp_counts, chain)`.
+    Dynamic layers (`dynamic=True`) merge onto the previous layer's weights `chain` (a `MergeChain`) and return
+    theirs; the first layer of a chain (`chain_start=True`) owns the base. What depends on parameters alone is
+    the layer's `plan`, built once per optimizer step by the trainer, or per call without one (`moe.plan`).
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: Optional[int] = None, *,
@@ -151,12 +105,7 @@ class CAMExMoE(MoE):
         self.router = SegmentRouter(hidden_size, moe.routed_experts, moe.k, causal=moe.routing == "causal",
                                     first_segment=moe.first_segment, noisy_gating=moe.noisy_gating,
                                     aux_loss_coef=moe.aux_loss_coef, init_std=init_std)
-        self.step_reuse = StepReuse()
         self.traffic = comm.Traffic()  # what this layer's collectives send from this rank
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.step_reuse.clear()  # values made from the old parameters
-        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def _init_experts(self, experts: Experts, init_std: float) -> None:
@@ -198,14 +147,12 @@ class CAMExMoE(MoE):
         stacked = torch.stack([e.curvature[name].flat for e in self.local_experts])  # one copy for all four
         return stacked if group is None else comm.gather_experts(stacked, group, self.traffic)
 
-    def _factor_views(self, name: str, stack: Tensor) -> list[Tensor]:
-        """`[R, n, k, k]` views of the factors A, B, C, D in a factor stack."""
-        return [f.transpose(0, 1) for f in split_factors(stack, self.local_experts[0].curvature[name].shapes)]
-
     def _stacked_factors(self, name: str, group=None) -> Optional[list[Tensor]]:
+        """`[R, n, k, k]` views of the factors A, B, C, D (see `_factor_stack`), or None without curvature."""
         if not self.args.curved:
             return None
-        return self._factor_views(name, self._factor_stack(name, group))
+        stack = self._factor_stack(name, group)
+        return [f.transpose(0, 1) for f in split_factors(stack, self.local_experts[0].curvature[name].shapes)]
 
     def _local_mask(self, like: Tensor):
         if self.args.mask == "dare":
@@ -233,69 +180,34 @@ class CAMExMoE(MoE):
         mask = self._local_mask(self._stacked(name).detach())
         return comm.gather_experts(mask, group, self.traffic) if isinstance(mask, Tensor) else None
 
-    def _segment_weights(self, name: str, previous: Tensor, gates: Tensor, group,
-                         micro_batch: Optional[MicroBatch]) -> Tensor:
-        """`Ŵ^l_s` from `Ŵ^{l-1}_s` segment by segment (§4); what depends on parameters alone is reused per step."""
-        curved = self.step_reuse.get(f"curved.{name}", lambda: self._curved_experts(name, group), micro_batch)[0]
-        factors = None
-        if self.args.curved:
-            stack = self.step_reuse.get(f"factors.{name}", lambda: self._factor_stack(name, group), micro_batch)[0]
-            factors = self._factor_views(name, stack)
-        mask, raw = self.args.mask, None
-        if mask == "dare":
-            mask = self.step_reuse.get(f"mask.{name}", lambda: self._dare_mask(name, group), micro_batch)[0] \
-                if self.training else "none"
-        elif mask == "ties":
-            raw = self.step_reuse.get(f"raw.{name}", lambda: comm.gather_experts(self._stacked(name).detach(), group,
-                                                                                     self.traffic),
-                                      micro_batch)[0]
-        return Fn.dynamic_merge(previous, curved, gates, factors, mask, self.args.alpha, raw_experts=raw)
-
-    def _span_images(self, name: str, span: Span, group) -> Tensor:
-        """This layer's images `Z [n, K+1, out, in]` of its experts and of the chain's span basis (per step)."""
+    def _matrix_plan(self, name: str, evaluation: Evaluation, basis: Optional[list], spans: bool, group) -> MatrixPlan:
+        """Matrix `name`'s per-step tensors for `evaluation` (the order of draws and collectives is part of it)."""
+        if evaluation in (Evaluation.FOLDED, Evaluation.START):
+            task = self._task_vectors(name, group)
+            return MatrixPlan(evaluation, task=task, basis=[self.base[name].unsqueeze(0), task] if spans else None)
+        if evaluation is Evaluation.SPAN:
+            mask = self._dare_mask(name, group) if self.args.mask == "dare" else None
+            images = Fn.span_images(torch.cat(basis), self._curved_experts(name, group),
+                                    self._stacked_factors(name, group), mask)
+            return MatrixPlan(evaluation, images=images, basis=basis + [images.flatten(0, 1)])
+        curved = self._curved_experts(name, group)
+        factors = self._factor_stack(name, group) if self.args.curved else None
         mask = self._dare_mask(name, group) if self.args.mask == "dare" else None
-        return Fn.span_images(torch.cat(span.blocks), self._curved_experts(name, group),
-                              self._stacked_factors(name, group), mask)
+        raw = comm.gather_experts(self._stacked(name).detach(), group, self.traffic) if self.args.mask == "ties" \
+            else None
+        return MatrixPlan(evaluation, curved=curved, factors=factors, mask=mask, raw=raw)
 
-    def _takes_span(self, name: str, span: Optional[Span], segments: int, micro_batch: Optional[MicroBatch]) -> bool:
-        """Whether matrix `name` goes through the span: decided at the step's first micro-batch, kept for the step."""
-        if self.step_reuse.holds(f"span.{name}", micro_batch):
-            return True
-        if self.step_reuse.holds(f"curved.{name}", micro_batch):
-            return False
-        return prefer_span(None if span is None else span.size, self.args.routed_experts, segments,
-                           1 if micro_batch is None else micro_batch.accumulation, self.shapes[name],
-                           self.args.curvature_rank, self.args.curved)
-
-    def _chain_weights(self, chain: Optional[MergeChain], gates: Tensor, group,
-                       micro_batch: Optional[MicroBatch]) -> tuple[dict, dict]:
-        """Per-segment merged weights of a dynamic layer and their spans: from its own base at the chain's start,
-        else from `chain`, each matrix through the span or segment by segment, whichever is cheaper."""
-        alpha, segments = self.args.alpha, gates.shape[0]
-        spannable = self.args.mask != "ties"  # a per-segment election is not linear in Ŵ
-        weights, spans = {}, {}
-        if self.base is not None:
-            coef = torch.cat([gates.new_ones(segments, 1), alpha * gates], 1)
-            for n in self.shapes:
-                task, task_kept = self.step_reuse.get(f"task.{n}", lambda n=n: self._task_vectors(n, group),
-                                                      micro_batch)
-                weights[n] = Fn.merge_rows(self.base[n], task.flatten(1), gates, alpha)
-                if spannable:
-                    spans[n] = Span([self.base[n].unsqueeze(0), task_kept], coef)
-            return weights, spans
-        if chain is None or chain.weights is None:
-            raise ValueError("this dynamic layer continues a chain (chain_start=False): pass the MergeChain "
-                             "that the previous dynamic layer filled")
-        for n in self.shapes:
-            span = chain.spans.get(n) if spannable else None
-            if self._takes_span(n, span, segments, micro_batch):
-                images, images_kept = self.step_reuse.get(
-                    f"span.{n}", lambda n=n, span=span: self._span_images(n, span, group), micro_batch)
-                weights[n], coef = Fn.span_merge(chain.weights[n], gates, span.coef, images, alpha)
-                spans[n] = Span(span.blocks + [images_kept.flatten(0, 1)], torch.cat([span.coef, coef], 1))
-            else:
-                weights[n] = self._segment_weights(n, chain.weights[n], gates, group, micro_batch)
-        return weights, spans
+    def plan(self, segments: int, accumulation: int = 1, spans_in: Optional[dict] = None) -> MergePlan:
+        """This layer's work from its parameters alone, for `segments` per forward and `accumulation` micro-batches
+        per optimizer step; a dynamic layer continues the span basis `spans_in` (`name -> blocks`) of its chain."""
+        spans_in = spans_in or {}
+        sizes = {n: sum(b.shape[0] for b in blocks) for n, blocks in spans_in.items()}
+        chosen = evaluations(self.args, self.shapes, self.chain_start, sizes, segments, accumulation)
+        group = self.deepspeed_moe.ep_group
+        matrices = {n: self._matrix_plan(n, evaluation, spans_in.get(n), size is not None, group)
+                    for n, (evaluation, size) in chosen.items()}
+        shapes = {n: self.local_experts[0].curvature[n].shapes for n in self.shapes} if self.args.curved else {}
+        return MergePlan(matrices, self.base, self.args.alpha, shapes, accumulation)
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
@@ -352,32 +264,24 @@ class CAMExMoE(MoE):
         return stats
 
     def forward(self, hidden_states: Tensor, chain: Optional[MergeChain] = None,
-                micro_batch: Optional[MicroBatch] = None):
+                plan: Optional[MergePlan] = None) -> MoEOutput:
+        """Route, merge, compute: `plan` is this micro-batch's view of the step's plan (built here per call without
+        it); a dynamic layer merges onto `chain`, the previous layer's weights, and returns its own."""
         x = hidden_states
         self._check_input(x)
         bsz, length, dim = x.shape
         seg = self.segment_len_for(length)
         if length % seg:
             raise ValueError(f"sequence length L={length} is not a multiple of segment_len T={seg}")
+        if self.args.dynamic and not self.chain_start and (chain is None or not chain.weights):
+            raise ValueError("this dynamic layer continues a chain (chain_start=False): pass the MergeChain "
+                             "that the previous dynamic layer returned")
         gates, l_aux, counts = self.router(x, seg)
-        group = self.deepspeed_moe.ep_group
-
-        if self.args.dynamic:
-            weights, spans = self._chain_weights(chain, gates, group, micro_batch)
-            if chain is not None:
-                chain.weights, chain.spans = weights, spans
-
-            def linear(name, inp):
-                return torch.bmm(inp, weights[name].transpose(1, 2))
-        else:
-            tasks = {n: self.step_reuse.get(f"task.{n}", lambda n=n: self._task_vectors(n, group), micro_batch)[0]
-                     for n in self.shapes}
-
-            def linear(name, inp):
-                return Fn.merged_linear(inp, self.base[name], tasks[name], gates, self.args.alpha)
-
-        out = Fn.ffn(x.reshape(-1, seg, dim), add_biases(linear, self.bias), self.activation)
-        return out.reshape(bsz, length, dim), l_aux, counts
+        if plan is None:
+            plan = self.plan(gates.shape[0], spans_in={n: s.blocks for n, s in chain.spans.items()} if chain else None)
+        merged = plan.merge(gates, chain)
+        out = Fn.ffn(x.reshape(-1, seg, dim), add_biases(merged.linear, self.bias), self.activation)
+        return MoEOutput(out.reshape(bsz, length, dim), l_aux, counts, merged.chain)
 
 
 def warn_degenerate_rank(model: nn.Module) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import parallel
 from ..config import ConfigError, MoEConfig
 from .ffn import FFN, matrix_shapes
+from .protocol import MoEOutput
 
 # DeepSpeed's MoE keeps at least this many token slots per expert (its `min_capacity`); the FLOPs count reads it.
 SMOE_MIN_CAPACITY = 4
@@ -62,12 +63,16 @@ class TokenMoE(MoE):
                 for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
                     getattr(expert, name).copy_(full[parallel.global_expert(ep_rank, self.num_local_experts, j)])
 
-    def forward(self, hidden_states: Tensor, chain=None, micro_batch=None):
+    def plan(self, segments: int, accumulation: int = 1, spans_in=None) -> None:
+        """No work from parameters alone: tokens go to their experts every forward (`MoELayer`)."""
+        return None
+
+    def forward(self, hidden_states: Tensor, chain=None, plan=None) -> MoEOutput:
         if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:  # its all-to-all would span the whole world
             raise RuntimeError(f"TokenMoE with ep_size={self.ep_size} has no expert-parallel group: wrap the model "
                                "with deepspeed.initialize (or call set_deepspeed_parallelism()) before the forward")
         out, l_aux, counts = super().forward(hidden_states)
-        return out, self.aux_loss_coef * l_aux, counts
+        return MoEOutput(out, self.aux_loss_coef * l_aux, counts, None)
 
     @torch.no_grad()
     def stats(self) -> dict:
@@ -101,7 +106,11 @@ class MegaBlocksMoE(nn.Module):
                               device=torch.cuda.current_device())
         self.dmoe = dMoE(self.args)
 
-    def forward(self, hidden_states: Tensor, chain=None, micro_batch=None):
+    def plan(self, segments: int, accumulation: int = 1, spans_in=None) -> None:
+        """No work from parameters alone (`MoELayer`)."""
+        return None
+
+    def forward(self, hidden_states: Tensor, chain=None, plan=None) -> MoEOutput:
         from megablocks.layers.moe import batched_load_balancing_loss, clear_load_balancing_loss
 
         if hidden_states.dtype != torch.bfloat16:  # its grouped GEMM would fail deep inside with a CHECK
@@ -111,7 +120,7 @@ class MegaBlocksMoE(nn.Module):
         out = out[0] if isinstance(out, tuple) else out
         aux = batched_load_balancing_loss(self.args) if self.training else hidden_states.new_zeros(())
         clear_load_balancing_loss()
-        return out, aux, None
+        return MoEOutput(out, aux, None, None)
 
     def stats(self) -> dict:
         return {}  # MegaBlocks keeps its routing statistics to itself

@@ -22,7 +22,6 @@ from ..config import ConfigError, ModelConfig, TrainArgs
 from ..analysis.flops import flops_per_token
 from ..data import BatchLoader
 from ..model import GPT, apply_lr_scales, param_groups, save_config
-from ..moe import MicroBatch
 from . import checkpoint, peers, run_dir
 from .configs import deepspeed_batch, reason, validate
 from .evaluate import evaluate
@@ -31,10 +30,10 @@ from .metrics import MetricsLogger, flops_row, layer_means, layer_stats, mfu_pea
 from .splits import check_same_run, prepare_splits
 
 
-def micro_batch_of(engine) -> MicroBatch:
-    """Where the engine's next forward sits in its optimizer step, by DeepSpeed's own accumulation counters."""
-    return MicroBatch(step=engine.global_steps, last=engine.is_gradient_accumulation_boundary(),
-                      accumulation=engine.gradient_accumulation_steps())
+def micro_batch_plans(engine, plans: list) -> list:
+    """This micro-batch's view of the step's merge plans, by DeepSpeed's own accumulation counters."""
+    last = engine.is_gradient_accumulation_boundary()
+    return [None if plan is None else plan.for_micro_batch(last) for plan in plans]
 
 
 def optimizer_step(engine, loader, accum: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -43,9 +42,12 @@ def optimizer_step(engine, loader, accum: int) -> tuple[torch.Tensor, torch.Tens
     skipped_before = engine.skipped_steps
     # summed on the device: reading a loss every micro-batch would stall the host on the GPU each time
     step_loss = step_aux = torch.zeros((), device=engine.device)
+    plans = None
     for _ in range(accum):
         x, y = next(loader)
-        out = engine(x.to(engine.device), labels=y.to(engine.device), micro_batch=micro_batch_of(engine))
+        if plans is None:  # the step's first micro-batch: its work from parameters alone, once for the step
+            plans = engine.module.merge_plans(*x.shape, accum)
+        out = engine(x.to(engine.device), labels=y.to(engine.device), plans=micro_batch_plans(engine, plans))
         step_loss = step_loss + out.loss.detach().float() / accum
         step_aux = step_aux + out.aux_loss.detach().float() / accum
         engine.backward(out.loss + out.aux_loss)

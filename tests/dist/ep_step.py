@@ -17,7 +17,7 @@ import torch
 from camex_ds import parallel
 from camex_ds.model import build_model
 from camex_ds.moe import CAMExMoE
-from camex_ds.train.loop import micro_batch_of
+from camex_ds.train.loop import micro_batch_plans
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 32, 64
 
@@ -81,8 +81,9 @@ def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, ac
     per_rank = GLOBAL_BATCH // parallel.world_size()
     local = data[parallel.rank() * per_rank:(parallel.rank() + 1) * per_rank]
     sent, losses = model.ep_bytes_sent(), []
+    plans = model.merge_plans(per_rank // accum, SEQ, accum)
     for micro in local.chunk(accum):
-        out = engine(micro[:, :-1], labels=micro[:, 1:], micro_batch=micro_batch_of(engine))
+        out = engine(micro[:, :-1], labels=micro[:, 1:], plans=micro_batch_plans(engine, plans))
         engine.backward(out.loss)
         engine.step()
         losses.append(out.loss.detach().item())
