@@ -1,0 +1,231 @@
+"""Curvature once per optimizer step: under gradient accumulation a merge layer computes its per-step work
+(`τ̃ = M(τ)`, the TIES election, DARE's mask, the dynamic chain's span images) at the step's first micro-batch
+and pushes the summed gradient back through it once, at the boundary. The gradients must equal one pass over
+the whole batch, and nothing may be reused once it is stale. Multi-process DeepSpeed runs (ZeRO 0-2, ep 1 and
+2) are at the end."""
+import pytest
+import torch
+
+from camex_ds.moe import MergeChain, MicroBatch
+from camex_ds.moe import functional as Fn
+from tests.unit.moe.test_layer import F64, make, make_chain
+
+from tests import distributed
+
+ACCUM = 4
+
+
+def _loss(outputs, weights):
+    return sum((o * w).sum() for o, w in zip(outputs, weights))
+
+
+def _forward(layers, x, micro_batch=None):
+    chain, inp, outs = MergeChain(), x, []
+    for layer in layers:
+        inp = layer(inp, chain, micro_batch)[0]
+        outs.append(inp)
+    return outs
+
+
+def _grads(layers):
+    return {f"{i}.{n}": p.grad.clone() for i, layer in enumerate(layers) for n, p in layer.named_parameters()
+            if p.grad is not None}
+
+
+def one_pass(layers, x, weights):
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    _loss(_forward(layers, x), weights).backward()
+    return _grads(layers)
+
+
+def accumulated(layers, x, weights, step=0, between=None):
+    """`ACCUM` micro-batches of one optimizer step; `between(i)` runs after micro-batch i's backward."""
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    for i, (xs, ws) in enumerate(zip(x.chunk(ACCUM), zip(*(w.chunk(ACCUM) for w in weights)))):
+        mb = MicroBatch(step=step, last=i == ACCUM - 1, accumulation=ACCUM)
+        _loss(_forward(layers, xs, mb), ws).backward()
+        if between:
+            between(i)
+    return _grads(layers)
+
+
+def assert_same(a, b, tol=1e-10):
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=name)
+
+
+def _batch(layers, batch=8, length=6, d=6):
+    x = torch.randn(batch, length, d, dtype=F64)
+    return x, [torch.randn(batch, length, d, dtype=F64) for _ in layers]
+
+
+@pytest.mark.parametrize("method", ["camex", "camex-ties", "camex-dare", "euclid", "ties"])
+def test_static_layer_accumulation_equals_one_pass(method):
+    layer = make(method, n=4, perturb=0.3, curvature_rank=2, alpha=0.7, dare_p=0.3).train()
+    x, w = _batch([layer])
+    torch.manual_seed(5)  # DARE: the step's one mask is drawn at its first forward in both runs
+    want = one_pass([layer], x, w)
+    torch.manual_seed(5)
+    assert_same(accumulated([layer], x, w), want)
+
+
+@pytest.mark.parametrize("length", [6, 64])  # few segments: layer 3 per segment; many: every layer via the span
+@pytest.mark.parametrize("method", ["camex", "camex-ties", "camex-dare"])
+def test_dynamic_chain_accumulation_equals_one_pass(method, length):
+    layers = [layer.train() for layer in make_chain(method, dare_p=0.3)]
+    x, w = _batch(layers, length=length)
+    torch.manual_seed(5)
+    want = one_pass(layers, x, w)
+    torch.manual_seed(5)
+    assert_same(accumulated(layers, x, w), want)
+
+
+def test_each_chain_layer_takes_the_cheaper_exact_evaluation():
+    """Layer 1 offers its span (base + N-1 curved task vectors); later layers go through it while that costs
+    fewer FLOPs than segment by segment (`camex_ds.moe.chain.prefer_span`); TIES (a per-segment election) never."""
+    def span_sizes(method, length):
+        chain, inp = MergeChain(), torch.randn(2, length, 6, dtype=F64)
+        sizes = []
+        for layer in make_chain(method):
+            inp = layer(inp, chain)[0]
+            sizes.append(chain.spans["w_in"].size if "w_in" in chain.spans else None)
+        return sizes
+
+    assert span_sizes("camex", 6) == [4, 19, None]  # K_2 = 4 + 3·5; at 6 segments layer 3 per segment
+    assert span_sizes("camex", 64) == [4, 19, 79]
+    assert span_sizes("camex-ties", 64) == [None, None, None]
+
+
+def test_curvature_runs_once_per_optimizer_step(monkeypatch):
+    calls = []
+    real = Fn.curved_task_vectors
+    monkeypatch.setattr(Fn, "curved_task_vectors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = make("camex", n=4, perturb=0.3).train()
+    x, w = _batch([layer])
+    accumulated([layer], x, w, step=0)
+    assert len(calls) == 2  # w_in and w_out, once for the four micro-batches
+    accumulated([layer], x, w, step=1)
+    assert len(calls) == 4  # a new step computes afresh
+    one_pass([layer], x, w)
+    assert len(calls) == 6  # no micro-batch information: every forward computes
+
+
+def test_eval_in_the_middle_of_a_step_changes_nothing():
+    layer = make("camex-ties", n=4, perturb=0.3).train()
+    x, w = _batch([layer])
+    want = accumulated([layer], x, w)
+
+    def evaluate(i):
+        if i == 1:
+            layer.eval()
+            with torch.no_grad():
+                layer(torch.randn(3, 6, 6, dtype=F64))
+            layer.train()
+
+    assert_same(accumulated([layer], x, w, between=evaluate), want)
+
+
+def test_nothing_stale_after_a_load_a_skipped_step_or_new_parameters():
+    layer = make("camex", n=4, perturb=0.3).train()
+    fresh = make("camex", n=4, perturb=0.3, seed=7).train()
+    x = torch.randn(2, 6, 6, dtype=F64)
+    first = MicroBatch(step=0, last=False, accumulation=ACCUM)
+    layer(x, None, first)
+    layer.load_state_dict(fresh.state_dict())  # mid-step: the kept τ̃ belong to the old parameters
+    torch.testing.assert_close(layer(x, None, first)[0], fresh(x)[0])
+    # a step whose boundary backward never ran (skipped), then changed parameters: the next step recomputes
+    layer(x, None, MicroBatch(step=0, last=True, accumulation=ACCUM))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(1.1)
+    for step, accumulation in ((1, ACCUM), (2, 2)):  # also a changed accumulation count
+        got = layer(x, None, MicroBatch(step=step, last=False, accumulation=accumulation))[0]
+        torch.testing.assert_close(got, layer(x)[0])
+
+
+def test_dare_mask_is_drawn_once_per_step(monkeypatch):
+    drawn = []
+    real = Fn.dare_mask
+    monkeypatch.setattr(Fn, "dare_mask", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    layer = make("camex-dare", n=4, dare_p=0.3).train()
+    x, w = _batch([layer])
+    accumulated([layer], x, w)
+    assert len(drawn) == 2  # one per matrix for the whole step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepSpeed: one optimizer step with gradient_accumulation_steps=4 equals one step on the concatenated batch
+
+SCRIPT = "tests.dist.ep_step"
+METHODS = "camex,camex-ties,camex-dynamic"
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accum")
+    distributed.python(SCRIPT, "--out", out, "--layouts", "ref", "--methods", METHODS)
+    distributed.python(SCRIPT, "--out", out, "--layouts", "ref", "--methods", METHODS, "--accum", ACCUM)
+    distributed.ranks_ok(SCRIPT, "--out", out, "--layouts", "ep2", "--methods", METHODS, "--accum", ACCUM)
+
+    def load(name, ranks):
+        parts = [torch.load(out / f"{name}_rank{r}.pt") for r in range(ranks)]
+        return {k: {"after": {**parts[-1][k]["after"], **parts[0][k]["after"]}, "ep_bytes": parts[0][k]["ep_bytes"]}
+                for k in parts[0]}
+
+    return {"ref": load("ref", 1), "ep1": load(f"ref_accum{ACCUM}", 1), "ep2": load(f"ep2_accum{ACCUM}", 2)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ep1", "ep2"])
+@pytest.mark.parametrize("method", METHODS.split(","))
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_accumulated_step_equals_one_step_on_the_whole_batch(deepspeed_runs, layout, method, zero):
+    key = f"{method}-zero{zero}"
+    want, got = deepspeed_runs["ref"][key]["after"], deepspeed_runs[layout][key]["after"]
+    err = max(((got[n] - want[n]).norm() / want[n].norm()).item() for n in want)
+    assert err < 1e-5, f"{layout} {key}: rel err {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS.split(","))
+def test_expert_parallel_traffic_once_per_optimizer_step(deepspeed_runs, method):
+    from camex_ds.config import ModelConfig
+    from camex_ds.analysis.flops import ep_bytes_per_step
+    from tests.dist.ep_step import model_config
+
+    cfg = ModelConfig.from_dict(model_config(method, 2))
+    assert deepspeed_runs["ep2"][f"{method}-zero0"]["ep_bytes"] == ep_bytes_per_step(cfg, gloo=True) > 0
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_eval_and_checkpoint_mid_run_keep_the_losses(tmp_path, text_files, dynamic):
+    """Through the launcher, accumulation 4, camex-dare (per-step DARE mask and τ̃ reuse): three steps with an
+    evaluation and a checkpoint save + load between steps 1 and 2 give the losses of three plain steps."""
+    import json
+
+    from tests.launch import TINY, launch
+
+    model = {**TINY, "moe": {**TINY["moe"], "method": "camex-dare", "dynamic": dynamic}}
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": ACCUM, "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
+        "tensorboard": {"enabled": False}}))
+
+    def run(out, *extra):
+        code, err, _ = launch(["--model_config", tmp_path / "model.json", "--deepspeed_config", tmp_path / "ds.json",
+                               "--data", text_files[0], "--vocab_size", 512, "--cache_dir", tmp_path / "cache",
+                               "--output_dir", out, "--max_steps", 3, "--log_interval", 1, "--eval_batches", 1,
+                               "--no_progress", *extra])
+        assert code == 0, err[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    plain = run(tmp_path / "plain", "--eval_interval", 100, "--save_interval", 100)
+    run(tmp_path / "split", "--eval_interval", 1, "--save_interval", 1, "--stop_at_step", 1)
+    split = run(tmp_path / "split", "--eval_interval", 1, "--save_interval", 1, "--resume")
+    assert sorted(plain) == [1, 2, 3] and sorted(split) == [1, 2, 3]
+    assert all(abs(split[s] - plain[s]) <= 1e-6 * abs(plain[s]) for s in plain), (plain, split)
