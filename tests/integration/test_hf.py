@@ -26,20 +26,19 @@ from camex_ds.ckpt.format import load_pretrained, read_weights  # noqa: E402
 from camex_ds.ckpt.hf import export_hf, import_hf  # noqa: E402
 from camex_ds.ckpt.upcycle import fold, upcycle  # noqa: E402
 from camex_ds.cli import convert as convert_cli  # noqa: E402
-from camex_ds.config import ConfigError, ModelConfig  # noqa: E402
+from camex_ds.config import ModelConfig  # noqa: E402
 from camex_ds.data import Tokenizer, prepare_data  # noqa: E402
 from camex_ds.model import build_model  # noqa: E402
 
 from tests import distributed  # noqa: E402
 from tests.launch import run_checked  # noqa: E402
+from tests.unit.test_config import LLAMA3_ROPE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 320
 SEQ_LEN = 32
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, rope_theta=5e5, rope_scaling=LLAMA3_ROPE),
     "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=1, sliding_window=SEQ_LEN),
@@ -399,39 +398,6 @@ def test_bf16_forward_backward_llama():
     out = model(_ids(), labels=_ids())
     (out.loss + out.aux_loss).backward()
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
-
-
-@pytest.mark.parametrize("change, expected", [
-    (dict(architecture="llama", activation="gelu"), "activation='gelu' is invalid: expected 'swiglu' for "
-                                                    "architecture 'llama'"),
-    (dict(architecture="llama", activation="swiglu", n_kv_heads=3), "n_kv_heads=3 is invalid: expected a divisor"),
-    (dict(n_kv_heads=2), "n_kv_heads=2 is invalid: expected null for architecture 'gpt'"),
-    (dict(rope_theta=5e5), "rope_theta=500000.0 is invalid: expected null for architecture 'gpt'"),
-    (dict(architecture="gpt3"), "architecture='gpt3' is invalid: expected one of gpt, llama"),
-    (dict(bias="some"), "bias='some' is invalid: expected one of none, qkv, all"),
-    (dict(norm_eps=0), "norm_eps=0 is invalid"),
-    (dict(tie_embeddings="yes"), "tie_embeddings='yes' is invalid: expected true or false"),
-    (dict(architecture="llama", activation="swiglu", rope_scaling=dict(LLAMA3_ROPE, rope_type="yarn")),
-     "rope_scaling.rope_type='yarn' is invalid: expected one of llama3"),
-    (dict(architecture="llama", activation="swiglu", rope_scaling={"factor": 8.0}), "rope_scaling lacks"),
-    (dict(bias="all", moe=dict(method="smoe", backend="megablocks")), "moe.backend='megablocks' is invalid"),
-])
-def test_family_options_are_validated_once(change, expected):
-    with pytest.raises(ConfigError) as e:
-        ModelConfig.from_dict(dict(d_model=32, n_heads=4, **change))
-    assert expected in str(e.value) and "\n" not in str(e.value)
-
-
-def test_gpt_defaults_and_old_configs_are_unchanged():
-    """A config without the new keys is the gpt family as before: same parameter names, shapes and numbers."""
-    raw = json.loads((ROOT / "ds_configs" / "models" / "camex_small.json").read_text())
-    cfg = ModelConfig.from_dict(dict(raw, vocab_size=100))
-    assert (cfg.architecture, cfg.bias, cfg.norm_eps, cfg.tie_embeddings, cfg.kv_heads) == ("gpt", "none", 1e-5,
-                                                                                             True, 4)
-    names = list(build_model(cfg).state_dict())
-    assert names[:2] == ["wte.weight", "wpe.weight"] and "lm_head.weight" not in names
-    assert not any(n.endswith(".bias") and ".attn." in n for n in names)
-    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_llama_small_camex_config_and_compare_methods_dry_run(tmp_path):

@@ -1,5 +1,6 @@
 """`camex_ds.moe.CAMExMoE` (spec §2–§4, §6) in one process: against the float64 reference, camex* == Euclidean
-twin at init, causality, the dynamic chain, parameter naming, gradchecks, argument errors and the aux loss."""
+twin at init, parameter naming, gradchecks and argument errors. Its routing (causality, the aux loss):
+test_router.py; the dynamic chain: test_chain.py; both build their layers with `make` and `make_chain` below."""
 import copy
 
 import pytest
@@ -256,139 +257,12 @@ def test_the_curvature_start_is_the_same_for_every_expert_parallel_layout(monkey
             assert all(torch.equal(p, q) for p, q in zip(expert.parameters(), same.parameters()))
 
 
-# =========================================================================== causality
-
-
-def _perturbed(x, p):
-    y = x.clone()
-    y[:, p] += torch.randn_like(y[:, p])
-    return y
-
-
-@pytest.mark.parametrize("p", [0, 1, 2, 3, 5, 6, 9, 11])
-def test_causal_routing_is_causal(p):
-    """T=3, L=12: p=1,2 inside segment 0, p=3,6,9 segment boundaries. Outputs before p never move,
-    neither in the forward nor through the gradient; outputs at p and in the next segment do."""
-    layer = make("camex-ties", n=3, T=3, perturb=0.3, routing="causal", top_k=2).eval()
-    x = torch.randn(2, 12, 6, dtype=F64)
-    out = layer(x)[0]
-    out2 = layer(_perturbed(x, p))[0]
-    close(out2[:, :p], out[:, :p], tol=0)
-    assert (out2[:, p] - out[:, p]).abs().max() > 1e-6
-    nxt = (p // 3 + 1) * 3
-    if nxt < 12:  # the perturbation reaches the next segment through its gates
-        assert (out2[:, nxt:] - out[:, nxt:]).abs().max() > 1e-8
-    if p > 0:
-        xg = x.clone().requires_grad_()
-        (layer(xg)[0][:, :p] * torch.randn(2, p, 6, dtype=F64)).sum().backward()
-        assert torch.equal(xg.grad[:, p:], torch.zeros_like(xg.grad[:, p:]))
-        assert xg.grad[:, :p].abs().max() > 0
-
-
-def test_self_detached_first_segment_is_not_causal_in_the_forward():
-    """Why `uniform` is the default: with `self-detached`, segment 0 merges with its own gates, so a later token of
-    segment 0 changes the outputs of earlier ones; the stop-gradient hides it from the gradient only."""
-    layer = make("camex", n=3, T=3, perturb=0.3, routing="causal", first_segment="self-detached").eval()
-    x = torch.randn(2, 9, 6, dtype=F64)
-    out = layer(x)[0]
-    out2 = layer(_perturbed(x, 2))[0]
-    assert (out2[:, :2] - out[:, :2]).abs().max() > 1e-8  # tokens 0, 1 see token 2
-    xg = x.clone().requires_grad_()
-    layer(xg)[0][:, 0].sum().backward()
-    assert torch.equal(xg.grad[:, 1:], torch.zeros_like(xg.grad[:, 1:]))  # ... but get no gradient from it
-    # from segment 1 on it is causal again
-    out3 = layer(_perturbed(x, 4))[0]
-    close(out3[:, :4], out[:, :4], tol=0)
-
-
-@pytest.mark.parametrize("routing", ["segment", "sequence"])
-def test_segment_and_sequence_routing_are_not_causal(routing):
-    layer = make("camex", n=3, T=3, perturb=0.3, routing=routing).eval()
-    x = torch.randn(2, 9, 6, dtype=F64)
-    out, out2 = layer(x)[0], layer(_perturbed(x, 2))[0]
-    assert (out2[:, :2] - out[:, :2]).abs().max() > 1e-8
-    if routing == "sequence":  # T = L: the last token moves the first
-        out3 = layer(_perturbed(x, 8))[0]
-        assert (out3[:, 0] - out[:, 0]).abs().max() > 1e-8
-
-
-# =========================================================================== dynamic chain (§4)
+# =========================================================================== a dynamic chain (test_chain.py)
 
 
 def make_chain(method, *, layers=3, n=4, activation="gelu", perturb=0.3, rank=2, alpha=0.8, **kw):
     return [make(method, n=n, T=2, seed=10 + i, perturb=perturb, curvature_rank=rank, alpha=alpha, dynamic=True,
                  chain_start=(i == 0), activation=activation, **kw).eval() for i in range(layers)]
-
-
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("method", ["camex", "camex-ties", "euclid", "ties"])
-def test_dynamic_chain_matches_reference_recursion(method, activation):
-    """Ŵ⁰ = B¹, Ŵ^l_s = Ŵ^{l-1}_s + α Σ_{i<N} g^l_{s,i} (m ⊙ M^l_i(E^l_i − Ŵ^{l-1}_s)); TIES elected per segment."""
-    chain_layers = make_chain(method, activation=activation, routing="causal")
-    x = torch.randn(2, 6, 6, dtype=F64)
-    chain = MergeChain()
-    inp, prev = x, None
-    for layer in chain_layers:
-        out, l_aux, counts = layer(inp, chain)
-        assert counts.shape == (3,)  # N-1 routed experts
-        want, weights, _ = reference_forward(layer, inp, T=2, alpha=0.8, activation=activation,
-                                             mask=mask_of(method), prev=prev)
-        close(out, want)
-        for name in weights:
-            close(chain.weights[name], weights[name])
-        inp, prev = out, weights
-
-
-@pytest.mark.parametrize("method", ["dare", "camex-dare"])
-def test_dynamic_chain_dare_training_matches_reference(monkeypatch, method):
-    """DARE in a dynamic chain (training): one `[N-1,out,in]` mask per matrix and forward, shared by all segments,
-    multiplying `M(E − Ŵ^{l-1}_s)`."""
-    drawn = []
-    real = Fn.dare_mask
-
-    def recording(*args, **kwargs):
-        drawn.append(real(*args, **kwargs))
-        return drawn[-1]
-
-    monkeypatch.setattr(Fn, "dare_mask", recording)
-    layers = [layer.train() for layer in make_chain(method, dare_p=0.3)]
-    x = torch.randn(2, 6, 6, dtype=F64)
-    chain, inp, prev = MergeChain(), x, None
-    for layer in layers:
-        drawn.clear()
-        out = layer(inp, chain)[0]
-        assert len(drawn) == 2 and all(m.shape[0] == 3 for m in drawn)  # N-1 experts
-        masks = {("w_in" if m.shape[1:] == (10, 6) else "w_out"): m for m in drawn}
-        want, weights, _ = reference_forward(layer, inp, T=2, alpha=0.8, mask=masks, prev=prev)
-        close(out, want)
-        inp, prev = out, weights
-
-
-def test_dynamic_chain_storage_and_gradient_flow():
-    first, second, third = make_chain("camex-ties")
-    for layer in (first, second, third):
-        assert len(layer.deepspeed_moe.experts.deepspeed_experts) == 3  # N-1 experts
-        assert layer.router.w_gate.shape == (6, 3)
-        assert layer.num_experts == 3
-    assert first.base is not None
-    for layer in (second, third):
-        assert layer.base is None
-        assert not any(n.startswith("base") for n, _ in layer.named_parameters())
-        assert not any(n.startswith("base") for n in layer.state_dict())
-    # the base of layer 1 gets gradient through the chain's weights alone (input of layer 2 detached)
-    x = torch.randn(1, 4, 6, dtype=F64)
-    chain = MergeChain()
-    y1 = first(x, chain)[0]
-    second(y1.detach(), chain)[0].square().sum().backward()
-    assert first.base["w_in"].grad is not None and first.base["w_in"].grad.abs().max() > 0
-
-
-def test_dynamic_continuation_needs_a_chain():
-    _, second = make_chain("camex", layers=2)
-    with pytest.raises(ValueError, match="MergeChain"):
-        second(torch.randn(1, 4, 6, dtype=F64))
-    with pytest.raises(ValueError, match="MergeChain"):
-        second(torch.randn(1, 4, 6, dtype=F64), MergeChain())
 
 
 # =========================================================================== parameter names (§6)
@@ -538,63 +412,6 @@ def test_gradcheck_layer_chunked(monkeypatch):
     monkeypatch.setattr(Fn, "MERGE_CHUNK_ELEMENTS", 1)
     layer = make("camex", d=4, h=6, n=3, T=1, perturb=0.3).eval()
     _gradcheck_module_chain([layer], torch.randn(1, 3, 4, dtype=F64))
-
-
-@pytest.mark.parametrize("method", ["camex", "camex-ties"])
-def test_gradcheck_dynamic_two_layer_chain(method):
-    layers = [make(method, d=4, h=6, n=3, T=2, seed=20 + i, perturb=0.3, dynamic=True, chain_start=i == 0).eval()
-              for i in range(2)]
-    _gradcheck_module_chain(layers, torch.randn(1, 4, 4, dtype=F64))
-
-
-def test_gradcheck_aux_loss_in_float64():
-    """The auxiliary loss is a differentiable function of the router in float64 too (dtype-preserving)."""
-    layer = make("camex", d=4, h=6, n=3, T=2).train()
-    w = layer.router.w_gate.detach().clone().requires_grad_()
-    x = torch.randn(2, 4, 4, dtype=F64)
-    assert gradcheck(lambda w_: functional_call(layer, {"router.w_gate": w_}, (x,))[1], (w,),
-                     eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-# =========================================================================== auxiliary loss, exp_counts
-
-
-@pytest.mark.parametrize("noisy", [False, True])
-@pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_aux_loss_finite_nonnegative_and_counts(top_k, noisy):
-    layer = make("camex", n=4, T=2, top_k=top_k, noisy_gating=noisy, aux_loss_coef=0.05).train()
-    x = torch.randn(3, 8, 6, dtype=F64)
-    _, l_aux, counts = layer(x)
-    assert l_aux.dim() == 0 and torch.isfinite(l_aux) and l_aux >= 0
-    assert counts.shape == (4,) and not counts.is_floating_point() and (counts >= 0).all()
-    assert int(counts.sum()) == 3 * 4 * top_k  # every segment picks top_k experts
-    if noisy:
-        l_aux.backward()
-        assert layer.router.w_noise.grad is not None or top_k == 4
-
-
-def test_aux_loss_matches_formula_without_noise():
-    """coef · (cv²(importance) + cv²(load)); importance, load over the segments' own (unshifted) gates."""
-    layer = make("camex", n=4, T=2, top_k=2, aux_loss_coef=0.05).train()
-    x = torch.randn(3, 8, 6, dtype=F64)
-    _, l_aux, counts = layer(x)
-    _, _, own = reference_forward(layer, x, T=2, top_k=2)
-    importance, load = own.sum((0, 1)), (own > 0).sum((0, 1)).to(F64)
-    assert torch.equal(counts, (own > 0).sum((0, 1)).to(counts.dtype))
-    want = 0.05 * (ref.cv_squared(importance) + ref.cv_squared(load))
-    torch.testing.assert_close(l_aux, want, rtol=1e-5, atol=1e-8)
-
-
-@pytest.mark.parametrize("noisy", [False, True])
-def test_aux_loss_zero_for_uniform_gates(noisy):
-    layer = make("camex", n=4, T=2, noisy_gating=noisy).train()
-    with torch.no_grad():
-        layer.router.w_gate.zero_()
-        if noisy:
-            layer.router.w_noise.zero_()
-    _, l_aux, counts = layer.eval()(torch.randn(2, 8, 6, dtype=F64))
-    assert abs(float(l_aux.detach())) < 1e-8
-    assert counts.tolist() == [8, 8, 8, 8]
 
 
 # =========================================================================== argument errors

@@ -3,7 +3,8 @@ runs, and a resume from a folder where two runs left checkpoints are each refuse
 every refusal every file already in the folder is byte-identical afterwards; `--overwrite_output_dir` moves the
 earlier run aside, deleting nothing; a lock whose process is gone is taken over; the lock goes when the run ends.
 
-The runs are the in-process launcher's (`launch.launch`) on a tiny model, but for one two-rank job (slow).
+The runs are the in-process launcher's (`launch.launch`) on a tiny model; the two-rank job:
+tests/integration/test_run_dir.py.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import distributed
-from tests.launch import LAUNCHER, TINY, error_lines, launch, one_error
+from tests.launch import TINY, launch, one_error
 from camex_ds.train import manifest, run_dir
 
 
@@ -219,22 +219,3 @@ def test_a_run_keeps_its_id_across_resumes_and_checkpoints_without_one_still_res
     _ok(launch(_args(setup, old, "--resume", "--max_steps", 3)))
     ids = _run_ids(old)
     assert ids["global_step1"] is None and ids["global_step2"] is None and ids["global_step3"] is not None
-
-
-@pytest.mark.slow
-def test_two_ranks_against_a_locked_folder_both_refuse_naming_the_holder(setup, earlier, tmp_path):
-    """A real two-rank job: rank 0 finds the folder locked by a live process (this one) and both ranks exit 2 with
-    the same one line, before either wrote anything."""
-    run = _copy(earlier, tmp_path / "run")
-    lock = run_dir.Lock.take(run)
-    try:
-        before = _hashes(run)
-        results = distributed.ranks(LAUNCHER, *_args(setup, run, "--resume", "--max_steps", 3), watch=(0, 1))
-        assert _hashes(run) == before
-    finally:
-        lock.release()
-    lines = [error_lines(output) for _, output, _ in results]
-    assert [code for code, *_ in results] == [2, 2] and all(len(found) == 1 for found in lines), \
-        [(code, output[-2000:]) for code, output, _ in results]
-    assert lines[0] == lines[1] and f"is in use by another run (pid {os.getpid()} on host " in lines[0][0]
-    print(lines[0][0].replace(str(run), "RUN"), f"({max(seconds for *_, seconds in results):.1f} s)")
