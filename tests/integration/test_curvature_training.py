@@ -3,7 +3,7 @@ DeepSpeed scheduler and ZeRO stage and survives a save and resume, and a checkpo
 all equal (saved before they started apart, spec §3) resumes with one warning. Engines are built in this process
 (a world of one); runs use the launcher in this process (`launch.launch`), and write the layers' diagnostics
 (router entropy, curvature, task vectors) to metrics.jsonl and final_metrics.json. Resharding and expert
-parallelism: tests/test_convert.py."""
+parallelism: tests/unit/ckpt/test_convert.py."""
 from __future__ import annotations
 
 import json

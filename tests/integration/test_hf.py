@@ -303,7 +303,8 @@ def test_fold_then_export_loads_in_transformers(imported, name, tmp_path, capsys
 
 def test_export_of_trained_moe_models_carries_its_own_code(imported, tmp_path, capsys):
     """A trained merge model, a dynamic chain or smoe has no stock architecture: it exports with its own modeling
-    code (tests/test_hf_export.py checks every method); smoe's export notes where DeepSpeed's gate differs."""
+    code (tests/integration/test_hf_export.py checks every method); smoe's export notes where DeepSpeed's gate
+    differs."""
     up = _upcycle(imported["llama"], tmp_path / "up", "euclid")
     trained = tmp_path / "trained"
     shutil.copytree(up, trained)

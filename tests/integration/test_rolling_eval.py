@@ -1,7 +1,7 @@
 """Issue 25: `camex-evaluate --stride` scores whole documents as lm-evaluation-harness's wikitext task does, and
 lm-eval itself, run offline on our exported model through the repository's local-file task, gets the same numbers.
 
-Tiny camex models (tests/test_hf_export.py's) with a character-level tokenizer.json, or with a SentencePiece
+Tiny camex models (tests/integration/test_hf_export.py's) with a character-level tokenizer.json, or with a SentencePiece
 model as our pipeline trains it, are consolidated and exported; the documents are longer and shorter than the
 32-token window, and some hold characters outside the vocabulary (bytes and tokens differ).
 """

@@ -447,7 +447,7 @@ def test_plain_text_and_val_data_through_launcher_compare_methods_and_evaluate(s
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = torch.load(run / "out" / "pytorch_model.bin", weights_only=True)
     model = tmp_path / "model"
-    # the tools' commands in this process (tests/test_convert.py runs each real script once)
+    # the tools' commands in this process (tests/unit/ckpt/test_convert.py runs each real script once)
     run_checked("convert", "consolidate", "--checkpoint", run, "--output", model)
     from camex_ds.ckpt.format import read_weights
 

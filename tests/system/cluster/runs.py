@@ -1,4 +1,5 @@
-"""The training runs the cluster tests launch and compare: the tiny model of tests/test_pretrain.py, a few steps."""
+"""The training runs the cluster tests launch and compare: the tiny model of tests/integration/test_pretrain.py, a
+few steps."""
 from __future__ import annotations
 
 import json

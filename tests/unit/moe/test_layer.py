@@ -323,7 +323,7 @@ def _tiny_gpt_config(**moe):
 def test_a_model_saved_with_equal_rank_terms_loads_with_one_warning(tmp_path, capsys):
     """A model from before §3's start (every rank term the identity) still loads (`--init_from`), with one warning
     line for the whole model saying that its rank R then equals rank 1; a model of today loads silently.
-    (`--resume` goes through `train.checkpoint.load`: tests/test_curvature_lr.py.)"""
+    (`--resume` goes through `train.checkpoint.load`: tests/integration/test_curvature_training.py.)"""
     from camex_ds.ckpt.format import load_state_into, save_pretrained
     from camex_ds.model import GPT
 
