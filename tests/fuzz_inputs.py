@@ -4,7 +4,7 @@
 (a flag's value None: the flag without a value; "MISSING" and "VALID_TEXT": paths the test fills in)
 wrong types, out-of-range values, missing and unknown keys and incompatible combinations, in the model
 config, its `moe` block, the DeepSpeed config and the launcher's flags. A case must either train its step
-or exit 2 with one `error:` line and no traceback (tests/test_fuzz.py).
+or exit 2 with one `error:` line and no traceback (tests/system/test_fuzz.py).
 
 A value drawn here is either invalid, or valid and small: sizes are never made large (they are bounded by
 memory, not by validation), and nothing selects an optimizer that DeepSpeed would first compile.

@@ -3,8 +3,8 @@
 A module run from the repository root: under `deepspeed --num_gpus 2 --module tests.dist.ep_step` (layouts ep2
 and dp2, each rank on its half of a fixed global batch) or as `python -m tests.dist.ep_step` (layout ref: one
 rank, ep_size 1, the whole batch). With `--accum K` each rank's part of the batch goes through K micro-batches
-of DeepSpeed's gradient accumulation. tests/test_expert_parallel.py and tests/test_step_reuse.py compare the
-files. Curvature factors are moved away from identity by a seed
+of DeepSpeed's gradient accumulation. tests/integration/test_expert_parallel.py and
+tests/integration/test_accumulation.py compare the files. Curvature factors are moved away from identity by a seed
 that depends only on the global expert id, so every layout starts from the same model. `camex-dynamic` is a
 dynamic chain of camex layers.
 """

@@ -1,0 +1,1 @@
+"""Single-process tests, one file per module of the package, at the package's path (tests/README.md)."""

@@ -1,0 +1,1 @@
+"""Single-process tests of `camex_ds.analysis`, one file per module."""

@@ -1,0 +1,1 @@
+"""Single-process tests of `camex_ds.train`, one file per module."""
