@@ -11,11 +11,10 @@ import sys
 from typing import Optional
 
 import torch
-from deepspeed.moe.experts import Experts
-from deepspeed.moe.layer import MoE
-from deepspeed.utils import groups
 from torch import Tensor, nn
 
+from .. import deepspeed_adapter as ds
+from ..deepspeed_adapter import Experts, MoE
 from .ffn import add_biases, ffn_biases, matrix_shapes
 from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
 from ..parallel import expert_parallel_rank, global_expert
@@ -86,18 +85,6 @@ class CurvedExpert(nn.Module):
             else None
 
 
-class _ExpertParallelExperts(nn.Module):
-    """Holds `experts.deepspeed_experts.<local id>` (the path DeepSpeed's checkpointing expects) and the EP group."""
-
-    def __init__(self, experts: Experts):
-        super().__init__()
-        self.experts = experts
-        self.ep_group = None
-
-    def _set_ep_group(self, ep_group) -> None:
-        self.ep_group = ep_group
-
-
 # The defaults of spec §6's layer contract where they differ from MoEConfig's (the model's) defaults.
 LAYER_DEFAULTS = {"segment_len": 256}
 
@@ -127,13 +114,7 @@ class CAMExMoE(MoE):
         self.args = moe
         ep_size, dynamic, curvature_rank = moe.ep_size, moe.dynamic, moe.curvature_rank
         self.hidden_size, self.activation, self.chain_start = hidden_size, activation, chain_start
-        # The attributes DeepSpeed's engine and checkpointing read from every MoE layer.
-        self.ep_size = ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
-        self.num_experts = self.args.stored_experts
-        self.num_local_experts = self.num_experts // ep_size
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
+        ds.set_engine_attributes(self, self.args.stored_experts, ep_size)  # why not MoE.__init__: deepspeed_adapter
         self.ep_rank = expert_parallel_rank(ep_size)
 
         shapes = matrix_shapes(hidden_size, ffn_hidden_size, activation)
@@ -144,7 +125,7 @@ class CAMExMoE(MoE):
         experts = Experts(CurvedExpert(shapes, curvature_rank, self.args.curved), self.num_local_experts,
                           self.expert_group_name)
         self._init_experts(experts, init_std)
-        self.deepspeed_moe = _ExpertParallelExperts(experts)
+        self.deepspeed_moe = ds.ExpertParallelExperts(experts)
         # GPT-2's FFN biases (an upcycled GPT-2): one per matrix, shared by all experts and never merged, so a
         # layer whose experts equal their base is exactly the dense FFN.
         self.bias = ffn_biases(shapes) if bias else None
@@ -180,7 +161,7 @@ class CAMExMoE(MoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
-        actual = groups._get_expert_parallel_rank(self.expert_group_name)
+        actual = ds.expert_parallel_rank(self.expert_group_name)
         if actual != self.ep_rank:
             raise RuntimeError(f"expert-parallel rank {actual} differs from the rank {self.ep_rank} the experts "
                                "were initialised for; use DeepSpeed's default (expert-before-data) rank layout")
