@@ -7,10 +7,11 @@ and asks this module for anything else, so a new DeepSpeed version is checked ag
 Why `CAMExMoE` subclasses `MoE` and skips `MoE.__init__` (composition is not possible with DeepSpeed 0.19):
 
 * The engine finds MoE layers only by `isinstance(module, deepspeed.moe.layer.MoE)`:
-  `DeepSpeedEngine._configure_distributed_model` (has_moe_layers, num_experts: expert gradients are then reduced
-  over the expert-data-parallel group), `_save_moe_checkpoint` (the `layer_<l>_expert_<e>_...` files, numbered by
-  that isinstance walk), `load_moe_state_dict` (reads them back), `_get_non_moe_state_dict` (drops expert keys
-  from `mp_rank_00_model_states.pt`), and `deepspeed.moe.utils.has_moe_layers`. A layer that merely holds a
+  `DeepSpeedEngine._configure_distributed_model` sets `has_moe_layers` from it (without it
+  `buffered_allreduce_fallback` never calls `_reduce_expert_gradients`, and the ZeRO optimizer gets no
+  expert-parallel groups); `_save_moe_checkpoint` writes the `layer_<l>_expert_<e>_...` files, numbered by that
+  isinstance walk; `load_moe_state_dict` reads them back; `_get_non_moe_state_dict` drops expert keys from
+  `mp_rank_00_model_states.pt`; and `deepspeed.moe.utils.has_moe_layers` asks the same. A layer that merely holds a
   `MoE`, or one that quacks like it, is trained and checkpointed as a dense module: every expert in the model
   states file, reduced over all ranks. The only other class the engine accepts, `AutoEPMoELayer`, holds fused
   `w1/w2/w3` token-routed experts, not merged ones.

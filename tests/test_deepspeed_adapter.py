@@ -14,6 +14,7 @@ from torch import nn
 from camex_ds import deepspeed_adapter as ds
 from camex_ds.cli import convert, pretrain
 from camex_ds.moe.layer import CAMExMoE
+from camex_ds.train import zero_to_fp32
 
 RANGE = ",".join(ds.TESTED_DEEPSPEED)
 
@@ -45,6 +46,7 @@ def test_only_the_first_rank_of_a_job_warns(monkeypatch, capsys):
 @pytest.mark.parametrize("main, argv", [
     (convert.main, ["consolidate", "--checkpoint", "/nonexistent/run", "--output", "/nonexistent/out"]),
     (pretrain.main, ["--deepspeed_config", "/nonexistent/ds.json"]),
+    (zero_to_fp32.main, ["/nonexistent/checkpoints", "/nonexistent/out"]),
 ])
 def test_the_command_lines_warn_once_before_they_start(monkeypatch, capsys, main, argv):
     monkeypatch.setattr(deepspeed, "__version__", "0.20.1")
@@ -103,3 +105,11 @@ def test_optimizer_states_read_back_as_written():
     content = ds.zero_file_content(zero, [0], [[0]], [1])
     assert ds.read_zero_partitions(content) == zero
     assert ds.read_zero_partitions({"optimizer_state_dict": {}}) is None
+
+
+def test_zero_to_fp32_runs_deepspeeds_writers_with_our_reader():
+    from deepspeed.utils import zero_to_fp32 as theirs
+
+    assert theirs.get_fp32_state_dict_from_zero_checkpoint is zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
+    assert zero_to_fp32.convert_zero_checkpoint_to_state_dict is theirs.convert_zero_checkpoint_to_state_dict
+    assert zero_to_fp32.OUTPUT_DTYPE_NAMES is theirs.OUTPUT_DTYPE_NAMES

@@ -1,7 +1,7 @@
 """DeepSpeed's on-disk layout of a MoE checkpoint: tag folders, file names, model states, expert weights, and the
 optimizer's parameter groups for any expert-parallel degree.
 
-How DeepSpeed lays out a MoE checkpoint (tag folder, DeepSpeed 0.19):
+How DeepSpeed lays out a MoE checkpoint (tag folder, DeepSpeed 0.19; `deepspeed_adapter` holds the names and keys):
 
 * `mp_rank_00_model_states.pt`: non-expert weights under 'module' (bf16 when training in bf16), the
   scheduler, our client state ('step', 'data', 'model_config'), and for ZeRO the per-group
