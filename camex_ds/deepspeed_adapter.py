@@ -33,12 +33,11 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+# `Experts` and `MoE` are also what the layers build on: they import them from here
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
-
-__all__ = ["Experts", "MoE"]  # re-exported: the layers build on DeepSpeed's classes through this module
 
 # ================================================================================================================
 # the DeepSpeed versions we test
@@ -63,7 +62,7 @@ def untested_version(version: Optional[str] = None) -> Optional[str]:
     if inside:
         return None
     return (f"warning: DeepSpeed {version} is installed, but camex_ds is tested with DeepSpeed {tested}: its MoE "
-            "engine attributes and checkpoint layout may differ (pip install 'deepspeed==0.19.8')")
+            f"engine attributes and checkpoint layout may differ (pip install 'deepspeed{tested}')")
 
 
 def warn_if_untested() -> None:
@@ -137,8 +136,8 @@ def keep_local_experts(layer: MoE, ep_size: int) -> None:
     """Keep the first `1/ep_size` of `layer`'s experts and tag their parameters for the expert group of degree
     `ep_size`, as `Experts` does: one EP rank's layer, for simulating its optimizer groups."""
     experts = layer.deepspeed_moe.experts
-    experts.deepspeed_experts = nn.ModuleList(list(experts.deepspeed_experts)[: len(experts.deepspeed_experts)
-                                                                              // ep_size])
+    count = len(experts.deepspeed_experts) // ep_size
+    experts.deepspeed_experts = nn.ModuleList(list(experts.deepspeed_experts)[:count])
     for p in experts.parameters():
         p.group_name = expert_group_name(ep_size)
 
