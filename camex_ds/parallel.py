@@ -38,7 +38,9 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         return
     import deepspeed
 
-    _forget_deepspeed_groups()  # of an earlier process group in this process, if any
+    from .deepspeed_adapter import forget_groups
+
+    forget_groups()  # DeepSpeed's groups of an earlier process group in this process, if any
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -138,29 +140,6 @@ def shutdown() -> None:
     destructors (`terminate called without an active exception`), turning a finished run into a failed job."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-_retired: list = []  # DeepSpeed's groups of destroyed process groups, kept referenced (see below)
-
-
-def _forget_deepspeed_groups() -> None:
-    """Start DeepSpeed's group registries empty.
-
-    DeepSpeed keeps the groups it made (expert, expert-data, world) in module globals. Once a process group
-    is destroyed they name dead groups, which a second job in the same process (a notebook, the in-process
-    fuzz test) would be handed. The old groups stay referenced here: freeing them can abort the process in
-    gloo's destructors (3 of 10 two-rank runs, when done right after `destroy_process_group`).
-    """
-    from deepspeed.utils import groups
-
-    registries = ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                  "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP")
-    singletons = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP")
-    _retired.append([getattr(groups, name) for name in registries + singletons])
-    for name in registries:
-        setattr(groups, name, {})
-    for name in singletons:
-        setattr(groups, name, None)
 
 
 def expert_parallel_rank(ep_size: int, rank: Optional[int] = None) -> int:

@@ -20,10 +20,16 @@ from typing import Optional
 import torch
 
 from ..config import DEFAULT_VOCAB_SIZE, ConfigError, ModelConfig, read_json_object
-from .deepspeed import (
+from ..deepspeed_adapter import (
+    DP_WORLD_KEY,
+    DS_CONFIG_KEY,
+    EXPERT_FILES,
     LATEST,
     MODEL_STATES,
-    EXPERT_FILES,
+    OPTIMIZER_KEY,
+    PARAM_SHAPES_KEY,
+)
+from .deepspeed import (
     CheckpointRef,
     Universal,
     build_layout,
@@ -159,7 +165,7 @@ def fp32_weights(checkpoint: PathLike, tag: Optional[str] = None) -> dict:
 def _zero_stage(uni: Universal) -> Optional[int]:
     """The ZeRO stage the run used, from the DeepSpeed config saved with it (None if unreadable)."""
     try:
-        return int((uni.states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+        return int((uni.states.get(DS_CONFIG_KEY) or {}).get("zero_optimization", {}).get("stage", 0))
     except (AttributeError, TypeError, ValueError):
         return None
 
@@ -196,18 +202,17 @@ def reshard(checkpoint: PathLike, ep_size: int, output: PathLike, tag: Optional[
         if uni.kind == "zero":
             shapes0 = []
             for r in range(world):
-                osd, param_shapes = zero_partition_state(uni, dst_layout, r, world)
+                content, param_shapes = zero_partition_state(uni, dst_layout, r, world)
                 if r == 0:
                     shapes0 = param_shapes
-                content = {"optimizer_state_dict": osd, **uni.extra.get("file", {})}
                 torch.save(content, zero_file(tag_dir, r, uni.bf16))
-            states["param_shapes"] = shapes0
+            states[PARAM_SHAPES_KEY] = shapes0
         else:
             for e in range(ep_size):
                 opt = torch_optimizer_state(uni, dst_layout, e)
-                torch.save({"optimizer": opt}, expp_file(tag_dir, e))
+                torch.save({OPTIMIZER_KEY: opt}, expp_file(tag_dir, e))
                 if e == 0:
-                    states["optimizer"] = opt
+                    states[OPTIMIZER_KEY] = opt
         torch.save(states, tag_dir / MODEL_STATES)
         for file in sorted(ref.tag_dir.glob(EXPERT_FILES)):
             shutil.copyfile(file, tag_dir / file.name)  # keyed by global expert id: layout independent
@@ -237,6 +242,6 @@ def _resharded_run(ref: CheckpointRef, target_cfg: ModelConfig) -> Optional[dict
 def _target_states(uni: Universal, target_cfg: ModelConfig, world: int) -> dict:
     states = dict(uni.states)
     states["model_config"] = target_cfg.to_dict()
-    states["dp_world_size"] = world
+    states[DP_WORLD_KEY] = world
     return states
 

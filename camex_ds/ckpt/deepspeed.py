@@ -1,7 +1,7 @@
 """DeepSpeed's on-disk layout of a MoE checkpoint: tag folders, file names, model states, expert weights, and the
 optimizer's parameter groups for any expert-parallel degree.
 
-How DeepSpeed lays out a MoE checkpoint (tag folder, DeepSpeed 0.19):
+How DeepSpeed lays out a MoE checkpoint (tag folder, DeepSpeed 0.19; `deepspeed_adapter` holds the names and keys):
 
 * `mp_rank_00_model_states.pt`: non-expert weights under 'module' (bf16 when training in bf16), the
   scheduler, our client state ('step', 'data', 'model_config'), and for ZeRO the per-group
@@ -24,14 +24,15 @@ Errors are `ConvertError`s with one line naming the file, tensor or value at fau
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .. import deepspeed_adapter as ds
 from ..config import ConfigError, ModelConfig, read_json_object
+from ..deepspeed_adapter import DP_WORLD_KEY, LATEST, MODEL_STATES, MODULE_KEY, MP_WORLD_KEY, PARAM_SHAPES_KEY
 from .format import (
     EXPERT_RE,
     ConvertError,
@@ -44,24 +45,19 @@ from .format import (
     single_rank_config,
 )
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-LATEST = "latest"
-EXPERT_FILES = "layer_*_expert_*_mp_rank_00_model_states.pt"  # glob of every expert file of a tag folder
-
-
 def expert_file(tag_dir: Path, layer: int, expert: int) -> Path:
     """The file of expert `expert` (global id) of the `layer`-th MoE layer (in `named_modules` order)."""
-    return tag_dir / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+    return tag_dir / ds.expert_file_name(layer, expert)
 
 
 def zero_file(tag_dir: Path, rank: int, bf16: bool) -> Path:
     """ZeRO 1/2: the optimizer file of data-parallel rank `rank`."""
-    return tag_dir / f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return tag_dir / ds.zero_file_name(rank, bf16)
 
 
 def expp_file(tag_dir: Path, ep_rank: int) -> Path:
     """ZeRO 0: the optimizer file of expert-parallel rank `ep_rank`."""
-    return tag_dir / f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
+    return tag_dir / ds.expp_file_name(ep_rank)
 
 
 def rng_file(tag_dir: Path, rank: int) -> Path:
@@ -173,27 +169,20 @@ class Layout:
 
 def build_layout(cfg: ModelConfig, ep: int) -> Layout:
     """Simulate `camex_ds.model.param_groups` on a meta-device model holding one EP rank's experts."""
-    from deepspeed.moe.experts import Experts
-    from deepspeed.moe.layer import MoE
-    from torch import nn
-
     from ..model import param_groups
 
     cfg1 = single_rank_config(cfg)
     model = meta_model(cfg1)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    moe_prefixes = [n for n, m in model.named_modules() if isinstance(m, MoE)]
+    moe_prefixes = ds.moe_layer_names(model)
     experts_per_layer, local_counts = {}, {}
     for prefix in moe_prefixes:
-        experts = next(m for n, m in model.named_modules() if n == prefix + ".deepspeed_moe.experts")
-        assert isinstance(experts, Experts)
-        total = len(experts.deepspeed_experts)
+        layer = model.get_submodule(prefix)
+        total = len(ds.local_experts(layer))
         if total % ep:
             raise ConvertError(f"ep_size={ep} does not divide the {total} experts of MoE layer '{prefix}'")
         experts_per_layer[prefix], local_counts[prefix] = total, total // ep
-        experts.deepspeed_experts = nn.ModuleList(list(experts.deepspeed_experts)[: total // ep])
-        for p in experts.parameters():
-            p.group_name = f"ep_size_{ep}"
+        ds.keep_local_experts(layer, ep)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = []
     for g in param_groups(model):
@@ -242,7 +231,7 @@ def _checkpoint_config(ref: CheckpointRef, states: dict) -> ModelConfig:
 def read_model_states(ref: CheckpointRef) -> tuple:
     """`(mp_rank_00_model_states.pt's content, the model config it was trained with)`."""
     states = torch_load(ref.tag_dir / MODEL_STATES, "model states file")
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+    if not isinstance(states, dict) or not isinstance(states.get(MODULE_KEY), dict):
         raise ConvertError(f"'{ref.tag_dir / MODEL_STATES}' has no 'module' state dict: not a DeepSpeed model states "
                            "file")
     return states, _checkpoint_config(ref, states)
@@ -251,7 +240,7 @@ def read_model_states(ref: CheckpointRef) -> tuple:
 def read_weights_from_checkpoint(ref: CheckpointRef, states: dict, layout: Layout) -> dict:
     """The model's weights (ep_size=1 names) from 'module' and the per-expert files, checked."""
     weights = {}
-    module = states["module"]
+    module = states[MODULE_KEY]
     for name, t in module.items():
         if EXPERT_RE.match(name):
             raise ConvertError(f"'{ref.tag_dir / MODEL_STATES}' holds expert tensor '{name}' among the non-expert "
@@ -269,7 +258,7 @@ def read_weights_from_checkpoint(ref: CheckpointRef, states: dict, layout: Layou
                     raise ConvertError(f"expert file '{file}' holds '{name}', expected names starting with '{want}' "
                                        "(does the checkpoint match its model config?)")
                 weights[name] = t
-    extra = [f for f in sorted(ref.tag_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt"))
+    extra = [f for f in sorted(ref.tag_dir.glob(ds.EXPERT_FILES_ANY_MP))
              if not _expert_file_expected(f.name, layout)]
     if extra:
         raise ConvertError(f"'{extra[0]}' is not an expert of the model the config describes (the config does not "
@@ -282,24 +271,24 @@ def read_weights_from_checkpoint(ref: CheckpointRef, states: dict, layout: Layou
 
 
 def _expert_file_expected(filename: str, layout: Layout) -> bool:
-    m = re.fullmatch(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt", filename)
+    m = ds.EXPERT_FILE_RE.fullmatch(filename)
     if m is None:
         return False
-    layer, expert = int(m[1]), int(m[2])
+    layer, expert = int(m["layer"]), int(m["expert"])
     return layer < len(layout.moe_prefixes) and expert < layout.experts_per_layer[layout.moe_prefixes[layer]]
 
 
 def detect(ref: CheckpointRef, states: dict, cfg: ModelConfig) -> tuple:
     """`(kind, world, bf16)` of the checkpoint from its files and metadata."""
-    floats = [t for t in states["module"].values() if torch.is_tensor(t) and t.is_floating_point()]
+    floats = [t for t in states[MODULE_KEY].values() if torch.is_tensor(t) and t.is_floating_point()]
     bf16 = bool(floats) and floats[0].dtype == torch.bfloat16
-    world = states.get("dp_world_size")
+    world = states.get(DP_WORLD_KEY)
     if not isinstance(world, int) or world < 1:
         raise ConvertError(f"'{ref.tag_dir / MODEL_STATES}' has no valid 'dp_world_size'")
-    if states.get("mp_world_size", 1) != 1:
-        raise ConvertError(f"'{ref.tag_dir}' was saved with model parallelism ({states.get('mp_world_size')}); "
+    if states.get(MP_WORLD_KEY, 1) != 1:
+        raise ConvertError(f"'{ref.tag_dir}' was saved with model parallelism ({states.get(MP_WORLD_KEY)}); "
                            "not supported")
-    zero = states.get("param_shapes") is not None
+    zero = states.get(PARAM_SHAPES_KEY) is not None
     if zero:
         kind = "zero"
     else:

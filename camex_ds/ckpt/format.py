@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from .. import deepspeed_adapter as ds
 from .. import parallel
 from ..config import ConfigError, ModelConfig, read_json_object
 from ..model import GPT
@@ -43,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece, or Hug
 RESERVED_KEYS = ("format", "format_version", "conversion")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
-EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # between a MoE layer's name and an expert's id
+EXPERTS = ds.EXPERT_PARAMS  # between a MoE layer's name and an expert's id
 EXPERT_RE = re.compile(r"^(?P<layer>.+)" + re.escape(EXPERTS) + r"(?P<id>\d+)\.(?P<rest>.+)$")
 
 PathLike = Union[str, os.PathLike]
@@ -302,8 +303,7 @@ def load_state_into(model, path: PathLike, strict: bool = True) -> None:
     """
     cfg, _ = read_config(path)
     state = read_weights(path, cfg)
-    layers = {prefix: module for prefix, module in model.named_modules()
-              if hasattr(module, "num_local_experts") and hasattr(module, "deepspeed_moe")}
+    layers = {prefix: model.get_submodule(prefix) for prefix in ds.moe_layer_names(model)}
     own = model.state_dict()
     missing = []
     with torch.no_grad():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..deepspeed_adapter import TOKEN_GATE
 from ..moe import functional as Fn
 from ..moe.ffn import expert_matrix_names, matrix_shapes
 from ..moe.factors import factor_shapes, split_factors
@@ -68,7 +69,7 @@ def token_moe_tensors(state: dict, cfg: ModelConfig) -> dict:
     out = {}
     for layer in cfg.moe_layers:
         prefix = f"blocks.{layer}.ffn"
-        out[f"{prefix}.gate.weight"] = state[f"{prefix}.deepspeed_moe.gate.wg.weight"]
+        out[f"{prefix}.gate.weight"] = state[f"{prefix}{TOKEN_GATE}wg.weight"]
         for name in expert_matrix_names(cfg.activation):
             for stacked, rest in (("experts", name), ("expert_biases", f"bias.{name}")):
                 if expert_key(prefix, 0, rest) in state:
@@ -112,7 +113,7 @@ def derived_tensors(state: dict, cfg: ModelConfig) -> dict:
 def training_only(name: str) -> bool:
     """Our tensors the Hugging Face model does not read as they are: the experts (it reads what they give), the
     router's noise weights, and smoe's gate (it reads it under its own name)."""
-    return EXPERT_RE.match(name) is not None or name.endswith(".router.w_noise") or ".deepspeed_moe.gate." in name
+    return EXPERT_RE.match(name) is not None or name.endswith(".router.w_noise") or TOKEN_GATE in name
 
 
 def hf_remote_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:

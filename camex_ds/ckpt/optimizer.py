@@ -12,9 +12,9 @@ from collections import OrderedDict
 
 import torch
 
+from .. import deepspeed_adapter as ds
 from ..parallel import expert_parallel_rank
 from .deepspeed import (
-    MODEL_STATES,
     CheckpointRef,
     GroupSpec,
     Layout,
@@ -23,6 +23,7 @@ from .deepspeed import (
     torch_load,
     zero_file,
 )
+from ..deepspeed_adapter import DS_CONFIG_KEY, MODEL_STATES, OPTIMIZER_KEY, ZeroPartitions
 from .format import ConvertError
 
 # ================================================================================================================
@@ -43,16 +44,16 @@ def read_torch_optimizer(ref: CheckpointRef, uni: Universal, layout: Layout) -> 
     """ZeRO 0: per EP rank a torch optimizer state dict (fp32), or DeepSpeed's FP16_Optimizer state (bf16)."""
     masters = {} if uni.kind == "fp16opt" else None
     for e, file, content in _optimizer_files_torch(ref, uni, layout):
-        opt = content.get("optimizer") if isinstance(content, dict) else None
+        opt = content.get(OPTIMIZER_KEY) if isinstance(content, dict) else None
         if not isinstance(opt, dict):
             raise ConvertError(f"'{file}' has no optimizer state (was the checkpoint saved without its optimizer?)")
         if uni.kind == "fp16opt":
-            if "optimizer_state_dict" not in opt or "fp32_groups" not in opt:
+            parts = ds.fp16_optimizer_parts(opt)
+            if parts is None:
                 raise ConvertError(f"'{file}' is not a bf16 FP16_Optimizer state (keys: {', '.join(map(str, opt))})")
-            torch_sd, fp32_groups = opt["optimizer_state_dict"], opt["fp32_groups"]
+            torch_sd, fp32_groups, wrapper = parts
             if e == 0:
-                uni.extra["fp16opt"] = {k: v for k, v in opt.items()
-                                        if k not in ("optimizer_state_dict", "fp32_groups")}
+                uni.extra["fp16opt"] = wrapper
         else:
             torch_sd, fp32_groups = opt, None
             if "state" not in torch_sd or "param_groups" not in torch_sd:
@@ -105,22 +106,17 @@ def read_zero_optimizer(ref: CheckpointRef, uni: Universal, layout: Layout) -> N
     scalars, key_order = {}, {}
     for r in range(uni.world):
         file = zero_file(ref.tag_dir, r, uni.bf16)
-        content = torch_load(file, "ZeRO optimizer states file")
-        osd = content.get("optimizer_state_dict") if isinstance(content, dict) else None
-        if not isinstance(osd, dict) or "single_partition_of_fp32_groups" not in osd:
+        zero = ds.read_zero_partitions(torch_load(file, "ZeRO optimizer states file"))
+        if zero is None:
             raise ConvertError(f"'{file}' is not a ZeRO stage 1/2 optimizer state")
         if r == 0:
-            uni.extra["zero"] = {k: osd[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad",
-                                                     "zero_stage", "ds_version") if k in osd}
-            uni.extra["file"] = {k: v for k, v in content.items() if k != "optimizer_state_dict"}
-        partitions = osd["single_partition_of_fp32_groups"]
-        mappings = osd.get("param_slice_mappings")
+            uni.extra["zero"], uni.extra["file"] = zero.scalars, zero.file_extra
+        partitions, mappings, base = zero.partitions, zero.mappings, zero.base
         if mappings is None:
             raise ConvertError(f"'{file}' has no param_slice_mappings (saved by a DeepSpeed too old to reshard)")
         if len(partitions) != len(layout.groups) or len(mappings) != len(layout.groups):
             raise ConvertError(f"'{file}' has {len(partitions)} param groups but the config with ep_size {ep} implies "
                                f"{len(layout.groups)} (config and checkpoint do not match)")
-        base = osd["base_optimizer_state"]
         if not isinstance(base, dict):
             raise ConvertError(f"'{file}' uses the elastic ZeRO checkpoint format, which does not record the "
                                "optimizer hyperparameters per group: not supported (save with elastic_checkpoint "
@@ -205,21 +201,20 @@ def torch_optimizer_state(uni: Universal, layout: Layout, ep_rank: int) -> dict:
     torch_sd = {"state": state, "param_groups": groups}
     if uni.kind != "fp16opt":
         return torch_sd
-    return {**uni.extra.get("fp16opt", {}), "optimizer_state_dict": torch_sd, "fp32_groups": fp32_groups}
+    return ds.fp16_optimizer_state(torch_sd, fp32_groups, uni.extra.get("fp16opt", {}))
 
 
 def zero_partition_state(uni: Universal, layout: Layout, rank: int, world: int) -> tuple:
-    """ZeRO 1/2 target: the optimizer state DeepSpeed's stage 1/2 optimizer saves on `rank` (rigid format).
+    """ZeRO 1/2 target: `(the file DeepSpeed's stage 1/2 optimizer saves on `rank` (rigid format), the model
+    states' param shapes of `rank`)`.
 
     Mirrors `DeepSpeedZeroOptimizer.__init__`: per group the parameters are flattened in group order
     (with per-parameter padding when `parameter_alignment` is on), padded to a multiple of
     2 x the group's data-parallel size, and cut into equal partitions.
     """
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     ep = layout.ep
-    ds = uni.states.get("ds_config") or {}
-    aligned = bool((ds.get("zero_optimization") or {}).get("parameter_alignment", False))
+    ds_config = uni.states.get(DS_CONFIG_KEY) or {}
+    aligned = bool((ds_config.get("zero_optimization") or {}).get("parameter_alignment", False))
     element_size = 2 if uni.bf16 else 4
     param_alignment = 16 // math.gcd(16, element_size) if aligned else 1
     partitions, base_state, pgroups, paddings, param_paddings, counts, mappings, shapes0 = [], {}, [], [], [], [], [], []
@@ -274,23 +269,10 @@ def zero_partition_state(uni: Universal, layout: Layout, rank: int, world: int) 
         for local, name, off in zip(spec.local_names, names, offsets):
             lo, hi = max(off, left), min(off + uni.masters[name].numel(), left + size)
             if lo < hi:
-                mapping[local] = fragment_address(numel=hi - lo, start=lo - left)
+                mapping[local] = ds.fragment_address(numel=hi - lo, start=lo - left)
         mappings.append(mapping)
         shapes0.append(OrderedDict((local, torch.Size(layout.shapes[name])) for local, name in zip(spec.local_names, names)))
-    extra = uni.extra.get("zero", {})
-    osd = {
-        "loss_scaler": extra.get("loss_scaler"),
-        "dynamic_loss_scale": extra.get("dynamic_loss_scale", False),
-        "overflow": extra.get("overflow", False),
-        "clip_grad": extra.get("clip_grad", 0.0),
-        "base_optimizer_state": {"state": base_state, "param_groups": pgroups},
-        "single_partition_of_fp32_groups": partitions,
-        "zero_stage": extra.get("zero_stage"),
-        "group_paddings": paddings,
-        "param_alignment_paddings": param_paddings,
-        "partition_count": counts,
-        "ds_version": extra.get("ds_version"),
-        "param_slice_mappings": mappings,
-    }
-    return osd, shapes0
+    zero = ZeroPartitions(partitions, mappings, {"state": base_state, "param_groups": pgroups},
+                          uni.extra.get("zero", {}), uni.extra.get("file", {}))
+    return ds.zero_file_content(zero, paddings, param_paddings, counts), shapes0
 

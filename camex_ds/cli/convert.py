@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     from ..ckpt.format import ConvertError, PretrainedError
     from ..config import ConfigError
     from ..data import DataError
+    from ..deepspeed_adapter import warn_if_untested
+
+    warn_if_untested()
 
     def body() -> int:
         try:

@@ -66,8 +66,10 @@ def main(argv=None) -> int:
     from camex_ds.config import ConfigError
     from camex_ds.data import DataError
     from camex_ds.ckpt.format import PretrainedError
+    from camex_ds.deepspeed_adapter import warn_if_untested
     from camex_ds.train import CheckpointError
 
+    warn_if_untested()
     return run_cli(lambda: _train(train_args), (ConfigError, DataError, CheckpointError, PretrainedError, OSError))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..deepspeed_adapter import split_moe_param_groups, torch_optimizer
+
 #: The param-group key whose value multiplies the group's learning rate at every step (`apply_lr_scales`).
 LR_SCALE = "lr_scale"
 
@@ -16,8 +18,6 @@ def param_groups(model: torch.nn.Module) -> list:
     factors are all expert parameters, so their group takes the place of the expert no-decay group that held them
     (and nothing else) before the option existed: older checkpoints keep their optimizer layout.
     """
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     moe = getattr(model.config, "moe", None)
     decay, no_decay, curvature = [], [], []
     for name, p in model.named_parameters():
@@ -29,7 +29,7 @@ def param_groups(model: torch.nn.Module) -> list:
     if curvature:
         groups.append({"params": curvature, "name": "curvature", "weight_decay": 0.0,
                        LR_SCALE: float(moe.curvature_lr_scale)})
-    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    return [g for g in split_moe_param_groups(groups) if g["params"]]
 
 
 def apply_lr_scales(optimizer) -> None:
@@ -43,9 +43,7 @@ def apply_lr_scales(optimizer) -> None:
     saved with the optimizer state, so a resumed or resharded checkpoint keeps it. Call once per optimizer, after
     `deepspeed.initialize`.
     """
-    from deepspeed.runtime.lr_schedules import get_torch_optimizer
-
-    inner = get_torch_optimizer(optimizer)
+    inner = torch_optimizer(optimizer)
     if not any(group.get(LR_SCALE, 1.0) != 1.0 for group in inner.param_groups):
         return
     scheduled = []  # (group, the lr the scheduler set) during one step

@@ -11,11 +11,10 @@ import sys
 from typing import Optional
 
 import torch
-from deepspeed.moe.experts import Experts
-from deepspeed.moe.layer import MoE
-from deepspeed.utils import groups
 from torch import Tensor, nn
 
+from .. import deepspeed_adapter as ds
+from ..deepspeed_adapter import Experts, MoE
 from .ffn import add_biases, ffn_biases, matrix_shapes
 from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
 from ..parallel import expert_parallel_rank, global_expert
@@ -39,18 +38,6 @@ class CurvedExpert(nn.Module):
             setattr(self, name, nn.Parameter(torch.empty(shape)))
         self.curvature = nn.ModuleDict({n: KronFactors(curvature_rank, *s) for n, s in shapes.items()}) if curved \
             else None
-
-
-class _ExpertParallelExperts(nn.Module):
-    """Holds `experts.deepspeed_experts.<local id>` (the path DeepSpeed's checkpointing expects) and the EP group."""
-
-    def __init__(self, experts: Experts):
-        super().__init__()
-        self.experts = experts
-        self.ep_group = None
-
-    def _set_ep_group(self, ep_group) -> None:
-        self.ep_group = ep_group
 
 
 # The defaults of spec §6's layer contract where they differ from MoEConfig's (the model's) defaults.
@@ -81,13 +68,7 @@ class CAMExMoE(MoE):
         self.args = moe
         ep_size, dynamic, curvature_rank = moe.ep_size, moe.dynamic, moe.curvature_rank
         self.hidden_size, self.activation, self.chain_start = hidden_size, activation, chain_start
-        # The attributes DeepSpeed's engine and checkpointing read from every MoE layer.
-        self.ep_size = ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
-        self.num_experts = self.args.stored_experts
-        self.num_local_experts = self.num_experts // ep_size
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
+        ds.set_engine_attributes(self, self.args.stored_experts, ep_size)  # why not MoE.__init__: deepspeed_adapter
         self.ep_rank = expert_parallel_rank(ep_size)
 
         shapes = matrix_shapes(hidden_size, ffn_hidden_size, activation)
@@ -95,10 +76,9 @@ class CAMExMoE(MoE):
         owns_base = not dynamic or chain_start
         self.base = nn.ParameterDict({n: nn.Parameter(torch.randn(s) * init_std) for n, s in shapes.items()}) \
             if owns_base else None
-        experts = Experts(CurvedExpert(shapes, curvature_rank, self.args.curved), self.num_local_experts,
-                          self.expert_group_name)
-        self._init_experts(experts, init_std)
-        self.deepspeed_moe = _ExpertParallelExperts(experts)
+        self.deepspeed_moe = ds.ExpertParallelExperts(Experts(
+            CurvedExpert(shapes, curvature_rank, self.args.curved), self.num_local_experts, self.expert_group_name))
+        self._init_experts(init_std)
         # GPT-2's FFN biases (an upcycled GPT-2): one per matrix, shared by all experts and never merged, so a
         # layer whose experts equal their base is exactly the dense FFN.
         self.bias = ffn_biases(shapes) if bias else None
@@ -108,11 +88,11 @@ class CAMExMoE(MoE):
         self.traffic = comm.Traffic()  # what this layer's collectives send from this rank
 
     @torch.no_grad()
-    def _init_experts(self, experts: Experts, init_std: float) -> None:
+    def _init_experts(self, init_std: float) -> None:
         """Draw all N experts and their curvature factors on every rank and keep the local ones: the model is the
         same for any ep_size."""
         owned = [(global_expert(self.ep_rank, self.num_local_experts, j), expert)
-                 for j, expert in enumerate(experts.deepspeed_experts)]
+                 for j, expert in enumerate(self.local_experts)]
         for name, shape in self.shapes.items():
             full = torch.randn(self.num_experts, *shape) * init_std
             for g, expert in owned:
@@ -129,14 +109,14 @@ class CAMExMoE(MoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
-        actual = groups._get_expert_parallel_rank(self.expert_group_name)
+        actual = ds.expert_parallel_rank(self.expert_group_name)
         if actual != self.ep_rank:
             raise RuntimeError(f"expert-parallel rank {actual} differs from the rank {self.ep_rank} the experts "
                                "were initialised for; use DeepSpeed's default (expert-before-data) rank layout")
 
     @property
     def local_experts(self) -> nn.ModuleList:
-        return self.deepspeed_moe.experts.deepspeed_experts
+        return ds.local_experts(self)
 
     def _stacked(self, name: str) -> Tensor:
         return torch.stack([getattr(e, name) for e in self.local_experts])
@@ -203,7 +183,7 @@ class CAMExMoE(MoE):
         spans_in = spans_in or {}
         sizes = {n: sum(b.shape[0] for b in blocks) for n, blocks in spans_in.items()}
         chosen = evaluations(self.args, self.shapes, self.chain_start, sizes, segments, accumulation)
-        group = self.deepspeed_moe.ep_group
+        group = ds.expert_group(self)
         matrices = {n: self._matrix_plan(n, evaluation, spans_in.get(n), size is not None, group)
                     for n, (evaluation, size) in chosen.items()}
         shapes = {n: self.local_experts[0].curvature[n].shapes for n in self.shapes} if self.args.curved else {}

@@ -4,9 +4,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
+from .. import deepspeed_adapter as ds
 from .. import parallel
 from ..config import ConfigError, MoEConfig
 from .ffn import FFN, matrix_shapes
@@ -38,7 +38,7 @@ def resolve_backend(backend: str, ep_size: int, bf16: bool = True, ffn_bias: boo
     return "megablocks" if bf16 and ep_size == 1 and not ffn_bias and megablocks_available() else "deepspeed"
 
 
-class TokenMoE(MoE):
+class TokenMoE(ds.MoE):
     """DeepSpeed's top-k gated MoE (capacity-padded, all-to-all under EP) with our FFN as the expert.
 
     Experts are drawn for all N on every rank and sliced, as in `CAMExMoE`, so a seed gives the same
@@ -57,10 +57,10 @@ class TokenMoE(MoE):
                          use_rts=False)
         self.aux_loss_coef = moe.aux_loss_coef
         with torch.no_grad():
-            self.deepspeed_moe.gate.wg.weight.normal_(0.0, init_std)
+            ds.token_gate_weight(self).normal_(0.0, init_std)
             for name, shape in matrix_shapes(hidden_size, ffn_hidden_size, activation).items():
                 full = torch.randn(moe.num_experts, *shape) * init_std
-                for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
+                for j, expert in enumerate(ds.local_experts(self)):
                     getattr(expert, name).copy_(full[parallel.global_expert(ep_rank, self.num_local_experts, j)])
 
     def plan(self, segments: int, accumulation: int = 1, spans_in=None) -> None:
@@ -68,7 +68,7 @@ class TokenMoE(MoE):
         return None
 
     def forward(self, hidden_states: Tensor, chain=None, plan=None) -> MoEOutput:
-        if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:  # its all-to-all would span the whole world
+        if self.ep_size > 1 and ds.expert_group(self) is None:  # its all-to-all would span the whole world
             raise RuntimeError(f"TokenMoE with ep_size={self.ep_size} has no expert-parallel group: wrap the model "
                                "with deepspeed.initialize (or call set_deepspeed_parallelism()) before the forward")
         out, l_aux, counts = super().forward(hidden_states)
@@ -77,7 +77,7 @@ class TokenMoE(MoE):
     @torch.no_grad()
     def stats(self) -> dict:
         """The largest expert's share of the last forward's routed tokens (see `CAMExMoE.stats`)."""
-        counts = self.deepspeed_moe.exp_counts
+        counts = ds.expert_counts(self)
         if counts is None:
             return {}
         counts = counts.float()

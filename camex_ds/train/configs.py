@@ -138,11 +138,10 @@ def deepspeed_batch(args: TrainArgs, ds_config: dict) -> tuple[int, int]:
     Constructing DeepSpeed's own config object validates it (batch sizes against the world size, field
     types), so a bad config fails here, on every rank, before any model is built.
     """
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from ..deepspeed_adapter import batch_sizes
 
     try:
-        ds = DeepSpeedConfig(copy.deepcopy(ds_config))
+        return batch_sizes(copy.deepcopy(ds_config))
     except Exception as e:  # only the user's JSON is read here: whatever fails is about it
         raise ConfigError(f"--deepspeed_config '{args.deepspeed_config}' is not valid for DeepSpeed: {reason(e)}") \
             from None
-    return ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps

@@ -31,13 +31,7 @@ except ImportError:
     env = dict(os.environ, PYTHONPATH=path, CAMEX_DS_ROOT_TRIED=CAMEX_DS_ROOT)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
-from deepspeed.utils import zero_to_fp32 as _deepspeed  # noqa: E402
-# what zero_to_torch.py uses from its sibling zero_to_fp32.py
-from deepspeed.utils.zero_to_fp32 import (  # noqa: E402,F401
-    OUTPUT_DTYPE_NAMES,
-    convert_zero_checkpoint_to_fp32_state_dict,
-    convert_zero_checkpoint_to_state_dict,
-)
+from camex_ds.deepspeed_adapter import deepspeed_zero_to_fp32, warn_if_untested  # noqa: E402
 
 debug = 0
 
@@ -50,8 +44,11 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=None, exclude_f
     return fp32_weights(checkpoint_dir, tag)
 
 
-# DeepSpeed's writer looks the reader up in its own module: there, it now reads our checkpoints.
-_deepspeed.get_fp32_state_dict_from_zero_checkpoint = get_fp32_state_dict_from_zero_checkpoint
+# DeepSpeed's writers, now reading our checkpoints; and what zero_to_torch.py uses from its sibling zero_to_fp32.py
+_deepspeed = deepspeed_zero_to_fp32(get_fp32_state_dict_from_zero_checkpoint)
+OUTPUT_DTYPE_NAMES = _deepspeed.OUTPUT_DTYPE_NAMES
+convert_zero_checkpoint_to_fp32_state_dict = _deepspeed.convert_zero_checkpoint_to_fp32_state_dict
+convert_zero_checkpoint_to_state_dict = _deepspeed.convert_zero_checkpoint_to_state_dict
 
 
 def main(argv=None) -> int:
@@ -64,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--exclude_frozen_parameters", action="store_true", help="accepted; there are none")
     ap.add_argument("-d", "--debug", action="store_true", help="accepted for DeepSpeed's command line")
     args = ap.parse_args(argv)
+    warn_if_untested()
     from camex_ds.cli import run_cli
     from camex_ds.ckpt.format import ConvertError
 
