@@ -21,16 +21,22 @@ def segment_gates(x: Tensor, w_gate: Tensor, segment_len: int, top_k: int, causa
     return Fn.causal_shift(gates, first_segment) if causal else gates
 
 
+def _mask(mask: Union[str, Tensor]) -> tuple:
+    """`(kind, multipliers)` of a mask given by name or as DARE's multipliers."""
+    return ("dare", mask) if isinstance(mask, Tensor) else (mask, None)
+
+
 def merge_weights(base: Tensor, experts: Tensor, gates: Tensor, factors: Optional[Fn.Factors] = None,
-                  mask: Fn.Mask = "none", alpha: float = 1.0) -> Tensor:
+                  mask: Union[str, Tensor] = "none", alpha: float = 1.0) -> Tensor:
     """Per-segment merged weights `[S,out,in]` (§3; §4 when `base` is per-segment `[S,out,in]`)."""
+    kind, multipliers = _mask(mask)
     if base.dim() == 2:
-        task = Fn.curved_task_vectors(experts - base, factors, mask)
+        task = Fn.curved_task_vectors(experts - base, factors, kind, multipliers=multipliers)
         return Fn.merge_rows(base, task.reshape(task.shape[0], -1), gates, alpha)
     if base.dim() != 3 or base.shape[0] != gates.shape[0]:
         raise ValueError(f"base must be [out,in] or [S,out,in] with S={gates.shape[0]}, got {tuple(base.shape)}")
     curved = experts if factors is None else Fn.apply_curvature(experts, factors)
-    return Fn.dynamic_merge(base, curved, gates, factors, mask, alpha, raw_experts=experts)
+    return Fn.dynamic_merge(base, curved, gates, factors, kind, alpha, raw_experts=experts, multipliers=multipliers)
 
 
 def merged_ffn(x: Tensor, gates: Tensor, base: dict, experts: dict, factors: Optional[dict] = None,
@@ -45,8 +51,9 @@ def merged_ffn(x: Tensor, gates: Tensor, base: dict, experts: dict, factors: Opt
         m = mask[name] if isinstance(mask, dict) else mask
         f = None if factors is None else factors[name]
         if base[name].dim() == 2:
-            return Fn.merged_linear(inp, base[name], Fn.curved_task_vectors(experts[name] - base[name], f, m), gates,
-                                    alpha)
+            kind, multipliers = _mask(m)
+            task = Fn.curved_task_vectors(experts[name] - base[name], f, kind, multipliers=multipliers)
+            return Fn.merged_linear(inp, base[name], task, gates, alpha)
         return torch.bmm(inp, merge_weights(base[name], experts[name], gates, f, m, alpha).transpose(1, 2))
 
     return Fn.ffn(x, linear, activation)

@@ -90,8 +90,8 @@ def merge_layer_tensors(state: dict, cfg: ModelConfig) -> dict:
             factors = _factors(state, prefix, len(experts), name, moe.curvature_rank, shape) if moe.curved else None
             if start or not moe.dynamic:
                 tau = Fn.task_vectors(state[f"{prefix}.base.{name}"], experts)
-                mask = "ties" if moe.mask == "ties" else "none"  # DARE's evaluation mask is 1
-                out[f"{prefix}.task.{name}"] = Fn.curved_task_vectors(tau, factors, mask)
+                # DARE evaluates without a drop: no multipliers
+                out[f"{prefix}.task.{name}"] = Fn.curved_task_vectors(tau, factors, moe.mask)
                 continue
             stacked = torch.stack(experts)
             out[f"{prefix}.curved_experts.{name}"] = stacked if factors is None else Fn.apply_curvature(stacked,

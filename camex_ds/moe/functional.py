@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .masks import MaskKind, mask_kind
+
 Factors = Sequence[Tensor]
-Mask = Union[str, Tensor, None]
-MASKS = ("none", "ties")
+
 
 # Segments are merged in chunks of at most this many weight elements. On CPU the merged-weight transient
 # stays a few MiB (in cache) whatever the batch, big enough that each chunk's GEMM is efficient; on a GPU a
@@ -266,26 +267,27 @@ def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
     return _TaskVectors.apply(base, *experts)
 
 
-def curved_task_vectors(tau: Tensor, factors: Optional[Factors] = None, mask: Mask = "none",
-                        total: Optional[Tensor] = None) -> Tensor:
-    """`m_i ⊙ M_i(tau_i)`: the mask is computed from the raw `tau` and multiplies the curved vector (§3)."""
-    if not (isinstance(mask, Tensor) or mask is None or mask in MASKS):
-        raise ValueError(f"mask={mask!r} is invalid: expected one of {', '.join(MASKS)} or a tensor of multipliers")
+def curved_task_vectors(tau: Tensor, factors: Optional[Factors] = None, mask: MaskKind = MaskKind.NONE,
+                        total: Optional[Tensor] = None, multipliers: Optional[Tensor] = None) -> Tensor:
+    """`m_i ⊙ M_i(tau_i)`: the mask is computed from the raw `tau` and multiplies the curved vector (§3); DARE's
+    `multipliers` come with it, and `total` is TIES's `Σ_j τ_j` over every expert (default: over `tau`'s)."""
+    mask = mask_kind(mask)
     sign_total = None
-    if mask == "ties":  # elected once; each expert's 0/1 mask is rebuilt in cache where it is applied
+    if mask is MaskKind.TIES:  # elected once; each expert's 0/1 mask is rebuilt in cache where it is applied
         with torch.no_grad():
             sign_total = torch.sign(tau.detach().sum(0) if total is None else total.detach()).to(tau.dtype)
+    dropped = multipliers if mask is MaskKind.DARE else None
     if factors is None:
-        if isinstance(mask, Tensor):
-            return tau * mask
-        return _SignMasked.apply(tau.contiguous(), sign_total.contiguous()) if mask == "ties" else tau
+        if dropped is not None:
+            return tau * dropped
+        return _SignMasked.apply(tau.contiguous(), sign_total.contiguous()) if sign_total is not None else tau
     _check_factors(tau, factors)
-    if mask == "ties":
+    if sign_total is not None:
         return _curve(tau, factors, sign_total=sign_total)
-    if isinstance(mask, Tensor):
-        if mask.shape != tau.shape or mask.dtype != tau.dtype or mask.requires_grad:
-            return _curve(tau, factors) * mask
-        return _curve(tau, factors, mask=mask.detach())
+    if dropped is not None:
+        if dropped.shape != tau.shape or dropped.dtype != tau.dtype or dropped.requires_grad:
+            return _curve(tau, factors) * dropped
+        return _curve(tau, factors, mask=dropped.detach())
     return _curve(tau, factors)
 
 
@@ -443,24 +445,24 @@ def merged_linear(x: Tensor, base: Tensor, task: Tensor, gates: Tensor, alpha: f
 
 
 def dynamic_merge(base: Tensor, curved_experts: Tensor, gates: Tensor, factors: Optional[Factors],
-                  mask: Mask, alpha: float, raw_experts: Optional[Tensor] = None) -> Tensor:
+                  mask: MaskKind, alpha: float, raw_experts: Optional[Tensor] = None,
+                  multipliers: Optional[Tensor] = None) -> Tensor:
     """`Ŵ_s = base_s + α Σ_i g_si m_si ⊙ (M_i(E_i) − M_i(base_s))` for a per-segment base (§4).
 
     `curved_experts` is `M_i(E_i)` (computed once per forward, possibly on other ranks); the
     per-segment term `M_i(base_s)` is built one expert at a time so no `[S, N, out, in]` tensor exists.
-    `raw_experts` (the `E_i`) is needed only for the per-segment TIES election.
+    `raw_experts` (the `E_i`) is needed only for the per-segment TIES election, `multipliers` only for DARE.
     """
+    mask = mask_kind(mask)
     merged = torch.zeros_like(base)
-    if mask == "ties":
+    if mask is MaskKind.TIES:
         total = torch.sign(raw_experts.sum(0) - curved_experts.shape[0] * base)
     for i in range(curved_experts.shape[0]):
         term = curved_experts[i] - (base if factors is None else _curve(base, [f[:, i:i + 1] for f in factors]))
-        if isinstance(mask, Tensor):
-            term = term * mask[i]
-        elif mask == "ties":
+        if mask is MaskKind.DARE and multipliers is not None:
+            term = term * multipliers[i]
+        elif mask is MaskKind.TIES:
             term = term * (torch.sign(raw_experts[i] - base) == total).to(base.dtype)
-        elif mask not in (None, "none"):
-            raise ValueError(f"mask={mask!r} is invalid: expected one of {', '.join(MASKS)} or a tensor")
         merged = merged + gates[:, i, None, None] * term
     return base + alpha * merged
 

@@ -24,9 +24,10 @@ from . import functional as Fn
 from .chain import MergeChain
 from .factor_init import initial_factors, peeked_generator
 from .factors import KronFactors, split_factors
+from .masks import MaskKind, mask_kind
+from .plan import Evaluation, MatrixPlan, MergePlan, evaluations
 from .protocol import MoEOutput
 from .router import SegmentRouter
-from .plan import Evaluation, MatrixPlan, MergePlan, evaluations
 
 
 class CurvedExpert(nn.Module):
@@ -134,18 +135,19 @@ class CAMExMoE(MoE):
         stack = self._factor_stack(name, group)
         return [f.transpose(0, 1) for f in split_factors(stack, self.local_experts[0].curvature[name].shapes)]
 
-    def _local_mask(self, like: Tensor):
-        if self.args.mask == "dare":
-            return Fn.dare_mask(like.shape, self.args.dare_p, dtype=like.dtype, device=like.device) \
-                if self.training else "none"
-        return self.args.mask
+    def _local_multipliers(self, like: Tensor) -> Optional[Tensor]:
+        """DARE's multipliers for this rank's experts, drawn here in training; None otherwise (no drop in eval)."""
+        if self.args.mask == "dare" and self.training:
+            return Fn.dare_mask(like.shape, self.args.dare_p, dtype=like.dtype, device=like.device)
+        return None
 
     def _task_vectors(self, name: str, group) -> Tensor:
         """All experts' `m_i ⊙ M_i(E_i − B)`: each rank curves its own, then the group all-gathers (§7)."""
         tau = Fn.task_vectors(self.base[name], [getattr(e, name) for e in self.local_experts])
-        mask = self._local_mask(tau)
-        total = comm.all_reduce_sum(tau.detach().sum(0), group, self.traffic) if mask == "ties" else None
-        task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total)
+        multipliers = self._local_multipliers(tau)
+        mask = mask_kind(self.args.mask)
+        total = comm.all_reduce_sum(tau.detach().sum(0), group, self.traffic) if mask is MaskKind.TIES else None
+        task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total, multipliers)
         return comm.gather_experts(task, group, self.traffic)
 
     def _curved_experts(self, name: str, group) -> Tensor:
@@ -155,10 +157,10 @@ class CAMExMoE(MoE):
         return comm.gather_experts(experts if factors is None else Fn.apply_curvature(experts, factors), group,
                                   self.traffic)
 
-    def _dare_mask(self, name: str, group) -> Optional[Tensor]:
+    def _dare_multipliers(self, name: str, group) -> Optional[Tensor]:
         """DARE's `[n, out, in]` multipliers of every expert (each owner draws its own), or None."""
-        mask = self._local_mask(self._stacked(name).detach())
-        return comm.gather_experts(mask, group, self.traffic) if isinstance(mask, Tensor) else None
+        multipliers = self._local_multipliers(self._stacked(name).detach())
+        return None if multipliers is None else comm.gather_experts(multipliers, group, self.traffic)
 
     def _matrix_plan(self, name: str, evaluation: Evaluation, basis: Optional[list], spans: bool, group) -> MatrixPlan:
         """Matrix `name`'s per-step tensors for `evaluation` (the order of draws and collectives is part of it)."""
@@ -166,16 +168,16 @@ class CAMExMoE(MoE):
             task = self._task_vectors(name, group)
             return MatrixPlan(evaluation, task=task, basis=[self.base[name].unsqueeze(0), task] if spans else None)
         if evaluation is Evaluation.SPAN:
-            mask = self._dare_mask(name, group) if self.args.mask == "dare" else None
+            multipliers = self._dare_multipliers(name, group)
             images = Fn.span_images(torch.cat(basis), self._curved_experts(name, group),
-                                    self._stacked_factors(name, group), mask)
+                                    self._stacked_factors(name, group), multipliers)
             return MatrixPlan(evaluation, images=images, basis=basis + [images.flatten(0, 1)])
         curved = self._curved_experts(name, group)
         factors = self._factor_stack(name, group) if self.args.curved else None
-        mask = self._dare_mask(name, group) if self.args.mask == "dare" else None
+        multipliers = self._dare_multipliers(name, group)
         raw = comm.gather_experts(self._stacked(name).detach(), group, self.traffic) if self.args.mask == "ties" \
             else None
-        return MatrixPlan(evaluation, curved=curved, factors=factors, mask=mask, raw=raw)
+        return MatrixPlan(evaluation, curved=curved, factors=factors, multipliers=multipliers, raw=raw)
 
     def plan(self, segments: int, accumulation: int = 1, spans_in: Optional[dict] = None) -> MergePlan:
         """This layer's work from its parameters alone, for `segments` per forward and `accumulation` micro-batches
@@ -187,7 +189,7 @@ class CAMExMoE(MoE):
         matrices = {n: self._matrix_plan(n, evaluation, spans_in.get(n), size is not None, group)
                     for n, (evaluation, size) in chosen.items()}
         shapes = {n: self.local_experts[0].curvature[n].shapes for n in self.shapes} if self.args.curved else {}
-        return MergePlan(matrices, self.base, self.args.alpha, shapes, accumulation)
+        return MergePlan(matrices, self.base, self.args.alpha, mask_kind(self.args.mask), shapes, accumulation)
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:

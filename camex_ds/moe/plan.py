@@ -31,6 +31,7 @@ from torch import Tensor
 from . import functional as Fn
 from .chain import MergeChain, Span, next_span_size, prefer_span, start_span_size
 from .factors import split_factors
+from .masks import MaskKind
 
 
 class Evaluation(enum.Enum):
@@ -70,7 +71,7 @@ class MatrixPlan(NamedTuple):
     images: Optional[Tensor] = None  # SPAN: `Z [n, K+1, out, in]`, the images of the experts and of the basis
     curved: Optional[Tensor] = None  # SEGMENT: every expert's `M_i(E_i)` `[n, out, in]`
     factors: Optional[Tensor] = None  # SEGMENT with curvature: every expert's factors, one `[n, Σ R·k²]` stack
-    mask: Optional[Tensor] = None  # SEGMENT with DARE (training): the multipliers `[n, out, in]`
+    multipliers: Optional[Tensor] = None  # SEGMENT with DARE (training): the multipliers `[n, out, in]`
     raw: Optional[Tensor] = None  # SEGMENT with TIES: the experts `E_i` `[n, out, in]`, for the election per segment
     basis: Optional[list] = None  # the span basis handed to the next chain layer (per-step tensors, with graph)
 
@@ -152,6 +153,7 @@ class MergePlan:
     matrices: dict  # name -> MatrixPlan
     base: Optional[dict]  # the layer's own base `B` (static and chain-start layers), read as it is
     alpha: float
+    mask: MaskKind
     factor_shapes: dict  # name -> the `[R, k, k]` shapes of A, B, C, D in a factor stack
     accumulation: int = 1
     sums: dict = field(default_factory=dict)  # (name, field) -> _GradientSum of a relayed per-step tensor
@@ -197,9 +199,8 @@ class MergePlan:
             else:
                 factors = None if m.factors is None else \
                     [f.transpose(0, 1) for f in split_factors(m.factors, self.factor_shapes[name])]
-                mask = m.mask if m.mask is not None else "ties" if m.raw is not None else "none"
-                weights[name] = Fn.dynamic_merge(previous.weights[name], m.curved, gates, factors, mask, alpha,
-                                                 raw_experts=m.raw)
+                weights[name] = Fn.dynamic_merge(previous.weights[name], m.curved, gates, factors, self.mask, alpha,
+                                                 raw_experts=m.raw, multipliers=m.multipliers)
         if weights:
             merged.chain = MergeChain(weights, spans)
         return merged
