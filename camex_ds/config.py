@@ -34,6 +34,12 @@ SMOE_BACKENDS = ("auto", "deepspeed", "megablocks")
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
+    def relabel(self, prefix: str, new_prefix: str) -> "ConfigError":
+        """This error with the leading `prefix` of the field it names (e.g. 'moe.') written `new_prefix`: for a
+        caller whose users know the options under another name (the standalone layer's 'CAMExMoE.')."""
+        text = str(self)
+        return ConfigError(new_prefix + text[len(prefix):] if text.startswith(prefix) else text)
+
 
 def _fail(field_name: str, value: Any, expected: str) -> None:
     raise ConfigError(f"{field_name}={value!r} is invalid: expected {expected}")
@@ -68,9 +74,21 @@ def method_is_curved(method: str) -> bool:
     return method.startswith("camex")
 
 
+#: The MoE options each kind of method reads, beyond those every method reads (`method`, `num_experts`, `top_k`,
+#: `every`, `ep_size`, `dynamic`, `aux_loss_coef`): an option a method does not read is neither checked nor used.
+MERGE_OPTIONS = ("segment_len", "routing", "first_segment", "alpha", "noisy_gating", "chain_length")
+CURVATURE_OPTIONS = ("curvature_rank", "curvature_init_std", "curvature_lr_scale")
+DARE_OPTIONS = ("dare_p",)
+TOKEN_ROUTING_OPTIONS = ("capacity_factor", "backend")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
-    """Every option of a MoE layer. `top_k=None` means N for merging methods (full soft merging), 2 for smoe."""
+    """Every option of a MoE layer. `top_k=None` means N for merging methods (full soft merging), 2 for smoe.
+
+    Errors name a field as the model config does (`moe.<field>`); a caller with another name for the block
+    relabels them (`ConfigError.relabel`). Options the method does not read (`applies`) are not checked.
+    """
 
     method: str = "camex"
     num_experts: int = 4
@@ -91,49 +109,83 @@ class MoEConfig:
     dare_p: float = 0.1
     capacity_factor: float = 1.0
     backend: str = "auto"
-    prefix: str = "moe"
+
+    @classmethod
+    def for_layer(cls, num_experts: Optional[int], **options) -> "MoEConfig":
+        """The config of a `CAMExMoE` built on its own from spec §6's keyword options, with §6's defaults: a model
+        config's, but segment_len 256 (a model's sequences are short by default, and its segments with them)."""
+        return cls(num_experts=num_experts, **{"segment_len": 256, **options})
+
+    def applies(self, option: str) -> bool:
+        """Whether this config's method reads `option`: merge options are the merging methods', curvature options
+        the curvature-aware ones', `dare_p` the DARE masks', capacity and backend the token-routing smoe's."""
+        smoe = self.method == "smoe"
+        if option in MERGE_OPTIONS:
+            return not smoe
+        if option in CURVATURE_OPTIONS:
+            return self.curved
+        if option in DARE_OPTIONS:
+            return self.mask == "dare"
+        if option in TOKEN_ROUTING_OPTIONS:
+            return smoe
+        return True
 
     def __post_init__(self) -> None:
-        p = self.prefix + "."
-        check_choice(p + "method", self.method, METHODS[1:])
-        check_int(p + "num_experts", self.num_experts, 2 if self.dynamic else 1)
-        check_int(p + "every", self.every)
-        check_int(p + "segment_len", self.segment_len)
-        check_choice(p + "routing", self.routing, ROUTINGS)
-        check_choice(p + "first_segment", self.first_segment, FIRST_SEGMENT)
-        check_int(p + "curvature_rank", self.curvature_rank)
-        check_number(p + "curvature_init_std", self.curvature_init_std, 0.0)
-        check_number(p + "curvature_lr_scale", self.curvature_lr_scale, 0.0, open_low=True)
-        check_number(p + "alpha", self.alpha, 0.0, 1e6)
-        check_int(p + "ep_size", self.ep_size)
+        check_choice("moe.method", self.method, METHODS[1:])
         if not isinstance(self.dynamic, bool):
-            _fail(p + "dynamic", self.dynamic, "true or false")
-        if not isinstance(self.noisy_gating, bool):
-            _fail(p + "noisy_gating", self.noisy_gating, "true or false")
-        check_number(p + "aux_loss_coef", self.aux_loss_coef, 0.0, 1e3)
-        check_number(p + "dare_p", self.dare_p, 0.0, 1.0 - 1e-6)
-        check_number(p + "capacity_factor", self.capacity_factor, 0.0, 1e3, open_low=True)
-        check_choice(p + "backend", self.backend, SMOE_BACKENDS)
-        if self.backend == "megablocks" and (self.method != "smoe" or self.ep_size != 1):
-            _fail(p + "backend", self.backend, "'megablocks' only with method 'smoe' and ep_size 1")
-        if self.chain_length is not None:
-            check_int(p + "chain_length", self.chain_length)
-            if not self.dynamic:
-                _fail(p + "chain_length", self.chain_length,
-                      "null unless dynamic is true (it sets the dynamic chains' length)")
+            _fail("moe.dynamic", self.dynamic, "true or false")
+        check_int("moe.num_experts", self.num_experts, 2 if self.dynamic else 1)
+        check_int("moe.every", self.every)
+        check_int("moe.ep_size", self.ep_size)
+        check_number("moe.aux_loss_coef", self.aux_loss_coef, 0.0, 1e3)
         if self.dynamic and self.method == "smoe":
-            _fail(p + "dynamic", self.dynamic, "false for method 'smoe' (dynamic merging needs a merging method)")
+            _fail("moe.dynamic", self.dynamic, "false for method 'smoe' (dynamic merging needs a merging method)")
         n = self.stored_experts
         if n % self.ep_size:
             valid = [k for k in range(1, n + 1) if n % k == 0]
             what = f"{n} stored experts (num_experts - 1 in dynamic layers)" if self.dynamic else f"{n} experts"
-            _fail(p + "ep_size", self.ep_size, f"a divisor of {what}: one of {valid}")
+            _fail("moe.ep_size", self.ep_size, f"a divisor of {what}: one of {valid}")
         if self.top_k is not None:
-            check_int(p + "top_k", self.top_k)
+            check_int("moe.top_k", self.top_k)
             if self.top_k > self.routed_experts:
-                _fail(p + "top_k", self.top_k, f"at most the {self.routed_experts} routed experts")
+                _fail("moe.top_k", self.top_k, f"at most the {self.routed_experts} routed experts")
             if self.method == "smoe" and self.top_k not in (1, 2):
-                _fail(p + "top_k", self.top_k, "1 or 2 for method 'smoe' (DeepSpeed's gate)")
+                _fail("moe.top_k", self.top_k, "1 or 2 for method 'smoe' (DeepSpeed's gate)")
+        for check in (self._check_merge, self._check_curvature, self._check_dare, self._check_token_routing):
+            check()
+
+    def _check_merge(self) -> None:
+        if not self.applies("segment_len"):
+            return
+        check_int("moe.segment_len", self.segment_len)
+        check_choice("moe.routing", self.routing, ROUTINGS)
+        check_choice("moe.first_segment", self.first_segment, FIRST_SEGMENT)
+        check_number("moe.alpha", self.alpha, 0.0, 1e6)
+        if not isinstance(self.noisy_gating, bool):
+            _fail("moe.noisy_gating", self.noisy_gating, "true or false")
+        if self.chain_length is not None:
+            check_int("moe.chain_length", self.chain_length)
+            if not self.dynamic:
+                _fail("moe.chain_length", self.chain_length,
+                      "null unless dynamic is true (it sets the dynamic chains' length)")
+
+    def _check_curvature(self) -> None:
+        if self.applies("curvature_rank"):
+            check_int("moe.curvature_rank", self.curvature_rank)
+            check_number("moe.curvature_init_std", self.curvature_init_std, 0.0)
+            check_number("moe.curvature_lr_scale", self.curvature_lr_scale, 0.0, open_low=True)
+
+    def _check_dare(self) -> None:
+        if self.applies("dare_p"):
+            check_number("moe.dare_p", self.dare_p, 0.0, 1.0 - 1e-6)
+
+    def _check_token_routing(self) -> None:
+        if not self.applies("backend"):
+            return
+        check_number("moe.capacity_factor", self.capacity_factor, 0.0, 1e3, open_low=True)
+        check_choice("moe.backend", self.backend, SMOE_BACKENDS)
+        if self.backend == "megablocks" and self.ep_size != 1:
+            _fail("moe.backend", self.backend, "'megablocks' only with method 'smoe' and ep_size 1")
 
     def segment_len_for(self, seq_len: int) -> int:
         """T, the tokens per routed segment: the whole sequence under `sequence` routing."""
@@ -163,9 +215,7 @@ class MoEConfig:
         return method_is_curved(self.method)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("prefix")
-        return d
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -244,11 +294,11 @@ class ModelConfig:
         self._check_family()
         if self.moe is not None:
             seg = self.moe.segment_len_for(self.seq_len)
-            if self.seq_len % seg:
+            if self.moe.applies("segment_len") and self.seq_len % seg:
                 _fail("moe.segment_len", seg, f"a divisor of seq_len={self.seq_len} (L must be a multiple of T)")
             if self.moe.every > self.n_layers:
                 _fail("moe.every", self.moe.every, f"at most n_layers={self.n_layers}, or no layer would be MoE")
-            if self.ffn_bias and self.moe.backend == "megablocks":
+            if self.ffn_bias and self.moe.applies("backend") and self.moe.backend == "megablocks":
                 _fail("moe.backend", self.moe.backend, "'deepspeed' or 'auto' for bias='all' (MegaBlocks experts "
                       "have no biases)")
 
@@ -323,7 +373,7 @@ class ModelConfig:
             if moe_raw.get("method") == "dense":
                 moe_raw = None
             else:
-                _check_keys("moe.", moe_raw, MoEConfig, exclude={"prefix"})
+                _check_keys("moe.", moe_raw, MoEConfig)
                 moe = MoEConfig(**moe_raw)
         return cls(**raw, moe=moe)
 
@@ -356,27 +406,14 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The pretraining run
+# Defaults shared by the run and the tools (the run's own flags: camex_ds.run_args)
 
 # How long a collective (or the set-up's rendezvous) waits for a peer before failing. torch's default is
 # 30 minutes: a rank that died or stopped would hold every other rank, and the job's GPUs, that long.
 DEFAULT_TIMEOUT_S = 300.0
 
-# The checkout the package runs from (an editable install): ds_configs/ and launcher/ live there.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 #: Pieces of the SentencePiece tokenizer trained when none is given (launcher, preprocess, train-tokenizer, data).
 DEFAULT_VOCAB_SIZE = 4096
-
-# The DeepSpeed config a run uses when none is given: one CPU rank, fp32, ZeRO 0, no accumulation.
-DEFAULT_DEEPSPEED_CONFIG = str(REPO_ROOT / "ds_configs" / "cpu.json")
-# The model a run trains when none is given: the small CAMEx model, the same file users find and copy.
-DEFAULT_MODEL_CONFIG = str(REPO_ROOT / "ds_configs" / "models" / "camex_small.json")
-
-
-def default_model() -> dict:
-    """The raw dict of `DEFAULT_MODEL_CONFIG` (a fresh copy: callers edit it)."""
-    return read_json_object(Path(DEFAULT_MODEL_CONFIG), "the default model config")
 
 
 def read_json_object(path: Path, what: str, error: type = ConfigError) -> dict:
@@ -394,75 +431,6 @@ def read_json_object(path: Path, what: str, error: type = ConfigError) -> dict:
     return raw
 
 
-def _flag(default: Any, help: str, **argparse_options) -> Any:
-    """A `TrainArgs` field and the text of its command-line flag (`camex_ds.cli.pretrain` builds the parser from
-    these), so that each default is written once. `argparse_options` are `metavar`, and `flag` for a flag named
-    otherwise than the field (`--no_progress` clears `progress`)."""
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
-
-
-@dataclass
-class TrainArgs:
-    """A pretraining run's arguments, each with its flag of `launcher/pretrain.py` (`camex-pretrain`), in the
-    order `--help` lists them; `camex_ds.train.run` validates them."""
-
-    deepspeed_config: str = _flag(
-        DEFAULT_DEEPSPEED_CONFIG, "DeepSpeed JSON (batch size, optimizer, scheduler, ZeRO stage, bf16, TensorBoard); "
-        "'auto' values are filled from this run (default: %(default)s)")
-    model_config: Optional[str] = _flag(None, "model JSON (see README: config reference); default: a small CAMEx model")
-    # the CLI appends the forms a --data value takes (camex_ds.data.DATA_HELP, whose home is the data package)
-    data: Optional[str] = _flag(None, "a preprocessed dataset folder, ", data_forms=True)
-    val_data: Optional[str] = _flag(
-        None, "a separate validation text (a corpus's valid.txt; any --data form, a preprocessed folder gives its "
-        "validation split): --data is then all trained on")
-    tokenizer: Optional[str] = _flag(
-        None, "SentencePiece .model, or a Hugging Face tokenizer.json or the folder holding it; default: the "
-        "--init_from model's own, else train one on the data (cached)")
-    vocab_size: int = _flag(DEFAULT_VOCAB_SIZE, "vocabulary of a tokenizer trained here (%(default)s)")
-    cache_dir: Optional[str] = _flag(None, "where prepared datasets are cached (default: $CAMEX_DS_CACHE or "
-                                           "~/.cache/camex_ds)")
-    output_dir: str = _flag("runs/default", "metrics, TensorBoard, checkpoints (%(default)s)")
-    max_steps: int = _flag(300, "optimizer steps in total (%(default)s)")
-    eval_interval: int = _flag(100, "validate every N steps and at the end (%(default)s)")
-    eval_windows: Optional[int] = _flag(
-        None, "validation windows (seq_len + 1 tokens each) per evaluation, the same at any micro batch; default: "
-        "the whole validation split, up to a cap that keeps evaluation near 10%% of training time (logged, and "
-        "recorded as val_windows and val_tokens)", metavar="N")
-    eval_batches: Optional[int] = _flag(
-        None, "or: validation batches of the micro batch size per evaluation (K x micro batch windows, so they "
-        "change with the micro batch)", metavar="K")
-    save_interval: int = _flag(100, "checkpoint every N steps and at the end (%(default)s)")
-    keep_checkpoints: Optional[int] = _flag(
-        None, "keep only the newest K checkpoints, deleting older ones once a new one is complete (default: all)",
-        metavar="K")
-    log_interval: int = _flag(10, "log training metrics every N steps (%(default)s)")
-    ep_size: Optional[int] = _flag(None, "expert-parallel degree; overrides moe.ep_size of the model config")
-    resume: bool = _flag(False, "continue from OUTPUT_DIR/checkpoints/latest exactly (model, optimizer, scheduler, "
-                                "data position, RNG)")
-    overwrite_output_dir: bool = _flag(
-        False, "start afresh in an --output_dir that holds an earlier run: its files are moved into "
-        "OUTPUT_DIR/replaced-<time>/, nothing is deleted (without it such a run is refused)")
-    init_from: Optional[str] = _flag(
-        None, "start from a consolidated/upcycled model folder (tools/convert_checkpoint.py) instead of a random "
-        "init (its config is the model config unless --model_config is given)")
-    stop_at_step: Optional[int] = _flag(
-        None, "checkpoint and exit after this step without changing the schedule of --max_steps (time-sliced jobs; "
-        "continue with --resume)")
-    seed: int = _flag(1234, "initialisation and routing-noise seed (%(default)s)")
-    data_seed: int = _flag(1234, "data-order seed, independent of --seed (%(default)s)")
-    peak_tflops: Optional[float] = _flag(None, "peak TFLOP/s per rank for MFU (default: known-GPU table, or a CPU "
-                                               "matmul probe)")
-    skip_nonfinite: int = _flag(
-        0, "skip up to K steps whose loss or gradient norm is NaN/Inf (counted as skipped_steps in the metrics) "
-        "instead of stopping at the first; a bad step never changes the weights (%(default)s)", metavar="K")
-    dist_timeout: float = _flag(
-        DEFAULT_TIMEOUT_S, "seconds a collective waits for a lost or stopped rank before the job fails, instead of "
-        "torch's 30 minutes (%(default)s)")
-    compile: bool = _flag(False, "torch.compile every transformer block (inductor). Off by default: not faster on "
-                                 "CPUs, not yet measured on GPUs")
-    progress: bool = _flag(True, "no progress bar", flag="--no_progress")
-
-
 def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:
     known = {f.name for f in dataclasses.fields(cls)} - set(exclude)
     for key in raw:
@@ -470,5 +438,5 @@ def _check_keys(prefix: str, raw: dict, cls, exclude=frozenset()) -> None:
             raise ConfigError(f"unknown config key {prefix}{key!r}: valid keys are {', '.join(sorted(known))}")
 
 
-__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "TrainArgs", "RopeScaling", "METHODS", "MERGE_METHODS",
+__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "RopeScaling", "METHODS", "MERGE_METHODS",
            "ROUTINGS", "ACTIVATIONS", "ARCHITECTURES", "BIASES"]

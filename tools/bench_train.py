@@ -29,7 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from camex_ds.config import COMPARED_METHODS, DEFAULT_DEEPSPEED_CONFIG, DEFAULT_VOCAB_SIZE, SMOE_BACKENDS
+from camex_ds.config import COMPARED_METHODS, DEFAULT_VOCAB_SIZE, SMOE_BACKENDS
+from camex_ds.run_args import DEFAULT_DEEPSPEED_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
     try:
-        from camex_ds.config import default_model
+        from camex_ds.run_args import default_model
 
         args.base_model = default_model() if args.model is None else json.loads(Path(args.model).read_text())
         args.ds_config = json.loads(Path(args.deepspeed_config).read_text())

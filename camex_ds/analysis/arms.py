@@ -18,8 +18,8 @@ from ..config import MoEConfig, method_is_curved
 
 #: MoE keys with this prefix change only what the curvature-aware methods compute.
 CURVATURE_PREFIX = "curvature_"
-#: Set per method by the grid (--methods), or fixed by the launcher (--ep_size): not a grid-wide MoE setting.
-RESERVED_KEYS = ("method", "prefix")
+#: Set per method by the grid (--methods): not a grid-wide MoE setting.
+RESERVED_KEYS = ("method",)
 
 
 class SettingsError(ValueError):

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..config import METHODS, ModelConfig, TrainArgs, default_model
+from ..config import DEFAULT_VOCAB_SIZE, METHODS, ModelConfig
+from ..run_args import default_model
 from .arms import Arm
 from .report import write_report
 from .results import run_dir
 
-LAUNCHER_VOCAB_SIZE = TrainArgs.vocab_size  # the tokenizer the launcher trains when a config leaves vocab_size out
+LAUNCHER_VOCAB_SIZE = DEFAULT_VOCAB_SIZE  # the tokenizer the launcher trains when a config leaves vocab_size out
+#: What every run of a grid starts: the trainer of the installed package (`camex-pretrain`), wherever it is installed.
+TRAINER_MODULE = "camex_ds.cli.pretrain"
 SMOE_DEFAULT_TOP_K = 2
 CHECKPOINT_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
@@ -102,7 +105,7 @@ class Grid:
     step_batch: "StepBatch"
     deepspeed_config: Optional[str]
     num_gpus: Optional[int]
-    launcher: Path
+    launcher: Optional[Path]  # a script that stands in for the trainer (tests' fakes); None: TRAINER_MODULE
     extra_args: List[str]
     model_config_path: Optional[str]
     val_data: Optional[str] = None
@@ -313,7 +316,6 @@ def launcher_command(grid: Grid, variant: str, seed: int, resume: bool) -> List[
     model = (["--init_from", str(grid.inits[variant])] if grid.init_from is not None
              else ["--model_config", str(config_path(grid, variant))])
     args = [
-        str(grid.launcher),
         *model,
         *(["--data", grid.data] if grid.data else []),
         *(["--val_data", grid.val_data] if grid.val_data else []),
@@ -330,9 +332,11 @@ def launcher_command(grid: Grid, variant: str, seed: int, resume: bool) -> List[
     if resume:
         args.append("--resume")
     args += grid.extra_args
-    if grid.num_gpus is not None:
-        return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(grid.num_gpus)] + args
-    return [sys.executable] + args
+    if grid.num_gpus is not None:  # DeepSpeed's launcher spells python's `-m` `--module`
+        start, module_flag = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(grid.num_gpus)], "--module"
+    else:
+        start, module_flag = [sys.executable], "-m"
+    return start + ([str(grid.launcher)] if grid.launcher else [module_flag, TRAINER_MODULE]) + args
 
 
 def run_path(grid: Grid, variant: str, seed: int) -> Path:
@@ -367,7 +371,7 @@ def grid_meta(grid: Grid) -> dict:
         "upcycle_seed": grid.upcycle_seed if grid.init_from is not None else None,
         "deepspeed_config": grid.deepspeed_config,
         "num_gpus": grid.num_gpus,
-        "launcher": str(grid.launcher),
+        "launcher": str(grid.launcher) if grid.launcher else TRAINER_MODULE,
         "launcher_args": grid.extra_args,
     }
 

@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import (COMPARED_METHODS, DEFAULT_DEEPSPEED_CONFIG, METHODS, REPO_ROOT, ConfigError, ModelConfig,
-                      default_model, read_json_object)
+from ..config import COMPARED_METHODS, METHODS, ConfigError, ModelConfig, read_json_object
+from ..run_args import DEFAULT_DEEPSPEED_CONFIG, default_model
 from .arms import SettingsError, moe_settings, parse_sweeps, variant_name
 from .grid import Grid, UsageError, Variant, build_method_config, reference_variant, step_batch, validate_configs
 from .upcycled import dense_fingerprint, upcycle_key, upcycled_path
-
-DEFAULT_LAUNCHER = REPO_ROOT / "launcher" / "pretrain.py"
 
 
 @dataclass
@@ -45,7 +43,7 @@ class GridOptions:
     data_seed: int = 1234
     seed_data_order: bool = False
     deepspeed_config: Optional[str] = None
-    launcher_script: str = str(DEFAULT_LAUNCHER)
+    launcher_script: Optional[str] = None  # a script standing in for the trainer (tests); None: the package's own
     extra_args: List[str] = field(default_factory=list)
     report_only: bool = False
     dry_run: bool = False
@@ -178,9 +176,9 @@ def make_grid(o: GridOptions) -> Grid:
     ds_path = o.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG
     batch = step_batch(load_json(ds_path, "--deepspeed_config"), o.num_gpus or 1, ds_path)
 
-    launcher = Path(o.launcher_script).resolve()
+    launcher = Path(o.launcher_script).resolve() if o.launcher_script else None
     running = not o.report_only and not o.dry_run
-    if running and not launcher.is_file():
+    if running and launcher is not None and not launcher.is_file():
         raise UsageError(f"launcher script {str(launcher)!r} does not exist")
     if o.num_gpus is not None and running and shutil.which("deepspeed") is None:
         raise UsageError("--num_gpus needs the 'deepspeed' launcher on PATH, which was not found")

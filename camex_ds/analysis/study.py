@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..config import DEFAULT_DEEPSPEED_CONFIG, DEFAULT_VOCAB_SIZE, MoEConfig, default_model
+from ..config import DEFAULT_VOCAB_SIZE, MoEConfig
+from ..run_args import DEFAULT_DEEPSPEED_CONFIG, default_model
 from .arms import format_value, parse_sweeps
 from .grid import UsageError, build_method_config, step_batch, write_grid_report
 from .options import GridOptions, load_json, make_grid, variant_configs

@@ -19,7 +19,6 @@ from typing import Callable, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from ..config import REPO_ROOT
 from .grid import (Grid, check_spec, config_path, grid_meta, has_checkpoint, launcher_command, reference_variant,
                    resolve_flops_budget, run_path, run_spec, seeds_of_variant)
 from .results import write_json
@@ -98,17 +97,18 @@ def kill_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
 
 def execute(cmd: List[str], rd: Path, log: Path, on_step: Callable[[Optional[int]], None],
              poll_interval: float) -> int:
-    """Run `cmd` from the repository root in its own process group, its output appended to `log`, telling
-    `on_step` the run's latest step every `poll_interval` seconds; its exit code. Interrupted, it stops the group."""
+    """Run `cmd` in its own process group, from this process's working directory (the grid passes its paths
+    absolute; the trainer is the installed package's), its output appended to `log`, telling `on_step` the run's
+    latest step every `poll_interval` seconds; its exit code. Interrupted, it stops the group."""
     rd.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     with open(log, "a", encoding="utf-8") as fh:
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
-        fh.write(f"\n===== {stamp} cwd={REPO_ROOT}\n===== {shlex.join(cmd)}\n")
+        fh.write(f"\n===== {stamp} cwd={os.getcwd()}\n===== {shlex.join(cmd)}\n")
         fh.flush()
         offset = fh.tell()
-        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdout=fh, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         watcher = StepWatcher(rd / "metrics.jsonl", log, offset)
         try:
@@ -232,7 +232,7 @@ def run_grid(grid: Grid, prog: str, progress: bool = True, dry_run: bool = False
                 msg = [
                     f"{prog}: run {label} failed ({why}).",
                     f"command: {shlex.join(cmd)}",
-                    f"working directory: {REPO_ROOT}",
+                    f"working directory: {os.getcwd()}",
                     f"log: {rp / 'log.txt'}",
                     f"--- last {len(tail)} lines of the log ---",
                     "".join(tail).rstrip("\n"),

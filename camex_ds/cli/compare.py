@@ -1,14 +1,15 @@
-"""`camex-compare` (`python tools/compare_methods.py`): train a grid of (method x arm x seed) runs with
-launcher/pretrain.py, from scratch or fine-tuning an upcycled dense model, and compare the methods statistically.
+"""`camex-compare` (`python tools/compare_methods.py`): train a grid of (method x arm x seed) runs with the
+installed package's trainer (`camex-pretrain`), from scratch or fine-tuning an upcycled dense model, and compare the
+methods statistically.
 
 Every run is started as its own subprocess exactly as a user would start it::
 
-    python launcher/pretrain.py --model_config OUT/configs/<method>.json \\
+    python -m camex_ds.cli.pretrain --model_config OUT/configs/<method>.json \\
         --data DATA --output_dir OUT/runs/<method>/seed<k> --max_steps N \\
         --seed <k> --data_seed D --eval_interval E [--deepspeed_config DS] [--resume]
 
 (``--init_from OUT/upcycled/<method>-<key>`` instead of ``--model_config`` when the grid fine-tunes
-``--init_from DENSE``; ``deepspeed --num_gpus G launcher/pretrain.py ...`` with ``--num_gpus G``).
+``--init_from DENSE``; ``deepspeed --num_gpus G --module camex_ds.cli.pretrain ...`` with ``--num_gpus G``).
 All runs of one seed share the data order and the upcycled routers, so paired runs differ only in the method.
 
 Outputs in OUT: ``configs/<variant>.json`` (model config of each variant), ``runs/<variant>/seed<k>/`` (one
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -33,12 +33,13 @@ from ..analysis.arms import moe_keys
 from ..analysis.grid import SMOE_DEFAULT_TOP_K, UsageError, write_grid_report
 from ..analysis.options import GridOptions, make_grid
 from ..analysis.supervise import run_grid
-from ..config import DEFAULT_MODEL_CONFIG, EUCLIDEAN_TWIN, METHODS, REPO_ROOT, default_model
+from ..config import EUCLIDEAN_TWIN, METHODS
+from ..run_args import DEFAULT_MODEL_CONFIG, default_model
 from . import ArgumentParser, run_cli
 
 PROG = "compare_methods.py"
 DEFAULTS = GridOptions(output="")
-#: The base config when --model_config is not given: the default model (`config.DEFAULT_MODEL_CONFIG`).
+#: The base config when --model_config is not given: the default model (`run_args.DEFAULT_MODEL_CONFIG`).
 DEFAULT_BASE_CONFIG = default_model()
 
 
@@ -134,7 +135,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
-        description="Train every (method, arm, seed) of a grid with launcher/pretrain.py as subprocesses\n"
+        description="Train every (method, arm, seed) of a grid with camex-pretrain's trainer as subprocesses\n"
         "(resumable), from scratch or fine-tuning an upcycled dense model (--init_from),\n"
         "and write results.json, results.md and figures comparing the methods over seeds\n"
         "(mean/std, paired t-test, bootstrap CI, equal-FLOPs comparison, diagnostics).\n\n"
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--budget flops); required unless --report_only")
     g.add_argument("--model_config", metavar="CFG.json",
                    help="base model config JSON (see launcher/pretrain.py); default: the launcher's small "
-                   f"default model, {os.path.relpath(DEFAULT_MODEL_CONFIG, REPO_ROOT)}")
+                   f"default model, {DEFAULT_MODEL_CONFIG}")
     g.add_argument("--budget", choices=("steps", "flops"), default=d.budget,
                    help=f"equal training steps or equal training FLOPs across methods (default: {d.budget})")
     g.add_argument("--reference", metavar="METHOD",
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed k trains on data order D+k (the same for every method of seed k), so seeds also "
                    "sample the data order; without it every run sees order D")
     r.add_argument("--deepspeed_config", metavar="DS.json", help="DeepSpeed config passed to every run")
-    # hidden: lets tests substitute a fake training script for launcher/pretrain.py
+    # hidden: lets tests substitute a fake training script for the package's trainer (camex_ds.cli.pretrain)
     r.add_argument("--launcher_script", default=d.launcher_script, help=argparse.SUPPRESS)
 
     o = p.add_argument_group("report")

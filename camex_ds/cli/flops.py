@@ -29,11 +29,11 @@ from . import ArgumentParser
 # moment: bind it to a buffer, so --json output stays clean and errors stay one line.
 with contextlib.redirect_stdout(io.StringIO()):
     from ..analysis.flops import ep_bytes_per_step, flops_per_token, param_counts
-    from ..config import MERGE_METHODS, ConfigError, ModelConfig, MoEConfig, TrainArgs
+    from ..config import DEFAULT_VOCAB_SIZE, MERGE_METHODS, ConfigError, ModelConfig, MoEConfig
     from ..data.tokenizer import Tokenizer
 
 PROG = "flops.py"
-DEFAULT_VOCAB = TrainArgs.vocab_size  # the launcher's default tokenizer size, for configs that leave vocab_size out
+DEFAULT_VOCAB = DEFAULT_VOCAB_SIZE  # the launcher's default tokenizer size, for configs that leave vocab_size out
 SWEEP_KEYS = {"N": "num_experts", "R": "curvature_rank", "T": "segment_len", "ep": "ep_size",
               "tokens": "micro_batch_tokens", "accum": "accumulation"}
 OVERHEAD_PARTS = ("router", "merge", "curvature", "dynamic")

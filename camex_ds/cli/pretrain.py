@@ -3,8 +3,8 @@
 With no flags: a small CAMEx model on the default corpus (this Python's standard-library sources),
 a few minutes on 2 CPU cores. Runs as plain `python` (one rank) or under the DeepSpeed launcher:
 
-    camex-pretrain                                    (or: python launcher/pretrain.py)
-    deepspeed --num_gpus 2 launcher/pretrain.py --ep_size 2
+    camex-pretrain                                    (or: python -m camex_ds.cli.pretrain)
+    deepspeed --num_gpus 2 --module camex_ds.cli.pretrain --ep_size 2   (in a checkout: launcher/pretrain.py)
     deepspeed --hostfile ds_configs/hostfile --num_nodes 2 launcher/pretrain.py --deepspeed_config ds_configs/gpu_zero2_bf16.json
 
 Writes to --output_dir: metrics.jsonl, final_metrics.json, tensorboard/, checkpoints/ (resume with --resume).
@@ -21,7 +21,8 @@ import sys
 import typing
 
 from camex_ds.cli import ArgumentParser
-from camex_ds.config import TrainArgs
+from camex_ds.config import ConfigError
+from camex_ds.run_args import TrainArgs
 
 # The name in argparse's error lines: the same whether the launcher script, `camex-pretrain` or a test calls main
 PROG = "pretrain.py"
@@ -52,18 +53,22 @@ def add_dataclass_arguments(ap: argparse.ArgumentParser, cls) -> None:
 
 
 def parse_args(argv=None) -> TrainArgs:
+    """The flags as a `TrainArgs`; a bad one exits 2 with one line: argparse's for a malformed flag, `error: ...`
+    (as every other user error) for a value `TrainArgs` refuses."""
     ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(ap, TrainArgs)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = vars(ap.parse_args(argv))
-    return TrainArgs(**{field.name: args[field.name] for field in dataclasses.fields(TrainArgs)})
+    try:
+        return TrainArgs(**{field.name: args[field.name] for field in dataclasses.fields(TrainArgs)})
+    except ConfigError as e:
+        ap.exit(2, f"error: {e}\n")
 
 
 def main(argv=None) -> int:
     """Train with the flags in `argv` (default: the command line); the process's exit code."""
     train_args = parse_args(argv)
     from camex_ds.cli import run_cli
-    from camex_ds.config import ConfigError
     from camex_ds.data import DataError
     from camex_ds.ckpt.format import PretrainedError
     from camex_ds.deepspeed_adapter import warn_if_untested

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import deepspeed_adapter as ds
 from ..deepspeed_adapter import Experts, MoE
 from .ffn import add_biases, ffn_biases, matrix_shapes
-from ..config import ACTIVATIONS, MERGE_METHODS, MoEConfig, check_choice, check_int
+from ..config import ACTIVATIONS, MERGE_METHODS, ConfigError, MoEConfig, check_choice, check_int
 from ..parallel import expert_parallel_rank, global_expert
 from ..parallel import rank as process_rank
 from . import comm
@@ -41,10 +41,6 @@ class CurvedExpert(nn.Module):
             else None
 
 
-# The defaults of spec §6's layer contract where they differ from MoEConfig's (the model's) defaults.
-LAYER_DEFAULTS = {"segment_len": 256}
-
-
 class CAMExMoE(MoE):
     """Segment-routed soft merging of experts: `euclid`, `ties`, `dare` and their curvature-aware twins.
 
@@ -60,9 +56,13 @@ class CAMExMoE(MoE):
         """`moe`: the layer's whole `MoEConfig` (the model passes its own); without it, `num_experts` and the
         spec §6 keyword options (`method`, `ep_size`, `segment_len`, ...) build one, with §6's defaults."""
         nn.Module.__init__(self)  # MoE.__init__ would build a token gate this layer does not use
-        if moe is None:
-            moe = MoEConfig(num_experts=num_experts, **{**LAYER_DEFAULTS, **options}, prefix="CAMExMoE")
-        check_choice(f"{moe.prefix}.method", moe.method, MERGE_METHODS)
+        standalone = moe is None
+        try:
+            if standalone:
+                moe = MoEConfig.for_layer(num_experts, **options)
+            check_choice("moe.method", moe.method, MERGE_METHODS)
+        except ConfigError as e:  # a standalone layer's options are its keywords, not a model config's `moe` block
+            raise e.relabel("moe.", "CAMExMoE." if standalone else "moe.") from None
         check_choice("CAMExMoE.activation", activation, ACTIVATIONS)
         check_int("CAMExMoE.hidden_size", hidden_size)
         check_int("CAMExMoE.ffn_hidden_size", ffn_hidden_size)

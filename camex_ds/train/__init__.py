@@ -1,5 +1,5 @@
 """Training components: the loop (`run`), crash-safe checkpoints, metrics."""
-from ..config import TrainArgs
+from ..run_args import TrainArgs
 from .checkpoint import CheckpointError
 from .guard import NonFiniteError
 from .loop import run

@@ -162,7 +162,8 @@ def _prune(ckpt_dir: Path, keep: int, step: int) -> None:
 
 def _install_zero_to_fp32(ckpt_dir: Path) -> None:
     """Our zero_to_fp32.py (DeepSpeed's command line, our reader) where DeepSpeed puts its own."""
-    root = str(Path(__file__).resolve().parents[2])  # the folder holding camex_ds
+    # the folder this camex_ds is imported from (a checkout, or site-packages): the script's fallback import path
+    root = str(Path(__file__).resolve().parents[2])
     text = Path(__file__).with_name("zero_to_fp32.py").read_text()  # the script; importing it would patch DeepSpeed
     text = text.replace("CAMEX_DS_ROOT = None", f"CAMEX_DS_ROOT = {root!r}", 1)
     manifest.atomic_write(ckpt_dir / "zero_to_fp32.py", text)

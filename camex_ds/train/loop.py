@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .. import parallel
-from ..config import ConfigError, ModelConfig, TrainArgs
+from ..config import ConfigError, ModelConfig
+from ..run_args import TrainArgs
 from ..analysis.flops import flops_per_token
 from ..data import BatchLoader
 from ..model import GPT, apply_lr_scales, param_groups, save_config

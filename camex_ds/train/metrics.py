@@ -10,7 +10,8 @@ from typing import Optional
 from tqdm import tqdm
 
 from .. import parallel
-from ..config import TrainArgs
+from ..ds_config import DeepSpeedSettings
+from ..run_args import TrainArgs
 from ..analysis.flops import achieved_flops, mfu
 from ..analysis.hardware import peak_flops
 from ..moe import CAMExMoE
@@ -47,7 +48,7 @@ def layer_means(stats: dict) -> dict:
 
 def mfu_peak(args: TrainArgs, ds_config: dict) -> Optional[float]:
     """Peak FLOP/s for MFU: --peak_tflops, else the GPU datasheet table, else a CPU matmul probe."""
-    dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    dtype = "bf16" if DeepSpeedSettings.from_dict(ds_config).bf16 else "fp32"
     override = None if args.peak_tflops is None else args.peak_tflops * 1e12
     try:
         return peak_flops(dtype=dtype, override=override)

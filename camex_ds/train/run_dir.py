@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .. import parallel
-from ..config import ConfigError, TrainArgs
+from ..config import ConfigError
+from ..run_args import TrainArgs
 from . import checkpoint, manifest
 from .checkpoint import CheckpointError
 from .peers import process_state

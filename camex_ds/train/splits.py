@@ -2,7 +2,8 @@
 many validation windows each evaluation covers, and the record of them that a resume must match."""
 from __future__ import annotations
 
-from ..config import ModelConfig, TrainArgs
+from ..config import ModelConfig
+from ..run_args import TrainArgs
 from ..data import DataError, cache_dir, prepare_data
 from . import manifest
 from .checkpoint import CheckpointError

@@ -17,7 +17,8 @@ import torch
 from tests.launch import DIST_ENV, TINY, launch, tiny_ds_config, write_json
 from camex_ds import parallel
 from camex_ds.ckpt.format import EXPERT_RE
-from camex_ds.config import ModelConfig, TrainArgs
+from camex_ds.config import ModelConfig
+from camex_ds.run_args import TrainArgs
 from camex_ds.model import GPT, apply_lr_scales, param_groups
 from camex_ds.model.optim import LR_SCALE
 from camex_ds.moe.factors import factor_shapes

@@ -3,12 +3,14 @@ and a config without the newer keys is the gpt family as before. (The launcher's
 together, is refused in one line too: tests/integration/test_pretrain.py, tests/system/test_fuzz.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from camex_ds.config import ConfigError, ModelConfig
+from camex_ds.config import ConfigError, ModelConfig, MoEConfig
 from camex_ds.model import build_model
+from camex_ds.moe import CAMExMoE
 from tests.distributed import ROOT
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -46,3 +48,57 @@ def test_gpt_defaults_and_old_configs_are_unchanged():
     assert names[:2] == ["wte.weight", "wpe.weight"] and "lm_head.weight" not in names
     assert not any(n.endswith(".bias") and ".attn." in n for n in names)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# =========================================================================== MoEConfig
+
+
+def test_moe_config_has_no_ui_field_and_the_layer_defaults_have_one_home():
+    assert "prefix" not in {f.name for f in dataclasses.fields(MoEConfig)}
+    assert MoEConfig.for_layer(4).segment_len == 256 and MoEConfig().segment_len == 64
+    assert CAMExMoE(8, 16, 4).args == MoEConfig.for_layer(4)
+    assert MoEConfig.for_layer(4, segment_len=8, method="euclid") == MoEConfig(num_experts=4, segment_len=8,
+                                                                                 method="euclid")
+
+
+def test_errors_name_the_field_as_their_caller_knows_it():
+    with pytest.raises(ConfigError, match=r"^moe\.ep_size=3 is invalid"):
+        MoEConfig(num_experts=4, ep_size=3)
+    with pytest.raises(ConfigError, match=r"^CAMExMoE\.ep_size=3 is invalid"):
+        CAMExMoE(8, 16, 4, ep_size=3)
+    with pytest.raises(ConfigError, match=r"^moe\.method='smoe' is invalid"):  # the model's block, passed whole
+        CAMExMoE(8, 16, moe=MoEConfig(method="smoe"))
+
+
+# =========================================================================== options a method does not read
+
+
+def test_smoe_is_not_held_to_the_unused_segment_len():
+    """The issue's case: `segment_len` (default 64) does not divide seq_len 32, and smoe never segments."""
+    cfg = ModelConfig(seq_len=32, n_layers=2, moe=MoEConfig(method="smoe"))
+    assert cfg.moe.segment_len == 64
+    with pytest.raises(ConfigError, match=r"moe\.segment_len=64 is invalid: expected a divisor of seq_len=32"):
+        ModelConfig(seq_len=32, n_layers=2, moe=MoEConfig(method="camex"))
+
+
+@pytest.mark.parametrize("option,value,ignored_by,read_by", [
+    ("segment_len", 0, "smoe", "euclid"),
+    ("routing", "token", "smoe", "camex"),
+    ("noisy_gating", "no", "smoe", "ties"),
+    ("curvature_rank", 0, "euclid", "camex"),
+    ("curvature_lr_scale", -1.0, "ties", "camex-ties"),
+    ("dare_p", 1.5, "camex", "camex-dare"),
+    ("capacity_factor", 0.0, "camex", "smoe"),
+    ("backend", "x", "euclid", "smoe"),
+])
+def test_an_option_is_checked_only_where_the_method_reads_it(option, value, ignored_by, read_by):
+    moe = MoEConfig(method=ignored_by, **{option: value})
+    assert not moe.applies(option) and getattr(moe, option) == value
+    with pytest.raises(ConfigError, match=rf"^moe\.{option}={value!r} is invalid"):
+        MoEConfig(method=read_by, **{option: value})
+
+
+def test_megablocks_with_biases_is_refused_only_for_smoe():
+    with pytest.raises(ConfigError, match=r"moe\.backend='megablocks' is invalid"):
+        ModelConfig(bias="all", n_layers=2, moe=MoEConfig(method="smoe", backend="megablocks"))
+    assert ModelConfig(bias="all", n_layers=2, moe=MoEConfig(method="camex", backend="megablocks")).moe.curved

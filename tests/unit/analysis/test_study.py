@@ -8,10 +8,11 @@ import pytest
 
 from camex_ds.analysis import supervise
 from camex_ds.analysis.arms import parse_sweeps
+from camex_ds.analysis.grid import TRAINER_MODULE
 from camex_ds.analysis.study import STAGE_TITLES, STUDY_METHODS, StudySettings, make_plan
 from camex_ds.cli import study
 
-from tests.launch import LAUNCHER, launch
+from tests.launch import launch
 
 
 def test_full_plan_fits_two_hours_and_prints_runs_steps_and_time(tmp_path, capsys):
@@ -39,9 +40,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
 def _in_process(cmd, rd, log, on_step, poll_interval):
     """`supervise.execute` with the grid's launcher command run by `launch` in this process: a run costs ~0.5 s
     instead of a new interpreter's ~5 s. The grid's own subprocess path is tested by test_compare_methods_e2e."""
-    assert cmd[:2] == [sys.executable, str(LAUNCHER)], cmd
+    assert cmd[:3] == [sys.executable, "-m", TRAINER_MODULE], cmd
     rd.mkdir(parents=True, exist_ok=True)
-    code, err, out = launch(cmd[2:])
+    code, err, out = launch(cmd[3:])
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"\n===== in-process\n===== {shlex.join(cmd)}\n{out}{err}")
     on_step(None)

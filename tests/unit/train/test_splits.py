@@ -70,7 +70,8 @@ def test_the_default_trains_and_evaluates_on_a_1_mb_text(tmp_path):
 def test_micro_batch_and_accumulation_do_not_change_the_validation_windows(tmp_path, text_files):
     """8 x 1 and 2 x 4: the same windows, so the same validation loss for the same weights (lr 0 keeps the
     initial ones); --eval_batches would have given them 16 x 8 and 16 x 2 windows."""
-    from camex_ds.config import DEFAULT_DEEPSPEED_CONFIG, read_json_object
+    from camex_ds.config import read_json_object
+    from camex_ds.run_args import DEFAULT_DEEPSPEED_CONFIG
 
     model = tmp_path / "tiny.json"
     model.write_text(json.dumps(TINY))
