@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, ModelConfig, MoEConfig
 from ..moe import CAMExMoE, MergeChain, MergePlan, MoELayer, plan_layers
@@ -107,6 +108,7 @@ class GPT(nn.Module):
             for i in range(cfg.n_layers))
         self.ln_f = build_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.checkpoint_interval = 0  # `set_activation_checkpointing`
         self._init_dense_weights()
 
     @torch.no_grad()
@@ -146,9 +148,12 @@ class GPT(nn.Module):
             rotary = rotary_tables(self.config, length, x.dtype, input_ids.device)
         chain, aux_loss = None, x.new_zeros(())
         layer_plans = iter(plans) if plans is not None else None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             plan = next(layer_plans) if block.is_moe and layer_plans is not None else None
-            x, aux, chain = block(x, chain, plan, rotary)
+            if self._recomputed(i):
+                x, aux, chain = checkpoint(block, x, chain, plan, rotary, use_reentrant=False)
+            else:
+                x, aux, chain = block(x, chain, plan, rotary)
             if aux is not None:
                 aux_loss = aux_loss + aux
         logits = F.linear(self.ln_f(x), self.wte.weight if self.lm_head is None else self.lm_head.weight)
@@ -156,6 +161,21 @@ class GPT(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    def set_activation_checkpointing(self, interval: int = 1) -> None:
+        """Recompute every `interval`-th block (blocks 0, k, 2k, ...; 0: none) in the backward instead of keeping its
+        activations (`torch.utils.checkpoint`, non-reentrant, RNG replayed: router noise draws the same). A block's
+        merge plan is one of its inputs, so the recomputed forward reuses the step's curvature work and its
+        collectives instead of repeating them; without plans a merge layer builds its plan inside the block, and the
+        recomputation repeats that too (the same draws, and the same collectives in the same order on every rank)."""
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise ValueError(f"activation checkpointing interval={interval!r} is invalid: expected an integer >= 0 "
+                             "(0: off, 1: every block, k: every k-th block)")
+        self.checkpoint_interval = interval
+
+    def _recomputed(self, index: int) -> bool:
+        """Whether block `index` is recomputed in this forward: only where a backward can follow."""
+        return self.checkpoint_interval > 0 and index % self.checkpoint_interval == 0 and torch.is_grad_enabled()
 
     def compile_blocks(self, **kwargs) -> None:
         """`torch.compile` every block in place: parameter and checkpoint names stay those of the eager model.
