@@ -38,7 +38,7 @@ def _flag(default: Any, help: str, **argparse_options) -> Any:
 
 #: TrainArgs fields that count something (steps, windows, batches, checkpoints): an integer >= 1 when given.
 _COUNTS = ("max_steps", "eval_interval", "save_interval", "log_interval", "eval_windows", "eval_batches",
-           "stop_at_step", "keep_checkpoints")
+           "stop_at_step", "keep_checkpoints", "activation_checkpointing_interval")
 #: TrainArgs fields that are seeds or allowances: an integer in [0, 2**63).
 _NON_NEGATIVE = ("seed", "data_seed", "skip_nonfinite")
 
@@ -104,6 +104,13 @@ class TrainArgs:
         "torch's 30 minutes (%(default)s)")
     compile: bool = _flag(False, "torch.compile every transformer block (inductor). Off by default: not faster on "
                                  "CPUs, not yet measured on GPUs")
+    activation_checkpointing: bool = _flag(
+        False, "recompute transformer blocks in the backward instead of keeping their activations: less memory for "
+        "about one more forward per step; exact (router noise and DARE masks replay, the step's curvature work is "
+        "reused)")
+    activation_checkpointing_interval: Optional[int] = _flag(
+        None, "with --activation_checkpointing: recompute every K-th block only (blocks 0, K, 2K, ...; default 1: "
+        "every block)", metavar="K")
     progress: bool = _flag(True, "no progress bar", flag="--no_progress")
 
     def __post_init__(self) -> None:
@@ -121,6 +128,17 @@ class TrainArgs:
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
                 or not 0 < self.dist_timeout < math.inf:
             raise ConfigError(f"--dist_timeout={self.dist_timeout} is invalid: expected a number of seconds > 0")
+        if self.activation_checkpointing_interval is not None and not self.activation_checkpointing:
+            raise ConfigError(f"--activation_checkpointing_interval={self.activation_checkpointing_interval} given "
+                              "without --activation_checkpointing: add --activation_checkpointing, or drop the "
+                              "interval")
         if self.resume and self.overwrite_output_dir:
             raise ConfigError("--resume and --overwrite_output_dir contradict each other: --resume continues the run "
                               "in --output_dir, --overwrite_output_dir moves it aside to start afresh; give one")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Every how many blocks one is recomputed in the backward (`GPT.set_activation_checkpointing`); 0: none."""
+        if not self.activation_checkpointing:
+            return 0
+        return self.activation_checkpointing_interval or 1

@@ -112,6 +112,7 @@ def _train(args: TrainArgs, cfg: ModelConfig, ds_config: dict, run_id: str) -> d
 
     torch.manual_seed(args.seed)  # the same initial model on every rank, whatever the EP layout
     model = GPT(cfg)
+    model.set_activation_checkpointing(args.checkpoint_interval)
     if args.compile:
         model.compile_blocks()
     if args.init_from and not args.resume:

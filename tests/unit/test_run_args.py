@@ -28,6 +28,10 @@ def test_train_args_are_frozen_and_replace_validates():
     ({"data_seed": 2 ** 63}, f"--data_seed={2 ** 63} is invalid: expected an integer >= 0"),
     ({"dist_timeout": float("nan")}, "--dist_timeout=nan is invalid: expected a number of seconds > 0"),
     ({"resume": True, "overwrite_output_dir": True}, "--resume and --overwrite_output_dir contradict each other"),
+    ({"activation_checkpointing": True, "activation_checkpointing_interval": 0},
+     "--activation_checkpointing_interval=0 is invalid: expected an integer >= 1"),
+    ({"activation_checkpointing_interval": 2}, "--activation_checkpointing_interval=2 given without "
+                                               "--activation_checkpointing"),
 ])
 def test_train_args_refuse_bad_flags(changes, message):
     with pytest.raises(ConfigError) as e:
@@ -39,6 +43,15 @@ def test_command_line_defaults_are_the_dataclass_defaults():
     """Every default is written once, in the dataclass: the parser without flags gives `TrainArgs()`."""
     assert parse_args([]) == TrainArgs()
     assert parse_args(["--no_progress", "--max_steps", "7"]) == TrainArgs(progress=False, max_steps=7)
+
+
+@pytest.mark.parametrize("flags,interval", [([], 0), (["--activation_checkpointing"], 1),
+                                            (["--activation_checkpointing", "--activation_checkpointing_interval",
+                                              "3"], 3)])
+def test_activation_checkpointing_flags_give_the_recomputed_blocks_interval(flags, interval):
+    args = parse_args(flags)
+    assert args.checkpoint_interval == interval
+    assert dataclasses.asdict(args)["activation_checkpointing"] == bool(interval)  # recorded in train_args.json
 
 
 def test_a_bad_flag_value_is_one_error_line():
