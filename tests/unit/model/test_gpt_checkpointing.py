@@ -77,6 +77,13 @@ def test_checkpointed_step_equals_the_step_without(name, accum, single_thread):
     assert_exact(optimizer_step(model, accum, interval=1), optimizer_step(model, accum))
 
 
+@pytest.mark.parametrize("name", ["camex", "dynamic-camex"])
+def test_checkpointed_bf16_step_equals_the_step_without(name, single_thread):
+    """The recomputed forward runs the same bf16 kernels on the same inputs: its saved tensors are the first's."""
+    model = _model(name).to(torch.bfloat16)
+    assert_exact(optimizer_step(model, ACCUM, interval=1), optimizer_step(model, ACCUM))
+
+
 def test_every_kth_block_is_recomputed_and_only_with_gradients(single_thread):
     model = _model("camex")
     calls = [0] * len(model.blocks)

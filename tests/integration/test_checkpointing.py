@@ -1,0 +1,69 @@
+"""Activation checkpointing through DeepSpeed under expert parallelism (the single-process model tests:
+tests/unit/model/test_gpt_checkpointing.py): a 2-rank ep 2 ZeRO 2 step with every block recomputed has the loss, the
+gradients and the parameters of the same step without it, at accumulation 4 (the merge plans' gradient relay) for
+static and dynamic camex, and for the token-routing `smoe` whose recomputed forward repeats its all-to-all in the
+backward (in the same order on every rank, since every rank recomputes the same blocks); and recomputed compiled
+blocks (`--compile`) give eager's loss and gradients."""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+
+from camex_ds.model import build_model
+from tests import distributed
+from tests.integration.test_compile import MODELS
+from tests.unit.moe.test_plan import ACCUM
+
+METHODS = "camex,camex-dynamic,smoe"
+
+
+@pytest.fixture(scope="module")
+def ep2_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    distributed.ranks_ok("tests.dist.ep_step", "--out", out, "--layouts", "ep2", "--methods", METHODS, "--zero", 2,
+                         "--accum", ACCUM, "--checkpointing", "0,1")
+    parts = [torch.load(out / f"ep2_accum{ACCUM}_rank{r}.pt") for r in range(2)]
+    return {key: {field: {**parts[1][key][field], **parts[0][key][field]} for field in ("grads", "after")}
+            | {"loss": [part[key]["loss"] for part in parts]} for key in parts[0]}
+
+
+def _rel_err(got: dict, want: dict) -> tuple[float, str]:
+    assert set(got) == set(want)
+    return max((((got[n] - w).norm() / w.norm().clamp_min(1e-30)).item(), n) for n, w in want.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS.split(","))
+def test_checkpointed_ep2_zero2_step_equals_the_step_without(ep2_runs, method):
+    plain, checkpointed = ep2_runs[f"{method}-zero2"], ep2_runs[f"{method}-zero2-ckpt1"]
+    for want, got in zip(plain["loss"], checkpointed["loss"]):
+        assert abs(got - want) <= 1e-5 * abs(want)
+    for field in ("grads", "after"):
+        err, name = _rel_err(checkpointed[field], plain[field])
+        assert err < 1e-5, f"{method} {field} {name}: rel err {err:.2e}"
+
+
+@pytest.mark.slow  # inductor compiles each model for a few seconds
+@pytest.mark.parametrize("name", ["camex", "dynamic-camex"])
+def test_recomputed_compiled_blocks_match_eager(name):
+    torch.manual_seed(0)
+    eager = build_model(MODELS[name]).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    compiled.set_activation_checkpointing(1)
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+
+    def step(model):
+        torch.manual_seed(3)
+        out = model(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):  # router noise from eager's RNG stream
+        (loss_e, grads_e), (loss_c, grads_c) = step(eager), step(compiled)
+    assert abs(loss_c - loss_e) <= 1e-5 * abs(loss_e)
+    err, name = _rel_err(grads_c, grads_e)
+    assert err < 1e-5, f"{name}: rel err {err:.2e}"
