@@ -109,7 +109,7 @@ class TrainArgs:
         "about one more forward per step; exact (router noise and DARE masks replay, the step's curvature work is "
         "reused)")
     activation_checkpointing_interval: Optional[int] = _flag(
-        None, "with --activation_checkpointing: recompute every K-th block only (blocks 0, K, 2K, ...; default 1: "
+        None, "with --activation_checkpointing: recompute every K-th block only (the K-th, 2K-th, ...; default 1: "
         "every block)", metavar="K")
     progress: bool = _flag(True, "no progress bar", flag="--no_progress")
 

@@ -163,19 +163,22 @@ class GPT(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 
     def set_activation_checkpointing(self, interval: int = 1) -> None:
-        """Recompute every `interval`-th block (blocks 0, k, 2k, ...; 0: none) in the backward instead of keeping its
-        activations (`torch.utils.checkpoint`, non-reentrant, RNG replayed: router noise draws the same). A block's
-        merge plan is one of its inputs, so the recomputed forward reuses the step's curvature work and its
-        collectives instead of repeating them; without plans a merge layer builds its plan inside the block, and the
-        recomputation repeats that too (the same draws, and the same collectives in the same order on every rank)."""
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            raise ValueError(f"activation checkpointing interval={interval!r} is invalid: expected an integer >= 0 "
-                             "(0: off, 1: every block, k: every k-th block)")
+        """Recompute every `interval`-th block (the k-th, 2k-th, ... of the n_layers; 0: none) in the backward
+        instead of keeping its activations (`torch.utils.checkpoint`, non-reentrant, RNG replayed: router noise
+        draws the same). A block's merge plan is one of its inputs, so the recomputed forward reuses the step's
+        curvature work and its collectives instead of repeating them; without plans a merge layer builds its plan
+        inside the block, and the recomputation repeats that too (the same draws, and the same collectives in the
+        same order on every rank)."""
+        layers = self.config.n_layers
+        if isinstance(interval, bool) or not isinstance(interval, int) or not 0 <= interval <= layers:
+            raise ConfigError(f"activation_checkpointing_interval={interval!r} is invalid: expected an integer in "
+                              f"0..n_layers={layers} (0: off, 1: every block, k: every k-th block)")
         self.checkpoint_interval = interval
 
     def _recomputed(self, index: int) -> bool:
         """Whether block `index` is recomputed in this forward: only where a backward can follow."""
-        return self.checkpoint_interval > 0 and index % self.checkpoint_interval == 0 and torch.is_grad_enabled()
+        return self.checkpoint_interval > 0 and (index + 1) % self.checkpoint_interval == 0 \
+            and torch.is_grad_enabled()
 
     def compile_blocks(self, **kwargs) -> None:
         """`torch.compile` every block in place: parameter and checkpoint names stay those of the eager model.

@@ -56,6 +56,9 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
     if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
         bf16 = DeepSpeedSettings.from_dict(ds).bf16
         cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16, cfg.ffn_bias))
+    if args.checkpoint_interval > cfg.n_layers:
+        raise ConfigError(f"--activation_checkpointing_interval={args.checkpoint_interval} is invalid: expected "
+                          f"1..{cfg.n_layers}, the model's n_layers (every K-th block is recomputed)")
     check_writable(Path(args.output_dir))
     if args.resume and not checkpoint.tags(Path(args.output_dir) / "checkpoints"):
         raise CheckpointError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'}; run without "

@@ -6,6 +6,7 @@ parallelism and ZeRO 2: tests/integration/test_checkpointing.py."""
 import pytest
 import torch
 
+from camex_ds.config import ConfigError
 from camex_ds.model import build_model
 from camex_ds.moe import CAMExMoE
 
@@ -97,7 +98,7 @@ def test_every_kth_block_is_recomputed_and_only_with_gradients(single_thread):
     for i, block in enumerate(model.blocks):  # (the recomputation calls forward without the module's hooks)
         block.forward = counted(i, block.forward)
     ids = _batch()[:2]
-    for interval, want in [(0, [1, 1, 1]), (1, [2, 2, 2]), (2, [2, 1, 2])]:
+    for interval, want in [(0, [1, 1, 1]), (1, [2, 2, 2]), (2, [1, 2, 1]), (3, [1, 1, 2])]:
         calls[:] = [0] * len(calls)
         model.set_activation_checkpointing(interval)
         model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
@@ -118,7 +119,7 @@ def test_recomputed_forward_reuses_the_steps_plans(monkeypatch, single_thread):
     assert len(built) == len(model.moe_layers())
 
 
-@pytest.mark.parametrize("interval", [-1, 1.5, True, "2"])
+@pytest.mark.parametrize("interval", [-1, 1.5, True, "2", 4])
 def test_a_bad_interval_is_refused(interval):
-    with pytest.raises(ValueError, match="interval"):
+    with pytest.raises(ConfigError, match=r"^activation_checkpointing_interval=.* is invalid: expected an integer in 0..n_layers=3"):
         _model("dense").set_activation_checkpointing(interval)
