@@ -156,11 +156,16 @@ class GPT(nn.Module):
                 x, aux, chain = block(x, chain, plan, rotary)
             if aux is not None:
                 aux_loss = aux_loss + aux
-        logits = F.linear(self.ln_f(x), self.wte.weight if self.lm_head is None else self.lm_head.weight)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+        logits, loss = self.head(x, labels)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    def head(self, x: Tensor, labels: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """The last block's output to `(logits, loss or None)`: never recomputed, so its logits and their fp32
+        log-softmax are activations that checkpointing leaves as they are."""
+        logits = F.linear(self.ln_f(x), self.wte.weight if self.lm_head is None else self.lm_head.weight)
+        if labels is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
     def set_activation_checkpointing(self, interval: int = 1) -> None:
         """Recompute every `interval`-th block (the k-th, 2k-th, ... of the n_layers; 0: none) in the backward
