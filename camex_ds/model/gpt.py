@@ -5,7 +5,8 @@ Pre-norm blocks and causal self-attention in both. `gpt` (nanoGPT's shape, GPT-2
 SwiGLU, grouped-query attention. The input and output embeddings are tied unless `tie_embeddings` is false.
 `build_model(cfg)` takes a dict or a `ModelConfig`; `model(input_ids, labels=None)` returns `.logits`,
 `.loss` (mean next-token cross-entropy, None without labels) and `.aux_loss` (the MoE load-balancing losses
-summed over layers; train on `loss + aux_loss`).
+summed over layers; train on `loss + aux_loss`). `set_activation_checkpointing(k)` recomputes every k-th block in
+the backward instead of keeping its activations.
 """
 from __future__ import annotations
 
