@@ -7,7 +7,9 @@ AdamW's states are allocated before the measured step (gradients zeroed in place
 above them is the activation memory: the blocks' saved tensors, the head's logits and their gradients, and the
 transients of the backward. On CPU the peak is counted from the storages the step's ops create and free
 (`LiveBytes`: live tensor storages, not process RSS, so allocator caching hides nothing); on CUDA it is
-`torch.cuda.max_memory_allocated`. Memory is measured in a first round (the merge layers' reused CPU work buffers,
+`torch.cuda.max_memory_allocated`. The step's merge plans (the curved task vectors and their graphs, held from the
+step's start, parameter-sized: the same with and without checkpointing and at any micro-batch) are counted in the
+activations and reported apart. Memory is measured in a first round (the merge layers' reused CPU work buffers,
 a few MiB, are counted in its first configuration only), then step times, as medians over `--repeats` interleaved
 rounds without the tracker.
 
@@ -38,7 +40,8 @@ MIB = 2 ** 20
 
 def build(args) -> GPT:
     raw = json.loads(Path(args.model).read_text())
-    cfg = ModelConfig.from_dict({"vocab_size": DEFAULT_VOCAB_SIZE, **raw})
+    cfg = ModelConfig.from_dict({"vocab_size": DEFAULT_VOCAB_SIZE, **raw, **({"vocab_size": args.vocab_size}
+                                                                             if args.vocab_size else {})})
     if args.seq_len:
         cfg = cfg.replace(seq_len=args.seq_len)
     if cfg.moe is not None:
@@ -133,6 +136,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=str(ROOT / "ds_configs" / "models" / "gpt2_small_camex.json"))
     ap.add_argument("--micro_batch", type=int, default=8)
     ap.add_argument("--seq_len", type=int, help="shorter sequences than the model's seq_len (default: its own)")
+    ap.add_argument("--vocab_size", type=int, help="default: the model's, else the default tokenizer's "
+                                                   f"{DEFAULT_VOCAB_SIZE} (GPT-2's tokenizer: 50304)")
     ap.add_argument("--interval", type=int, default=1, help="checkpointing: every K-th block recomputed (%(default)s)")
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds, interleaved (%(default)s)")
     ap.add_argument("--device", default="cpu")
@@ -166,6 +171,7 @@ def main(argv=None) -> dict:
         for name, interval in settings.items():
             times[name].append(step(interval, lambda run, device: timed(lambda: (run(), optimizer.step()), device)))
     rows = {name: {"activation_mib": memory[name] / MIB, "blocks_mib": (memory[name] - head) / MIB,
+                   "without_plans_mib": (memory[name] - plans) / MIB,
                    "peak_mib": (held + memory[name]) / MIB,
                    "step_s": statistics.median(t[0] for t in times[name]),
                    "step_cpu_s": statistics.median(t[1] for t in times[name])} for name in settings}
@@ -175,6 +181,7 @@ def main(argv=None) -> dict:
               "params_grads_adam_mib": held / MIB, "plans_mib": plans / MIB, "head_mib": head / MIB, "rows": rows,
               "activation_ratio": off["activation_mib"] / on["activation_mib"],
               "blocks_ratio": off["blocks_mib"] / on["blocks_mib"],
+              "without_plans_ratio": off["without_plans_mib"] / on["without_plans_mib"],
               "step_time_ratio": on["step_s"] / off["step_s"],
               "step_cpu_time_ratio": on["step_cpu_s"] / off["step_cpu_s"]}
     print(f"{result['model']}  micro-batch {args.micro_batch} x {length} tokens  {result['dtype']}  {args.device}  "
@@ -185,7 +192,8 @@ def main(argv=None) -> dict:
     for name, row in rows.items():
         print(f"{name:>14} {row['activation_mib']:16.0f} {row['blocks_mib']:13.0f} {row['peak_mib']:10.0f} "
               f"{row['step_s']:8.2f} {row['step_cpu_s']:8.2f}")
-    print(f"activation memory / {result['activation_ratio']:.2f} (without the head / {result['blocks_ratio']:.2f}), "
+    print(f"activation memory / {result['activation_ratio']:.2f} (without the head / {result['blocks_ratio']:.2f}, "
+          f"without the merge plans / {result['without_plans_ratio']:.2f}), "
           f"step time x {result['step_time_ratio']:.2f} (CPU time x {result['step_cpu_time_ratio']:.2f})")
     print(json.dumps(result))
     return result
