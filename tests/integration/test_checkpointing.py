@@ -1,10 +1,10 @@
 """Activation checkpointing through DeepSpeed under expert parallelism (the single-process model tests:
 tests/unit/model/test_gpt_checkpointing.py): a 2-rank ep 2 step with every block recomputed has the loss, the
-gradients and the parameters of the same step without it, under ZeRO 0, 1 and 2 at accumulation 4 (the merge plans' gradient relay) for
-static and dynamic camex, and for the token-routing `smoe` whose recomputed forward repeats its all-to-all in the
-backward (in the same order on every rank, since every rank recomputes the same blocks); and recomputed compiled
-blocks (`--compile`) give eager's loss and gradients; the launcher's `--activation_checkpointing` trains the losses of
-the run without it, and records the setting in train_args.json."""
+gradients and the parameters of the same step without it, under ZeRO 0, 1 and 2 at accumulation 4 (the merge plans'
+gradient relay), for static and dynamic camex and for the token-routing `smoe`, whose recomputed forward repeats its
+all-to-all in the backward (in the same order on every rank, since every rank recomputes the same blocks).
+Recomputed compiled blocks (`--compile`) give eager's loss and gradients; the launcher's `--activation_checkpointing`
+trains the losses of the run without it, and records the setting in train_args.json."""
 import copy
 
 import pytest
@@ -23,8 +23,8 @@ METHODS = "camex,camex-dynamic,smoe"
 @pytest.fixture(scope="module")
 def ep2_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
-    distributed.ranks_ok("tests.dist.ep_step", "--out", out, "--layouts", "ep2", "--methods", METHODS, "--zero", "0,1,2",
-                         "--accum", ACCUM, "--checkpointing", "0,1")
+    distributed.ranks_ok("tests.dist.ep_step", "--out", out, "--layouts", "ep2", "--methods", METHODS,
+                         "--zero", "0,1,2", "--accum", ACCUM, "--checkpointing", "0,1")
     parts = [torch.load(out / f"ep2_accum{ACCUM}_rank{r}.pt") for r in range(2)]
     return {key: {field: {**parts[1][key][field], **parts[0][key][field]} for field in ("grads", "after")}
             | {"loss": [part[key]["loss"] for part in parts]} for key in parts[0]}

@@ -121,5 +121,6 @@ def test_recomputed_forward_reuses_the_steps_plans(monkeypatch, single_thread):
 
 @pytest.mark.parametrize("interval", [-1, 1.5, True, "2", 4])
 def test_a_bad_interval_is_refused(interval):
-    with pytest.raises(ConfigError, match=r"^activation_checkpointing_interval=.* is invalid: expected an integer in 0..n_layers=3"):
+    with pytest.raises(ConfigError, match=r"^activation_checkpointing_interval=.* is invalid: expected an integer in "
+                                          r"0..n_layers=3"):
         _model("dense").set_activation_checkpointing(interval)
