@@ -54,7 +54,7 @@ def build(args) -> GPT:
 
 
 def forward_backward(model: GPT, ids: torch.Tensor) -> None:
-    """The measured part: what checkpointing changes (plans, forward, backward into the held gradients)."""
+    """What checkpointing changes: the step's plans, forward, backward into the held gradients."""
     plans = model.merge_plans(ids.shape[0], ids.shape[1] - 1)
     out = model(ids[:, :-1], labels=ids[:, 1:], plans=plans)
     (out.loss + out.aux_loss).backward()
@@ -156,12 +156,10 @@ def main(argv=None) -> dict:
                                      for t in state.values() if torch.is_tensor(t))  # + gradients, AdamW
 
     def step(interval: int, measure=timed):
-        """What `measure` says of the forward and backward, then AdamW's step (timed, not measured)."""
+        """What `measure` says of one training step: plans, forward, backward into the held gradients, AdamW."""
         model.set_activation_checkpointing(interval)
         optimizer.zero_grad(set_to_none=False)
-        measured = measure(lambda: forward_backward(model, ids), args.device)
-        optimizer.step()
-        return measured
+        return measure(lambda: (forward_backward(model, ids), optimizer.step()), args.device)
 
     memory = {name: step(interval, live_peak) for name, interval in settings.items()}
     plans = plan_bytes(model, ids) if args.device == "cpu" else 0
@@ -169,7 +167,7 @@ def main(argv=None) -> dict:
     times = {name: [] for name in settings}
     for _ in range(args.repeats):
         for name, interval in settings.items():
-            times[name].append(step(interval, lambda run, device: timed(lambda: (run(), optimizer.step()), device)))
+            times[name].append(step(interval))
     rows = {name: {"activation_mib": memory[name] / MIB, "blocks_mib": (memory[name] - head) / MIB,
                    "without_plans_mib": (memory[name] - plans) / MIB,
                    "peak_mib": (held + memory[name]) / MIB,
