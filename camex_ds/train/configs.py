@@ -12,6 +12,7 @@ from ..config import ConfigError, ModelConfig, TrainArgs, default_model, read_js
 from ..moe.token_moe import resolve_backend
 from . import checkpoint
 from .checkpoint import CheckpointError
+from .offload import check_offload
 
 
 def load_model_config(args: TrainArgs) -> ModelConfig:
@@ -98,6 +99,7 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
         raise ConfigError(f"--dist_timeout={args.dist_timeout} is invalid: expected a number of seconds > 0")
     cfg = load_model_config(args)
     ds = deepspeed_config(args)
+    check_offload(ds)
     if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
         bf16 = bool(ds.get("bf16", {}).get("enabled"))
         cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16, cfg.ffn_bias))
