@@ -13,7 +13,7 @@ from camex_ds.train.offload import check_offload
 from . import distributed
 from .launch import LAUNCHER, TINY, launch, one_error, run_checked, write_json
 
-MODEL = {**TINY, "moe": {**TINY["moe"], "curvature_lr_scale": 2.0}}
+MODEL = {**TINY, "moe": {**TINY["moe"], "curvature_lr_scale": 2.0, "noisy_gating": False}}  # ranks draw no noise
 STEPS = 10
 # DeepSpeed's CPU Adam against torch's AdamW over 10 steps of this model: measured 2.4e-7 relative (fp32 rounding of
 # a differently ordered update); the bound leaves room for other CPUs' vector widths.
@@ -90,7 +90,9 @@ def test_zero1_offload_resume_equals_the_uninterrupted_run(tmp_path):
     run_checked("pretrain", *_args(tmp_path, stopped, _ds(1, offload=True), "--resume"))
     reference, resumed = _losses(full), _losses(stopped)
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    assert all(resumed[s] == reference[s] for s in range(6, STEPS + 1)), (resumed, reference)
+    # the tolerance of tests/test_pretrain.py's resume test: a resumed run repeats the steps to fp32 rounding
+    assert _max_rel({s: resumed[s] for s in range(6, STEPS + 1)}, {s: reference[s] for s in range(6, STEPS + 1)}) \
+        < 1e-4
 
 
 @pytest.mark.slow
