@@ -8,18 +8,13 @@ import pytest
 
 from camex_ds.analysis.memory import PARTS, largest_micro_batch, memory
 
+from . import distributed
 from .launch import ROOT, run_checked
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 256, "seq_len": 128, "vocab_size": 512,
          "moe": {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 32}}
 GPT2_PATH = ROOT / "ds_configs" / "models" / "gpt2_small_camex.json"
 GPT2 = json.loads(GPT2_PATH.read_text())
-
-
-def _ds(stage: int, micro: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 100_000},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "bf16": {"enabled": False}}
 
 
 @pytest.mark.parametrize("options", [dict(zero_stage=0), dict(zero_stage=2, bf16=True, world_size=4),
@@ -68,10 +63,11 @@ def test_cli_memory_json():
     assert out["largest_micro_batch"] >= 8 and out["peak"] == max(out["backward_start"], out["optimizer_step"])
 
 
-@pytest.mark.parametrize("stage, micro", [(0, 1), (2, 4)])
-def test_prediction_within_15_percent_of_the_measured_peak(stage, micro):
-    from camex_ds.analysis.measured_memory import measure_train_memory
-
-    measured = measure_train_memory(SMALL, _ds(stage, micro))["peak"]
-    predicted = memory(SMALL, micro_batch=micro, zero_stage=stage, reduce_bucket_size=100_000, gpu=False)["peak"]
-    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+def test_prediction_within_15_percent_of_the_measured_peak():
+    """tools/bench_memory.py measures each configuration in a fresh process (a run leaves the merge layers' CPU
+    work buffers allocated, which a second measurement in one process would not see)."""
+    proc = distributed.python(ROOT / "tools" / "bench_memory.py", "--only", "dense-z0", "--only", "camex-z2",
+                              "--only", "dynamic-z0", "--json", timeout=600)
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert [r["config"] for r in rows] == ["dense-z0", "camex-z2", "dynamic-z0"]
+    assert all(abs(r["ratio"] - 1) < 0.15 for r in rows), rows

@@ -16,20 +16,21 @@ import sys
 
 BASE = {"d_model": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 256, "seq_len": 128, "vocab_size": 512}
 MOE = {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 32}
-# name -> (model config, ZeRO stage, micro-batch, world size)
+# name -> (model config, ZeRO stage, micro-batch, world size, accumulation)
 CONFIGS = {
-    "dense-z0": ({**BASE, "moe": None}, 0, 8, 1),
-    "camex-z0": ({**BASE, "moe": MOE}, 0, 8, 1),
-    "camex-z2": ({**BASE, "moe": MOE}, 2, 4, 1),
-    "dynamic-z0": ({**BASE, "moe": {**MOE, "dynamic": True}}, 0, 4, 1),
-    "camex-ep2-z2": ({**BASE, "moe": {**MOE, "ep_size": 2}}, 2, 4, 2),
-    "dynamic-ep2-z1": ({**BASE, "moe": {**MOE, "dynamic": True, "num_experts": 5, "ep_size": 2}}, 1, 4, 2),
+    "dense-z0": ({**BASE, "moe": None}, 0, 8, 1, 1),
+    "camex-z0": ({**BASE, "moe": MOE}, 0, 8, 1, 1),
+    "camex-z2": ({**BASE, "moe": MOE}, 2, 4, 1, 1),
+    "camex-z1-acc4": ({**BASE, "moe": MOE}, 1, 2, 1, 4),
+    "dynamic-z0": ({**BASE, "moe": {**MOE, "dynamic": True}}, 0, 4, 1, 1),
+    "camex-ep2-z2": ({**BASE, "moe": {**MOE, "ep_size": 2}}, 2, 4, 2, 1),
+    "dynamic-ep2-z1": ({**BASE, "moe": {**MOE, "dynamic": True, "num_experts": 5, "ep_size": 2}}, 1, 4, 2, 1),
 }
 BUCKET = 100_000
 
 
-def ds_config(stage: int, micro: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+def ds_config(stage: int, micro: int, accumulation: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
             "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "bf16": {"enabled": False}}
 
@@ -38,15 +39,14 @@ def measure_here(name: str) -> int:
     """This rank's measured peak for configuration `name`."""
     from camex_ds.analysis.measured_memory import measure_train_memory
 
-    cfg, stage, micro, _ = CONFIGS[name]
-    return measure_train_memory(cfg, ds_config(stage, micro))["peak"]
+    cfg, stage, micro, _, accumulation = CONFIGS[name]
+    return measure_train_memory(cfg, ds_config(stage, micro, accumulation))["peak"]
 
 
 def measure(name: str) -> int:
-    """The largest rank's measured peak: in this process for one rank, else in `world` rank processes."""
+    """The largest rank's measured peak, in `world` fresh rank processes: the merge layers' CPU work buffers outlive
+    a run (`functional._scratch`), so a second configuration measured in one process would find them allocated."""
     world = CONFIGS[name][3]
-    if world == 1:
-        return measure_here(name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -61,9 +61,9 @@ def measure(name: str) -> int:
 def predict(name: str) -> int:
     from camex_ds.analysis.memory import memory
 
-    cfg, stage, micro, world = CONFIGS[name]
-    return memory(cfg, micro_batch=micro, zero_stage=stage, world_size=world, reduce_bucket_size=BUCKET,
-                  gpu=False)["peak"]
+    cfg, stage, micro, world, accumulation = CONFIGS[name]
+    return memory(cfg, micro_batch=micro, zero_stage=stage, world_size=world, accumulation=accumulation,
+                  reduce_bucket_size=BUCKET, gpu=False)["peak"]
 
 
 def main(argv=None) -> int:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             print(f"{name:16s} predicted {predicted / 2**20:8.2f} MiB  measured {measured / 2**20:8.2f} MiB  "
                   f"ratio {predicted / measured:.3f}", flush=True)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows))  # one line, the last: DeepSpeed logs to stdout too
     return 0
 
 

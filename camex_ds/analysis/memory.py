@@ -22,6 +22,7 @@ import math
 from typing import Optional
 
 from ..config import ConfigError, ModelConfig
+from ..moe.chain import next_span_size, prefer_span, start_span_size
 from ..moe.ffn import matrix_shapes
 from ..moe.functional import MERGE_CHUNK_ELEMENTS, MERGE_CHUNK_ELEMENTS_GPU, kron_factor_shape
 from .flops import CfgLike, param_counts, resolve_config
@@ -94,32 +95,59 @@ def _merge_chunk(cfg: ModelConfig, segments: int, gpu: bool) -> int:
     return max(1, min(segments, limit // largest)) * largest
 
 
+def _dynamic_layers(cfg: ModelConfig, segments: int, accumulation: int) -> tuple[int, int]:
+    """Elements the dynamic chain's layers save (per matrix, as `CAMExMoE._chain_weights` evaluates it, the same
+    choice `analysis.flops` counts) and the most items one curvature application works on at once (its buffers).
+
+    Chain start: the gathered task vectors `n·P` and the per-segment weights `S·P` the FFN's batched GEMMs read.
+    Through the span of size K: the images `n·(K+1)·P` and the curvature's contiguous input `n·K·P`. Segment by
+    segment: each expert's term `S·P` (kept for its gate's gradient), and the weights `S·P`."""
+    moe = cfg.moe
+    n = moe.routed_experts
+    saved, items = 0, moe.routed_experts // moe.ep_size
+    spans: dict = {}
+    for chain_start in cfg.chain_starts:
+        for name, (o, i) in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).items():
+            size = spans.get(name)
+            if chain_start:
+                saved += (n + segments) * o * i
+                spans[name] = start_span_size(n) if moe.mask != "ties" else None
+            elif prefer_span(size, n, segments, accumulation, (o, i), moe.curvature_rank, moe.curved):
+                saved += (n * (size + 1) + (n * size if moe.curved else 0) + segments) * o * i
+                items = max(items, n * size)
+                spans[name] = next_span_size(size, n)
+            else:
+                saved += (n + 1) * segments * o * i
+                items = max(items, segments)
+                spans[name] = None
+    return saved, items
+
+
 def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: int, gpu: bool) -> dict:
     """Bytes the merge layers hold beyond the blocks' activations, for `tokens` tokens per micro-batch:
-    `gathered` (every expert's curved task vectors, `N·P` per layer, saved with the base as the merge GEMM's
-    `[N+1, P]` operand; dynamic layers: the per-segment merged weights `S·P` and the span images), `local` (the
-    raw task vectors `N/ep·P` the curvature saves), `per_step` (with accumulation > 1 the per-step values kept
-    across micro-batches and their fp32 gradient sums) and `scratch` (the merge's chunked merged-weight buffers
-    and the curvature's work buffers, reused but live)."""
+    `gathered` (static layers: every expert's curved task vectors, `N·P` per layer, saved with the base as the
+    merge GEMM's `[N+1, P]` operand; dynamic layers: `_dynamic_layers`), `local` (the raw task vectors `N/ep·P`
+    the curvature saves), `per_step` (with accumulation > 1 the per-step values kept across micro-batches and
+    their fp32 gradient sums) and `scratch` (the merge's chunked merged-weight buffers and the curvature's work
+    buffers, reused but live)."""
     moe = cfg.moe
-    zero = {"gathered": 0, "local": 0, "per_step": 0, "scratch": 0}
+    out = {"gathered": 0, "local": 0, "per_step": 0, "scratch": 0}
     if moe is None or moe.method == "smoe":
-        return zero
+        return out
     shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
     p = sum(o * i for o, i in shapes.values())
     largest = max(o * i for o, i in shapes.values())
     n, local = moe.routed_experts, moe.routed_experts // moe.ep_size
     segments = tokens // moe.segment_len_for(cfg.seq_len)
-    out = dict(zero)
-    for chain_start in cfg.chain_starts:
-        if moe.dynamic:
-            out["gathered"] += (n + segments * (n + 1 if not chain_start else 1)) * p
-        else:
-            out["gathered"] += (n + 1) * p
-        out["local"] += local * p if moe.curved else 0
-        if accumulation > 1:
-            out["per_step"] += n * p * (1 + FP32 / width)
-    out["scratch"] = 2 * _merge_chunk(cfg, segments, gpu) + (5 * local * largest if moe.curved else 0)
+    layers = len(cfg.moe_layers)
+    out["local"] = layers * local * p if moe.curved else 0
+    out["per_step"] = layers * n * p * (1 + FP32 / width) if accumulation > 1 else 0
+    if moe.dynamic:
+        out["gathered"], items = _dynamic_layers(cfg, segments, accumulation)
+        out["scratch"] = 5 * items * largest if moe.curved else 0
+    else:
+        out["gathered"] = layers * (n + 1) * p
+        out["scratch"] = 2 * _merge_chunk(cfg, segments, gpu) + (5 * local * largest if moe.curved else 0)
     return {k: v * width for k, v in out.items()}
 
 
