@@ -1,8 +1,9 @@
 """ZeRO-Offload of the optimizer (`zero_optimization.offload_optimizer: {device: cpu}`): which DeepSpeed configs can
 run it with our MoE parameter groups, checked before any process talks, each refusal one line that says why.
 
-What works (tests/test_offload.py): ZeRO 1 and 2, ep 1 and 2, fp32 and bf16, with the expert and non-expert, decay,
-no-decay and curvature groups of `camex_ds.model.optim`, save, resume and reshard. DeepSpeed then steps the fp32
+What works (tests/test_offload.py, fp32): ZeRO 1 and 2, ep 1 and 2, with the expert and non-expert, decay, no-decay
+and curvature groups of `camex_ds.model.optim` (the curvature's own lr scale included), save, resume and reshard;
+bf16 at ZeRO 2 gave the losses of the run without offload too (measured once, not a test). DeepSpeed then steps the fp32
 master partition on the CPU with its CPU Adam (`DeepSpeedCPUAdam`, the `cpu_adam` op, built by JIT at the first run
 when DeepSpeed was installed without it: about 90 s on two cores, then cached in `~/.cache/torch_extensions`; set
 `DS_BUILD_CPU_ADAM=1` when installing DeepSpeed to build it then), or with torch's Adam/AdamW when the optimizer's
