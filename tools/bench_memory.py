@@ -16,31 +16,32 @@ import sys
 
 BASE = {"d_model": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 256, "seq_len": 128, "vocab_size": 512}
 MOE = {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 32}
-# name -> (model config, ZeRO stage, micro-batch, world size, accumulation)
+# name -> (model config, ZeRO stage, micro-batch, world size, accumulation, bf16)
 CONFIGS = {
-    "dense-z0": ({**BASE, "moe": None}, 0, 8, 1, 1),
-    "camex-z0": ({**BASE, "moe": MOE}, 0, 8, 1, 1),
-    "camex-z2": ({**BASE, "moe": MOE}, 2, 4, 1, 1),
-    "camex-z1-acc4": ({**BASE, "moe": MOE}, 1, 2, 1, 4),
-    "dynamic-z0": ({**BASE, "moe": {**MOE, "dynamic": True}}, 0, 4, 1, 1),
-    "camex-ep2-z2": ({**BASE, "moe": {**MOE, "ep_size": 2}}, 2, 4, 2, 1),
-    "dynamic-ep2-z1": ({**BASE, "moe": {**MOE, "dynamic": True, "num_experts": 5, "ep_size": 2}}, 1, 4, 2, 1),
+    "dense-z0": ({**BASE, "moe": None}, 0, 8, 1, 1, False),
+    "camex-z0": ({**BASE, "moe": MOE}, 0, 8, 1, 1, False),
+    "camex-z2": ({**BASE, "moe": MOE}, 2, 4, 1, 1, False),
+    "camex-z2-bf16": ({**BASE, "moe": MOE}, 2, 4, 1, 1, True),
+    "camex-z1-acc4": ({**BASE, "moe": MOE}, 1, 2, 1, 4, False),
+    "dynamic-z0": ({**BASE, "moe": {**MOE, "dynamic": True}}, 0, 4, 1, 1, False),
+    "camex-ep2-z2": ({**BASE, "moe": {**MOE, "ep_size": 2}}, 2, 4, 2, 1, False),
+    "dynamic-ep2-z1": ({**BASE, "moe": {**MOE, "dynamic": True, "num_experts": 5, "ep_size": 2}}, 1, 4, 2, 1, False),
 }
 BUCKET = 100_000
 
 
-def ds_config(stage: int, micro: int, accumulation: int) -> dict:
+def ds_config(stage: int, micro: int, accumulation: int, bf16: bool) -> dict:
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
             "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "bf16": {"enabled": False}}
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "bf16": {"enabled": bf16}}
 
 
 def measure_here(name: str) -> int:
     """This rank's measured peak for configuration `name`."""
     from camex_ds.analysis.measured_memory import measure_train_memory
 
-    cfg, stage, micro, _, accumulation = CONFIGS[name]
-    return measure_train_memory(cfg, ds_config(stage, micro, accumulation))["peak"]
+    cfg, stage, micro, _, accumulation, bf16 = CONFIGS[name]
+    return measure_train_memory(cfg, ds_config(stage, micro, accumulation, bf16))["peak"]
 
 
 def measure(name: str) -> int:
@@ -61,8 +62,8 @@ def measure(name: str) -> int:
 def predict(name: str) -> int:
     from camex_ds.analysis.memory import memory
 
-    cfg, stage, micro, world, accumulation = CONFIGS[name]
-    return memory(cfg, micro_batch=micro, zero_stage=stage, world_size=world, accumulation=accumulation,
+    cfg, stage, micro, world, accumulation, bf16 = CONFIGS[name]
+    return memory(cfg, micro_batch=micro, zero_stage=stage, world_size=world, accumulation=accumulation, bf16=bf16,
                   reduce_bucket_size=BUCKET, gpu=False)["peak"]
 
 

@@ -164,7 +164,7 @@ def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Opt
     else:
         blocks = tokens * layers * per_block
     vocab = cfg.vocab_size
-    head = tokens * (cfg.d_model * width + vocab * width + vocab * FP32 * (2 if width != FP32 else 1))
+    head = tokens * (cfg.d_model * width + vocab * width + vocab * FP32)
     return {"blocks": blocks * width, "head": head, "loss_backward": 2 * tokens * vocab * FP32}
 
 
