@@ -9,7 +9,7 @@ import pytest
 from camex_ds.analysis.memory import PARTS, largest_micro_batch, memory
 
 from . import distributed
-from .launch import ROOT, run_checked
+from .launch import ROOT, run_checked, run_main
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 256, "seq_len": 128, "vocab_size": 512,
          "moe": {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 32}}
@@ -61,6 +61,13 @@ def test_cli_memory_json():
     out = json.loads(proc.stdout)
     assert out["inputs"]["zero_stage"] == 2 and out["inputs"]["ep_size"] == 8
     assert out["largest_micro_batch"] >= 8 and out["peak"] == max(out["backward_start"], out["optimizer_step"])
+
+
+def test_cli_memory_errors_are_one_line():
+    for argv in (["--world_size", 3], ["--deepspeed_config", "/nonexistent/ds.json"]):
+        proc = run_main("flops", ["--memory", "--model_config", GPT2_PATH, "--vocab_size", 50304, *argv])
+        lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_prediction_within_15_percent_of_the_measured_peak():

@@ -35,7 +35,7 @@ from . import ArgumentParser
 with contextlib.redirect_stdout(io.StringIO()):
     from ..analysis.flops import ep_bytes_per_step, flops_per_token, param_counts
     from ..analysis.memory import DEFAULT_BUCKET, largest_micro_batch, memory
-    from ..config import MERGE_METHODS, ConfigError, ModelConfig, MoEConfig, TrainArgs
+    from ..config import MERGE_METHODS, ConfigError, ModelConfig, MoEConfig, TrainArgs, read_json_object
     from ..data.tokenizer import Tokenizer
 
 PROG = "flops.py"
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def memory_options(args) -> dict:
     """`analysis.memory.memory`'s options from --deepspeed_config, overridden by the flags."""
-    ds = json.loads(Path(args.deepspeed_config).read_text()) if args.deepspeed_config else {}
+    ds = read_json_object(args.deepspeed_config, "--deepspeed_config") if args.deepspeed_config else {}
     zero = ds.get("zero_optimization", {})
     options = {"zero_stage": zero.get("stage", 0), "bf16": bool(ds.get("bf16", {}).get("enabled")),
                "offload": zero.get("offload_optimizer", {}).get("device", "none") != "none",
