@@ -4,18 +4,20 @@ and free of the CPU allocator with its running total), not by process RSS, so al
 
 The engine is built inside the measurement (so every tensor it holds was counted when allocated), but the peak is
 taken over the training steps only: `deepspeed.initialize`'s own transient (flattening the parameters) is not a
-training cost. Run it in a process of its own per configuration, or on every rank of a job for ep > 1.
+training cost. Run it in a fresh process per configuration (the merge layers' CPU work buffers outlive a run, and a
+second measurement in the same process would find them allocated, uncounted), on every rank of a job for ep > 1
+(`tools/bench_memory.py` does both). CPU tensors only: on a GPU compare `torch.cuda.max_memory_allocated`.
 """
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..model import build_model, param_groups
 from ..moe import MicroBatch
 from .flops import CfgLike, resolve_config
-
 
 STEPS = "camex_ds.train_steps"  # the profiler range around the measured steps
 
@@ -36,6 +38,17 @@ def _allocations(prof) -> tuple[int, list]:
     steps = next(e for e in walk(tree) if e.name == STEPS)
     inside = [e.extra_fields.total_allocated for e in walk([steps]) if e.tag == _EventType.Allocation]
     return first.total_allocated - first.alloc_size, inside
+
+
+def _optimizer_step(engine, batches: list) -> None:
+    """One optimizer step as `camex_ds.train.loop.optimizer_step` takes it: a micro-batch's output (its logits) stays
+    referenced until the next micro-batch's forward returns."""
+    for ids in batches:
+        mb = MicroBatch(step=engine.global_steps, last=engine.is_gradient_accumulation_boundary(),
+                        accumulation=engine.gradient_accumulation_steps())
+        out = engine(ids, labels=ids, micro_batch=mb)
+        engine.backward(out.loss + out.aux_loss)
+        engine.step()
 
 
 def measure_train_memory(cfg: CfgLike, ds_config: dict, *, steps: int = 2, seed: int = 0) -> dict:
@@ -61,13 +74,8 @@ def measure_train_memory(cfg: CfgLike, ds_config: dict, *, steps: int = 2, seed:
                                           config=copy.deepcopy(ds_config))
         del model
         with record_function(STEPS):
-            for ids in batches:
-                mb = MicroBatch(step=engine.global_steps, last=engine.is_gradient_accumulation_boundary(),
-                                accumulation=engine.gradient_accumulation_steps())
-                out = engine(ids, labels=ids, micro_batch=mb)
-                engine.backward(out.loss + out.aux_loss)
-                engine.step()
-                del out
+            for step in range(steps):
+                _optimizer_step(engine, batches[step * accumulation:(step + 1) * accumulation])
     base, inside = _allocations(prof)
     return {"peak": max(inside) - base, "before_steps": inside[0] - base}
 

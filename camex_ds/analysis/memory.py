@@ -14,7 +14,8 @@ gradients) over that group and the non-expert groups over all `world` ranks. The
 moments: the start of the backward (model states, every micro-batch's saved activations, the loss's
 `[tokens, vocab]` gradients, the CAMEx per-step values) and the optimizer step (model states, gradients, the
 fp32 gradient partition the optimizer reads). Activation checkpointing (`checkpoint_every=k`: every k-th block
-recomputed) keeps only those blocks' inputs, plus one block's activations during its recompute.
+recomputed) keeps only those blocks' inputs, plus one block's activations during its recompute. The `smoe`
+baseline's token dispatch buffers are not modelled (its experts count as parameters, its FFN as a dense one's).
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def _expert_elements(cfg: ModelConfig) -> int:
 def model_states(cfg: CfgLike, *, world_size: int = 1, zero_stage: int = 0, bf16: bool = False,
                  offload: bool = False, reduce_bucket_size: int = DEFAULT_BUCKET, overlap_comm: bool = False) -> dict:
     """Bytes of parameters, gradients, optimizer states and gradient-reduction buffers on one rank, each split into
-    the `expert` and `non_expert` parameter groups. With `offload` the fp32 master and Adam moments live on the CPU
-    (`cpu_optimizer_states`), not on the device."""
+    the `expert` and `non_expert` parameter groups. With `offload` the fp32 master, its gradient and the Adam
+    moments live on the CPU (`cpu_optimizer_states`), not on the device."""
     cfg = resolve_config(cfg)
     ep = cfg.moe.ep_size if cfg.moe is not None else 1
     if world_size % ep:
@@ -68,11 +69,13 @@ def model_states(cfg: CfgLike, *, world_size: int = 1, zero_stage: int = 0, bf16
         grads = elements * width
         if zero_stage == 2:
             grads = shard * width  # each rank keeps its partition's reduced gradients only
-        if zero_stage or bf16:
-            grads += shard * FP32  # the fp32 gradient the optimizer steps the master with
+        # the fp32 gradient the optimizer steps the master with: on the CPU with the master when offloaded
+        fp32_grads = shard * FP32 if (zero_stage or bf16) else 0
         states = (master + ADAM_STATES * shard) * FP32
-        out[name] = {"elements": elements, "parameters": elements * width, "gradients": grads,
-                     "optimizer_states": 0 if offload else states, "cpu_optimizer_states": states if offload else 0}
+        out[name] = {"elements": elements, "parameters": elements * width,
+                     "gradients": grads + (0 if offload else fp32_grads),
+                     "optimizer_states": 0 if offload else states,
+                     "cpu_optimizer_states": states + fp32_grads if offload else 0}
     buffers = 2 if overlap_comm else 1
     out["communication"] = buffers * reduce_bucket_size * (FP32 if zero_stage == 1 else width) if zero_stage else 0
     return out
@@ -151,11 +154,14 @@ def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: in
     return {k: v * width for k, v in out.items()}
 
 
-def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Optional[int] = None) -> dict:
+def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Optional[int] = None,
+                accumulation: int = 1) -> dict:
     """Bytes saved for the backward of one micro-batch of `tokens` tokens: `blocks` (all blocks, or with
     `checkpoint_every=k` the inputs of every block plus the saved activations of the blocks not recomputed and
-    one recomputed block at a time), `head` (the final norm's output, the logits and their fp32 log-softmax) and
-    `loss_backward` (the fp32 gradients of the log-softmax and the logits at the start of the backward)."""
+    one recomputed block at a time), `head` (the final norm's output, the logits and their fp32 log-softmax),
+    `loss_backward` (the fp32 gradients of the log-softmax and the logits at the start of the backward) and
+    `previous_logits` (with accumulation > 1, the trainer holds the previous micro-batch's output, its logits,
+    until the next forward returns)."""
     per_block = _block_activation_elements(cfg)
     layers = cfg.n_layers
     if checkpoint_every:
@@ -165,7 +171,8 @@ def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Opt
         blocks = tokens * layers * per_block
     vocab = cfg.vocab_size
     head = tokens * (cfg.d_model * width + vocab * width + vocab * FP32)
-    return {"blocks": blocks * width, "head": head, "loss_backward": 2 * tokens * vocab * FP32}
+    return {"blocks": blocks * width, "head": head, "loss_backward": 2 * tokens * vocab * FP32,
+            "previous_logits": tokens * vocab * width if accumulation > 1 else 0}
 
 
 def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: int = 0, bf16: bool = False,
@@ -189,7 +196,7 @@ def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: i
     states = model_states(cfg, world_size=world_size, zero_stage=zero_stage, bf16=bf16, offload=offload,
                           reduce_bucket_size=reduce_bucket_size, overlap_comm=overlap_comm)
     groups = {k: states[k] for k in ("expert", "non_expert")}
-    acts = activations(cfg, tokens, width, checkpoint_every)
+    acts = activations(cfg, tokens, width, checkpoint_every, accumulation)
     camex = camex_transients(cfg, tokens, accumulation, width, gpu)
     total_of = lambda key: sum(g[key] for g in groups.values())  # noqa: E731
     parts = {"parameters": total_of("parameters"), "gradients": total_of("gradients"),
