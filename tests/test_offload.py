@@ -64,6 +64,17 @@ def test_offload_needs_a_cpu_optimizer_and_none_is_fine():
     check_offload({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "none"}}})
 
 
+def test_an_unbuildable_cpu_adam_is_refused_with_the_way_out(monkeypatch):
+    from camex_ds.train import offload
+
+    monkeypatch.setattr(offload, "cpu_adam_ready", lambda: False)
+    ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "optimizer": {"type": "Adam"}}
+    with pytest.raises(ConfigError, match="DS_BUILD_CPU_ADAM=1, or set optimizer.params.torch_adam=true"):
+        check_offload(ds)
+    ds["optimizer"]["params"] = {"torch_adam": True}  # torch's Adam needs no build
+    check_offload(ds)
+
+
 def test_launcher_refuses_zero0_offload_in_one_line(tmp_path):
     result = launch(_args(tmp_path, tmp_path / "run", _ds(0, offload=True)))
     one_error(result, 2, "offload_optimizer needs ZeRO stage 1 or 2")

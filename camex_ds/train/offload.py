@@ -57,7 +57,8 @@ def check_offload(ds: dict) -> None:
 def cpu_adam_ready() -> bool:
     """Whether DeepSpeed's CPU Adam is prebuilt or can be built by JIT here (a C++ compiler and ninja)."""
     from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import is_ninja_available
 
     if installed_ops.get("cpu_adam"):
         return True
-    return shutil.which("ninja") is not None and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    return is_ninja_available() and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
