@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -308,3 +309,14 @@ def deepspeed_zero_to_fp32(reader):
 
     zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint = reader
     return zero_to_fp32
+
+
+def cpu_adam_ready() -> bool:
+    """Whether DeepSpeed's CPU Adam (op `cpu_adam`, what ZeRO-Offload steps Adam with) is prebuilt, or can be built by
+    JIT here (a C++ compiler and ninja)."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if installed_ops.get("cpu_adam"):
+        return True
+    return is_ninja_available() and any(shutil.which(c) for c in ("c++", "g++", "clang++"))

@@ -6,7 +6,7 @@ Convention (spec §8, the one of `torch.utils.flop_counter.FlopCounterMode`): co
 `2·m·n·k` per GEMM; elementwise work (activations, masks, norms, softmax, the dynamic chain's
 elementwise merge) and embedding look-ups count 0. The analytic numbers below follow what the code
 really executes, op by op, so `FlopCounterMode` on the real model agrees with them (see
-`tests/test_flops.py`); `docs/flops.md` derives every term.
+`tests/unit/analysis/test_flops.py`); `docs/flops.md` derives every term.
 
     from camex_ds.analysis.flops import flops_per_token, param_counts, mfu
     from camex_ds.analysis.hardware import peak_flops

@@ -4,6 +4,11 @@ dynamic variants at equal width (spec §8; formulas in docs/flops.md, library in
     python tools/flops.py --model_config cfg.json
     python tools/flops.py --model_config cfg.json --seq_len 1024 --micro_batch_tokens 8192 --accumulation 4 --json
     python tools/flops.py --model_config '{"d_model": 768, ...}' --sweep N=4,8,16 --sweep R=1,2,4
+    camex-flops --memory --model_config cfg.json --deepspeed_config ds.json --world_size 8 --ep_size 8 \
+        --micro_batch 8 --memory_gib 80
+
+With `--memory`: per-rank memory of a training step instead (camex_ds.analysis.memory, docs/memory.md): its
+parts, the peak, and with `--memory_gib` the largest micro-batch that fits.
 
 Variants: the config itself; `dense` (no MoE); `smoe top-2` (DeepSpeed token routing, same N and
 layers); `euclid` (static soft merging, same N, T, layers); `dynamic` (the config's merge method, or
@@ -29,7 +34,8 @@ from . import ArgumentParser
 # moment: bind it to a buffer, so --json output stays clean and errors stay one line.
 with contextlib.redirect_stdout(io.StringIO()):
     from ..analysis.flops import ep_bytes_per_step, flops_per_token, param_counts
-    from ..config import DEFAULT_VOCAB_SIZE, MERGE_METHODS, ConfigError, ModelConfig, MoEConfig
+    from ..analysis.memory import DEFAULT_BUCKET, largest_micro_batch, memory
+    from ..config import DEFAULT_VOCAB_SIZE, MERGE_METHODS, ConfigError, ModelConfig, MoEConfig, read_json_object
     from ..data.tokenizer import Tokenizer
 
 PROG = "flops.py"
@@ -224,7 +230,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also tabulate merge/curvature/dynamic costs while varying one of "
                         + ", ".join(f"{k} ({v})" for k, v in SWEEP_KEYS.items()) + "; repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    m = p.add_argument_group("memory (--memory)")
+    m.add_argument("--memory", action="store_true", help="predict per-rank memory instead of FLOPs")
+    m.add_argument("--deepspeed_config", default=None,
+                   help="DeepSpeed JSON: its ZeRO stage, bf16, offload_optimizer, reduce_bucket_size, overlap_comm, "
+                        "micro-batch and accumulation (the flags below override)")
+    m.add_argument("--micro_batch", type=int, default=None, help="sequences per rank per forward (default 1)")
+    m.add_argument("--world_size", type=int, default=1, help="ranks in the job (default 1)")
+    m.add_argument("--ep_size", type=int, default=None, help="expert-parallel size (default: the config's)")
+    m.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=None)
+    m.add_argument("--bf16", action="store_true", default=None)
+    m.add_argument("--offload", action="store_true", default=None, help="optimizer offloaded to the CPU")
+    m.add_argument("--checkpoint_every", type=int, default=None,
+                   help="activation checkpointing: every k-th block recomputed (default: none)")
+    m.add_argument("--memory_gib", type=float, default=None, help="also find the largest micro-batch that fits")
+    m.add_argument("--cpu", action="store_true", help="size the merge chunks as on a CPU (default: a GPU)")
     return p
+
+
+def memory_options(args) -> dict:
+    """`analysis.memory.memory`'s options from --deepspeed_config, overridden by the flags."""
+    ds = read_json_object(args.deepspeed_config, "--deepspeed_config") if args.deepspeed_config else {}
+    zero = ds.get("zero_optimization", {})
+    options = {"zero_stage": zero.get("stage", 0), "bf16": bool(ds.get("bf16", {}).get("enabled")),
+               "offload": zero.get("offload_optimizer", {}).get("device", "none") != "none",
+               "reduce_bucket_size": int(zero.get("reduce_bucket_size", DEFAULT_BUCKET)),
+               "overlap_comm": bool(zero.get("overlap_comm", False)),
+               "micro_batch": ds.get("train_micro_batch_size_per_gpu", 1),
+               "accumulation": ds.get("gradient_accumulation_steps", args.accumulation)}
+    for name in ("zero_stage", "bf16", "offload", "micro_batch"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    options.update(world_size=args.world_size, checkpoint_every=args.checkpoint_every, gpu=not args.cpu)
+    return options
+
+
+def memory_report(cfg: ModelConfig, args) -> int:
+    """`--memory`: the parts and peak of `analysis.memory.memory`, as a table or JSON."""
+    if args.ep_size is not None:
+        cfg = cfg.with_moe(ep_size=args.ep_size)
+    options = memory_options(args)
+    result = memory(cfg, **options)
+    if args.memory_gib is not None:
+        options.pop("micro_batch")
+        result["largest_micro_batch"] = largest_micro_batch(cfg, args.memory_gib * 2 ** 30, **options)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rows = [[name, _fmt_bytes(value)] for name, value in result["parts"].items()]
+    rows += [["peak", _fmt_bytes(result["peak"])]]
+    print(markdown_table(["per rank", "MiB"], rows))
+    if result["cpu_optimizer_states"]:
+        print(f"optimizer states on the CPU: {_fmt_bytes(result['cpu_optimizer_states'])}")
+    if "largest_micro_batch" in result:
+        print(f"largest micro-batch in {args.memory_gib} GiB: {result['largest_micro_batch']}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -246,6 +306,8 @@ def main(argv=None) -> int:
         if cfg.vocab_size is None:
             cfg = cfg.replace(vocab_size=DEFAULT_VOCAB)
             vocab_note = f" (not in the config: launcher default {DEFAULT_VOCAB}; set --vocab_size)"
+        if args.memory:
+            return memory_report(cfg, args)
         tokens = args.micro_batch_tokens if args.micro_batch_tokens is not None else cfg.seq_len
         sweeps = [parse_sweep(s) for s in args.sweep]
         rows = comparison(cfg, tokens, args.accumulation, None, args.bytes_per_element)

@@ -182,15 +182,15 @@ class MergePlan:
         """This forward's per-segment weights from its gates `[S, n]` and the chain's previous weights."""
         alpha, segments = self.alpha, gates.shape[0]
         merged = Merged(gates, alpha)
-        weights, spans, start_coef = {}, {}, None
+        weights, spans = {}, {}
+        if any(m.evaluation is Evaluation.START for m in self.matrices.values()):  # the span's first coefficients
+            start_coef = torch.cat([gates.new_ones(segments, 1), alpha * gates], 1)
         for name, m in self.matrices.items():
             if m.evaluation is Evaluation.FOLDED:
                 merged.folded[name] = (self.base[name], m.task)
             elif m.evaluation is Evaluation.START:
                 weights[name] = Fn.merge_rows(self.base[name], m.task.flatten(1), gates, alpha)
                 if m.basis is not None:
-                    if start_coef is None:
-                        start_coef = torch.cat([gates.new_ones(segments, 1), alpha * gates], 1)
                     spans[name] = Span(m.basis, start_coef)
             elif m.evaluation is Evaluation.SPAN:
                 span = previous.spans[name]

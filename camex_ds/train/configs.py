@@ -14,6 +14,7 @@ from ..run_args import TrainArgs, default_model
 from ..moe.token_moe import resolve_backend
 from . import checkpoint
 from .checkpoint import CheckpointError
+from .offload import check_offload
 
 
 def load_model_config(args: TrainArgs) -> ModelConfig:
@@ -53,6 +54,7 @@ def validate(args: TrainArgs) -> tuple[ModelConfig, dict]:
     """What the flags alone do not settle (`TrainArgs` checked those): the configs and the output folder."""
     cfg = load_model_config(args)
     ds = deepspeed_config(args)
+    check_offload(ds)
     if cfg.method == "smoe":  # settled here, from the run's precision, and recorded in model_config.json
         bf16 = DeepSpeedSettings.from_dict(ds).bf16
         cfg = cfg.with_moe(backend=resolve_backend(cfg.moe.backend, cfg.moe.ep_size, bf16, cfg.ffn_bias))
