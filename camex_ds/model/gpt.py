@@ -188,7 +188,7 @@ class GPT(nn.Module):
 
     def compile_blocks(self, **kwargs) -> None:
         """`torch.compile` every block in place: parameter and checkpoint names stay those of the eager model.
-        Merge layers trace whole (no host synchronisation); their per-step reuse bookkeeping stays eager."""
+        Merge layers trace whole (no host synchronisation); their plans come in as inputs, built outside."""
         for block in self.blocks:
             block.compile(**kwargs)
 
