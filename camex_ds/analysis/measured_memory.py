@@ -47,11 +47,14 @@ def _optimizer_step(engine, batches: list) -> None:
     optimizer_step(engine, iter([(ids, ids) for ids in batches]), len(batches))
 
 
-def measure_train_memory(cfg: CfgLike, ds_config: dict, *, steps: int = 2, seed: int = 0) -> dict:
+def measure_train_memory(cfg: CfgLike, ds_config: dict, *, checkpoint_every: int = 0, steps: int = 2,
+                         seed: int = 0) -> dict:
     """Peak live tensor bytes on this rank over `steps` optimizer steps of the engine `deepspeed.initialize` builds
     from `ds_config` (its micro-batch and accumulation; ZeRO 0-2, fp32 or bf16) for the model `cfg` (its ep_size;
-    call on every rank of a job of `world` ranks for ep > 1). Returns `peak` (bytes above what was live before
-    the model was built) and `before_steps` (the model and engine's bytes when the steps start)."""
+    call on every rank of a job of `world` ranks for ep > 1), every `checkpoint_every`-th block recomputed in the
+    backward (0: none; `GPT.set_activation_checkpointing`, as the launcher sets it). Returns `peak` (bytes above
+    what was live before the model was built) and `before_steps` (the model and engine's bytes when the steps
+    start)."""
     import deepspeed
 
     from ..parallel import init_distributed
@@ -66,6 +69,7 @@ def measure_train_memory(cfg: CfgLike, ds_config: dict, *, steps: int = 2, seed:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.manual_seed(seed)
         model = build_model(cfg)
+        model.set_activation_checkpointing(checkpoint_every)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                           config=copy.deepcopy(ds_config))
         del model
