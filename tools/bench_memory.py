@@ -13,41 +13,65 @@ import os
 import socket
 import subprocess
 import sys
+from typing import NamedTuple
 
 BASE = {"d_model": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden_size": 256, "seq_len": 128, "vocab_size": 512}
 MOE = {"method": "camex", "num_experts": 4, "every": 1, "segment_len": 32}
-# name -> (model config, ZeRO stage, micro-batch, world size, accumulation, bf16)
+# the checkpointing rows: four blocks, so that recomputing them changes the peak by more than one block's activations
+DEEP = {**BASE, "n_layers": 4}
+
+
+class Config(NamedTuple):
+    """One row: the model, ZeRO stage and micro-batch, and the rest as the trainer's flags would set them."""
+
+    model: dict
+    stage: int
+    micro: int
+    world: int = 1  # ranks, each measured in its own process
+    accumulation: int = 1
+    bf16: bool = False
+    checkpoint_every: int = 0  # --activation_checkpointing_interval (0: off)
+
+
 CONFIGS = {
-    "dense-z0": ({**BASE, "moe": None}, 0, 8, 1, 1, False),
-    "camex-z0": ({**BASE, "moe": MOE}, 0, 8, 1, 1, False),
-    "camex-z2": ({**BASE, "moe": MOE}, 2, 4, 1, 1, False),
-    "camex-z2-bf16": ({**BASE, "moe": MOE}, 2, 4, 1, 1, True),
-    "camex-z1-acc4": ({**BASE, "moe": MOE}, 1, 2, 1, 4, False),
-    "dynamic-z0": ({**BASE, "moe": {**MOE, "dynamic": True}}, 0, 4, 1, 1, False),
-    "camex-ep2-z2": ({**BASE, "moe": {**MOE, "ep_size": 2}}, 2, 4, 2, 1, False),
-    "dynamic-ep2-z1": ({**BASE, "moe": {**MOE, "dynamic": True, "num_experts": 5, "ep_size": 2}}, 1, 4, 2, 1, False),
+    "dense-z0": Config({**BASE, "moe": None}, 0, 8),
+    "camex-z0": Config({**BASE, "moe": MOE}, 0, 8),
+    "camex-z2": Config({**BASE, "moe": MOE}, 2, 4),
+    "camex-z2-bf16": Config({**BASE, "moe": MOE}, 2, 4, bf16=True),
+    "camex-z1-acc4": Config({**BASE, "moe": MOE}, 1, 2, accumulation=4),
+    "dynamic-z0": Config({**BASE, "moe": {**MOE, "dynamic": True}}, 0, 4),
+    "camex-ep2-z2": Config({**BASE, "moe": {**MOE, "ep_size": 2}}, 2, 4, world=2),
+    "dynamic-ep2-z1": Config({**BASE, "moe": {**MOE, "dynamic": True, "num_experts": 5, "ep_size": 2}}, 1, 4, world=2),
+    "dense-z0-ckpt": Config({**DEEP, "moe": None}, 0, 8, checkpoint_every=1),
+    "camex-z0-ckpt": Config({**DEEP, "moe": MOE}, 0, 8, checkpoint_every=1),
+    "camex-z0-ckpt2": Config({**DEEP, "moe": MOE}, 0, 8, checkpoint_every=2),
+    "camex-z1-acc4-ckpt": Config({**DEEP, "moe": MOE}, 1, 2, accumulation=4, checkpoint_every=1),
+    "dynamic-z0-ckpt": Config({**DEEP, "moe": {**MOE, "dynamic": True}}, 0, 4, checkpoint_every=1),
+    "camex-ep2-z2-ckpt": Config({**DEEP, "moe": {**MOE, "ep_size": 2}}, 2, 4, world=2, checkpoint_every=1),
+    "dynamic-ep2-z1-ckpt": Config({**DEEP, "moe": {**MOE, "dynamic": True, "num_experts": 5, "ep_size": 2}}, 1, 4,
+                                  world=2, checkpoint_every=1),
 }
 BUCKET = 100_000
 
 
-def ds_config(stage: int, micro: int, accumulation: int, bf16: bool) -> dict:
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "bf16": {"enabled": bf16}}
+def ds_config(c: Config) -> dict:
+    return {"train_micro_batch_size_per_gpu": c.micro, "gradient_accumulation_steps": c.accumulation,
+            "zero_optimization": {"stage": c.stage, "reduce_bucket_size": BUCKET},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "bf16": {"enabled": c.bf16}}
 
 
 def measure_here(name: str) -> int:
     """This rank's measured peak for configuration `name`."""
     from camex_ds.analysis.measured_memory import measure_train_memory
 
-    cfg, stage, micro, _, accumulation, bf16 = CONFIGS[name]
-    return measure_train_memory(cfg, ds_config(stage, micro, accumulation, bf16))["peak"]
+    c = CONFIGS[name]
+    return measure_train_memory(c.model, ds_config(c), checkpoint_every=c.checkpoint_every)["peak"]
 
 
 def measure(name: str) -> int:
     """The largest rank's measured peak, in `world` fresh rank processes: the merge layers' CPU work buffers outlive
     a run (`functional._scratch`), so a second configuration measured in one process would find them allocated."""
-    world = CONFIGS[name][3]
+    world = CONFIGS[name].world
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -62,9 +86,10 @@ def measure(name: str) -> int:
 def predict(name: str) -> int:
     from camex_ds.analysis.memory import memory
 
-    cfg, stage, micro, world, accumulation, bf16 = CONFIGS[name]
-    return memory(cfg, micro_batch=micro, zero_stage=stage, world_size=world, accumulation=accumulation, bf16=bf16,
-                  reduce_bucket_size=BUCKET, gpu=False)["peak"]
+    c = CONFIGS[name]
+    return memory(c.model, micro_batch=c.micro, zero_stage=c.stage, world_size=c.world, accumulation=c.accumulation,
+                  bf16=c.bf16, checkpoint_every=c.checkpoint_every or None, reduce_bucket_size=BUCKET,
+                  gpu=False)["peak"]
 
 
 def main(argv=None) -> int:
@@ -81,7 +106,7 @@ def main(argv=None) -> int:
         measured, predicted = measure(name), predict(name)
         rows.append({"config": name, "predicted": predicted, "measured": measured, "ratio": predicted / measured})
         if not args.json:
-            print(f"{name:16s} predicted {predicted / 2**20:8.2f} MiB  measured {measured / 2**20:8.2f} MiB  "
+            print(f"{name:20s} predicted {predicted / 2**20:8.2f} MiB  measured {measured / 2**20:8.2f} MiB  "
                   f"ratio {predicted / measured:.3f}", flush=True)
     if args.json:
         print(json.dumps(rows))  # one line, the last: DeepSpeed logs to stdout too
