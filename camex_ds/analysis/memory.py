@@ -10,17 +10,20 @@ layers' own transients, DeepSpeed's communication buffers, the peak, and the lar
 The terms follow what the code and DeepSpeed 0.19 allocate (`camex_ds.analysis.measured_memory` measures them;
 docs/memory.md compares): expert parameters are replicated over the expert-data-parallel group of
 `world/ep` ranks, so ZeRO 1/2 partition the expert groups' master weights, Adam moments (and, at stage 2,
-gradients) over that group and the non-expert groups over all `world` ranks. The peak is the larger of two
+gradients) over that group and the non-expert groups over all `world` ranks. The peak is the largest of three
 moments: the start of the backward (model states, every micro-batch's saved activations, the loss's
-`[tokens, vocab]` gradients, the CAMEx per-step values) and the optimizer step (model states, gradients, the
-fp32 gradient partition the optimizer reads). Activation checkpointing (`checkpoint_every=k`: every k-th block
-recomputed) keeps only those blocks' inputs, plus one block's activations during its recompute. The `smoe`
-baseline's token dispatch buffers are not modelled (its experts count as parameters, its FFN as a dense one's).
+`[tokens, vocab]` gradients, the merge layers' plans and saved tensors), with activation checkpointing
+(`checkpoint_every=k`: every k-th block recomputed, which keeps only its inputs) the backward of the first
+recomputed block (the saved tensors again, the logits, and one recomputed block's activations and merge terms
+with its backward's gradients), and the optimizer step (model states, gradients, the fp32 gradient partition the
+optimizer reads). At accumulation 1 each layer's plan is built just before its block, so its backward runs right
+after that block's (`moe.StepPlans`): the plans' gradients never pile up. The `smoe` baseline's token dispatch
+buffers are not modelled (its experts count as parameters, its FFN as a dense one's).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from ..config import ConfigError, ModelConfig
 from ..moe.ffn import matrix_shapes
@@ -51,8 +54,9 @@ def _expert_elements(cfg: ModelConfig) -> int:
 def model_states(cfg: CfgLike, *, world_size: int = 1, zero_stage: int = 0, bf16: bool = False,
                  offload: bool = False, reduce_bucket_size: int = DEFAULT_BUCKET, overlap_comm: bool = False) -> dict:
     """Bytes of parameters, gradients, optimizer states and gradient-reduction buffers on one rank, each split into
-    the `expert` and `non_expert` parameter groups. With `offload` the fp32 master, its gradient and the Adam
-    moments live on the CPU (`cpu_optimizer_states`), not on the device."""
+    the `expert` and `non_expert` parameter groups, and per group `optimizer_step`: what stepping it allocates for
+    the step's length (DeepSpeed steps one group at a time). With `offload` the fp32 master, its gradient and the
+    Adam moments live on the CPU (`cpu_optimizer_states`), not on the device."""
     cfg = resolve_config(cfg)
     ep = cfg.moe.ep_size if cfg.moe is not None else 1
     if world_size % ep:
@@ -69,12 +73,17 @@ def model_states(cfg: CfgLike, *, world_size: int = 1, zero_stage: int = 0, bf16
         grads = elements * width
         if zero_stage == 2:
             grads = shard * width  # each rank keeps its partition's reduced gradients only
-        # the fp32 gradient the optimizer steps the master with: on the CPU with the master when offloaded
+        # the fp32 gradient the optimizer steps the master with: on the CPU with the master when offloaded; ZeRO
+        # flattens it from the partition's gradients when it steps the group, bf16 at stage 0 keeps it
         fp32_grads = shard * FP32 if (zero_stage or bf16) else 0
+        kept = fp32_grads if not zero_stage else 0
+        # torch's AdamW on a flattened partition: sqrt(v) and its quotient, two fp32 temporaries of the partition
+        stepping = fp32_grads - kept + (2 * shard * FP32 if master else 0)
         states = (master + ADAM_STATES * shard) * FP32
         out[name] = {"elements": elements, "parameters": elements * width,
-                     "gradients": grads + (0 if offload else fp32_grads),
+                     "gradients": grads + (0 if offload else kept),
                      "optimizer_states": 0 if offload else states,
+                     "optimizer_step": 0 if offload else stepping,
                      "cpu_optimizer_states": states + fp32_grads if offload else 0}
     buffers = 2 if overlap_comm else 1
     out["communication"] = buffers * reduce_bucket_size * (FP32 if zero_stage == 1 else width) if zero_stage else 0
@@ -98,44 +107,74 @@ def _merge_chunk(cfg: ModelConfig, segments: int, gpu: bool) -> int:
     return max(1, min(segments, limit // largest)) * largest
 
 
-def _dynamic_layers(cfg: ModelConfig, segments: int, accumulation: int) -> tuple[int, int]:
-    """Elements the dynamic chain's layers save (per matrix, as the layer's plan evaluates it: `moe.plan.evaluations`,
-    the choice `analysis.flops` counts too) and the most items one curvature application works on at once (its
-    buffers).
+class LayerTerms(NamedTuple):
+    """Elements one merge layer holds for its backward: `plan` (its step plan's tensors, outside its block), `block`
+    (what its block saves beyond the dense activations) and `kept` (the part of `block` still saved when the block
+    is recomputed: a dynamic layer's per-segment weights, which are the next block's input)."""
 
-    Chain start: the gathered task vectors `n·P` and the per-segment weights `S·P` the FFN's batched GEMMs read.
-    Through the span of size K: the images `n·(K+1)·P` and the curvature's contiguous input `n·K·P`. Segment by
-    segment: each expert's term `S·P` (kept for its gate's gradient), and the weights `S·P`."""
+    plan: int
+    block: int
+    kept: int = 0
+
+
+def _static_layer(cfg: ModelConfig) -> LayerTerms:
+    """A static layer: its plan's curved task vectors `N·P`, and the `[N+1, P]` operand (base and task vectors) each
+    merge GEMM saves in the block."""
+    n = cfg.moe.routed_experts
+    p = sum(o * i for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values())
+    return LayerTerms(plan=n * p, block=(n + 1) * p)
+
+
+def _dynamic_layers(cfg: ModelConfig, segments: int, accumulation: int) -> tuple[list[LayerTerms], int]:
+    """Each dynamic layer's terms (per matrix, as the layer's plan evaluates it: `moe.plan.evaluations`, the choice
+    `analysis.flops` counts too) and the most items one curvature application works on at once (its buffers).
+
+    Chain start: the plan's gathered task vectors `n·P`; the block's per-segment weights `S·P` the FFN's batched
+    GEMMs read. Through the span of size K: the plan's images `n·(K+1)·P` and the curvature's contiguous input
+    `n·K·P`; the weights `S·P`. Segment by segment: each expert's term `S·P` (kept for its gate's gradient), and
+    the weights `S·P`. The weights are the block's output, so they stay when the block is recomputed."""
     moe = cfg.moe
     n = moe.routed_experts
-    saved, items = 0, moe.routed_experts // moe.ep_size
+    terms, items = [], moe.routed_experts // moe.ep_size
     shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
     spans: dict = {}
     for chain_start in cfg.chain_starts:
         chosen = evaluations(moe, shapes, chain_start, spans, segments, accumulation)
+        plan = block = 0
         for name, (evaluation, _) in chosen.items():
             (o, i), size = shapes[name], spans.get(name)
             if evaluation is Evaluation.START:
-                saved += (n + segments) * o * i
+                plan += n * o * i
             elif evaluation is Evaluation.SPAN:
-                saved += (n * (size + 1) + (n * size if moe.curved else 0) + segments) * o * i
+                plan += (n * (size + 1) + (n * size if moe.curved else 0)) * o * i
                 items = max(items, n * size)
             else:
-                saved += (n + 1) * segments * o * i
+                block += n * segments * o * i
                 items = max(items, segments)
+        weights = segments * sum(o * i for o, i in shapes.values())
+        terms.append(LayerTerms(plan=plan, block=block + weights, kept=weights))
         spans = {name: size for name, (_, size) in chosen.items() if size is not None}
-    return saved, items
+    return terms, items
 
 
-def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: int, gpu: bool) -> dict:
-    """Bytes the merge layers hold beyond the blocks' activations, for `tokens` tokens per micro-batch:
-    `gathered` (static layers: every expert's curved task vectors, `N·P` per layer, saved with the base as the
-    merge GEMM's `[N+1, P]` operand; dynamic layers: `_dynamic_layers`), `local` (the raw task vectors `N/ep·P`
-    the curvature saves), `per_step` (with accumulation > 1 the per-step values kept across micro-batches and
-    their fp32 gradient sums) and `scratch` (the merge's chunked merged-weight buffers and the curvature's work
-    buffers, reused but live)."""
+def _recomputed_layers(cfg: ModelConfig, checkpoint_every: Optional[int]) -> list[bool]:
+    """Per MoE layer, whether its block is recomputed (`GPT.set_activation_checkpointing`: every k-th block)."""
+    return [bool(checkpoint_every) and (i + 1) % checkpoint_every == 0 for i in cfg.moe_layers]
+
+
+def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: int, gpu: bool,
+                     checkpoint_every: Optional[int] = None) -> dict:
+    """Bytes the merge layers hold beyond the blocks' activations, for `tokens` tokens per micro-batch
+    (`LayerTerms`): `plans` (the step plans' tensors, held until the step ends), `saved` (what the blocks save, a
+    recomputed block only what outlives its recomputation), `local` (the raw task vectors `N/ep·P` the curvature
+    saves), `per_step` (with accumulation > 1, the fp32 sums of the gradients the micro-batches send the plans'
+    tensors), `scratch` (the merge's chunked merged-weight buffers and the curvature's work buffers, reused but
+    live) and `recompute` (with
+    checkpointing: what one recomputed layer's block saves again while its backward runs, its per-segment weights
+    included, and that backward's gradient of its largest matrix's merge operand or per-segment weights; not part
+    of the other moments)."""
     moe = cfg.moe
-    out = {"gathered": 0, "local": 0, "per_step": 0, "scratch": 0}
+    out = {"plans": 0, "saved": 0, "local": 0, "per_step": 0, "scratch": 0, "recompute": 0}
     if moe is None or moe.method == "smoe":
         return out
     shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
@@ -145,35 +184,62 @@ def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: in
     segments = tokens // moe.segment_len_for(cfg.seq_len)
     layers = len(cfg.moe_layers)
     out["local"] = layers * local * p if moe.curved else 0
-    out["per_step"] = layers * n * p * (1 + FP32 / width) if accumulation > 1 else 0
     if moe.dynamic:
-        out["gathered"], items = _dynamic_layers(cfg, segments, accumulation)
+        terms, items = _dynamic_layers(cfg, segments, accumulation)
+        gradient = segments * largest  # the gradient of the layer's per-segment weights
         out["scratch"] = 5 * items * largest if moe.curved else 0
     else:
-        out["gathered"] = layers * (n + 1) * p
+        terms, gradient = [_static_layer(cfg)] * layers, (n + 1) * largest
         out["scratch"] = 2 * _merge_chunk(cfg, segments, gpu) + (5 * local * largest if moe.curved else 0)
+    out["plans"] = sum(t.plan for t in terms)
+    out["per_step"] = out["plans"] * FP32 // width if accumulation > 1 else 0
+    recomputed = _recomputed_layers(cfg, checkpoint_every)
+    out["saved"] = sum(t.kept if again else t.block for t, again in zip(terms, recomputed))
+    out["recompute"] = max((t.block + gradient for t, again in zip(terms, recomputed) if again), default=0)
     return {k: v * width for k, v in out.items()}
 
 
 def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Optional[int] = None,
                 accumulation: int = 1) -> dict:
     """Bytes saved for the backward of one micro-batch of `tokens` tokens: `blocks` (all blocks, or with
-    `checkpoint_every=k` the inputs of every block plus the saved activations of the blocks not recomputed and
-    one recomputed block at a time), `head` (the final norm's output, the logits and their fp32 log-softmax),
-    `loss_backward` (the fp32 gradients of the log-softmax and the logits at the start of the backward) and
-    `previous_logits` (with accumulation > 1, the trainer holds the previous micro-batch's output, its logits,
-    until the next forward returns)."""
+    `checkpoint_every=k` the inputs of the recomputed blocks and the other blocks' activations), `head` (the final
+    norm's output, the logits and their fp32 log-softmax), `loss_backward` (the fp32 gradients of the log-softmax
+    and the logits at the start of the backward), `previous_logits` (with accumulation > 1, the trainer holds the
+    previous micro-batch's output, its logits, until the next forward returns) and `recompute` (with
+    checkpointing: one recomputed block's activations while its backward runs, and that backward's gradient of
+    the FFN's hidden activations; not part of the backward's start)."""
     per_block = _block_activation_elements(cfg)
     layers = cfg.n_layers
-    if checkpoint_every:
-        recomputed = layers // checkpoint_every
-        blocks = tokens * (recomputed * cfg.d_model + (layers - recomputed + 1) * per_block)
-    else:
-        blocks = tokens * layers * per_block
+    recomputed = layers // checkpoint_every if checkpoint_every else 0
+    hidden_gradient = (2 if cfg.activation == "swiglu" else 1) * cfg.ffn_hidden_size
     vocab = cfg.vocab_size
-    head = tokens * (cfg.d_model * width + vocab * width + vocab * FP32)
-    return {"blocks": blocks * width, "head": head, "loss_backward": 2 * tokens * vocab * FP32,
-            "previous_logits": tokens * vocab * width if accumulation > 1 else 0}
+    return {"blocks": tokens * (recomputed * cfg.d_model + (layers - recomputed) * per_block) * width,
+            "head": tokens * (cfg.d_model * width + vocab * width + vocab * FP32),
+            "loss_backward": 2 * tokens * vocab * FP32,
+            "previous_logits": tokens * vocab * width if accumulation > 1 else 0,
+            "recompute": tokens * (per_block + hidden_gradient) * width if recomputed else 0}
+
+
+def _moments(parts: dict, acts: dict, camex: dict, logits: int, stepping: int, zero_stage: int) -> dict:
+    """The moments of a step one of which is its peak, each what is live then: `backward_start` (every saved
+    activation, the head's and the loss's gradients, the merge layers' plans and saved tensors), `recompute` (with
+    checkpointing: the first recomputed block's backward, the head gone but its logits still referenced by the
+    step's output, the previous micro-batch's gone) and `optimizer_step` (every gradient, the plans and their
+    gradient sums, which the trainer holds until the step ends, and the largest group's `stepping` bytes).
+
+    Gradients in the backward: ZeRO 2 allocates the partition's gradient buffer at the first bucket it reduces,
+    early in the backward, so a recompute holds it; at ZeRO 0/1 they arrive block by block, and a later block's
+    recompute, holding more of them, holds fewer saved inputs and local task vectors, so the first one stands for
+    all."""
+    states = parts["parameters"] + parts["optimizer_states"] + parts["communication"]
+    held = camex["plans"] + camex["per_step"] + camex["scratch"]
+    saved = acts["blocks"] + camex["saved"] + camex["local"] + held
+    moments = {"backward_start": states + saved + acts["head"] + acts["loss_backward"] + acts["previous_logits"],
+               "optimizer_step": states + parts["gradients"] + stepping + held, "recompute": 0}
+    if acts["recompute"]:
+        partition = parts["gradients"] if zero_stage == 2 else 0
+        moments["recompute"] = states + saved + logits + acts["recompute"] + camex["recompute"] + partition
+    return moments
 
 
 def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: int = 0, bf16: bool = False,
@@ -182,8 +248,8 @@ def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: i
            vocab_size: Optional[int] = None) -> dict:
     """Per-rank bytes of one training step (see the module's docstring). `gpu=False` sizes the CAMEx merge chunks as
     on a CPU. Returns `parts` (`PARTS` -> bytes, which add up to `total`), `groups` (expert and non-expert model
-    states), `activations` and `camex` (their terms), `peak` (the larger of `backward_start` and
-    `optimizer_step`) and the inputs."""
+    states), `activations` and `camex` (their terms), the moments `backward_start`, `recompute` (0 without
+    checkpointing) and `optimizer_step` (`_moments`), `peak` (the largest of them) and the inputs."""
     cfg = resolve_config(cfg)
     if vocab_size is not None:
         cfg = cfg.replace(vocab_size=vocab_size)
@@ -198,17 +264,15 @@ def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: i
                           reduce_bucket_size=reduce_bucket_size, overlap_comm=overlap_comm)
     groups = {k: states[k] for k in ("expert", "non_expert")}
     acts = activations(cfg, tokens, width, checkpoint_every, accumulation)
-    camex = camex_transients(cfg, tokens, accumulation, width, gpu)
+    camex = camex_transients(cfg, tokens, accumulation, width, gpu, checkpoint_every)
     total_of = lambda key: sum(g[key] for g in groups.values())  # noqa: E731
     parts = {"parameters": total_of("parameters"), "gradients": total_of("gradients"),
              "optimizer_states": total_of("optimizer_states"), "activations": sum(acts.values()),
              "camex_transients": sum(camex.values()), "communication": states["communication"]}
-    params, optim = parts["parameters"], parts["optimizer_states"]
-    backward_start = params + optim + parts["communication"] + parts["activations"] + parts["camex_transients"]
-    optimizer_step = params + optim + parts["communication"] + parts["gradients"] + camex["scratch"]
+    stepping = max(g["optimizer_step"] for g in groups.values())
+    moments = _moments(parts, acts, camex, tokens * cfg.vocab_size * width, stepping, zero_stage)
     return {"parts": parts, "total": sum(parts.values()), "groups": groups, "activations": acts, "camex": camex,
-            "backward_start": backward_start, "optimizer_step": optimizer_step,
-            "peak": max(backward_start, optimizer_step),
+            **moments, "peak": max(moments.values()),
             "cpu_optimizer_states": total_of("cpu_optimizer_states"),
             "inputs": {"micro_batch": micro_batch, "world_size": world_size, "ep_size": cfg.moe.ep_size if cfg.moe
                        else 1, "zero_stage": zero_stage, "bf16": bf16, "offload": offload,
