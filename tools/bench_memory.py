@@ -4,6 +4,10 @@ DeepSpeed training steps, for the configurations of docs/memory.md's table; one 
 
     python tools/bench_memory.py                 # every configuration, ep 2 ones on two local ranks
     python tools/bench_memory.py --only camex-z2 --json
+    python tools/bench_memory.py --repeats 3     # each row's median of 3 runs, and their range
+
+A run's peak can differ from the next one's by up to a few MiB at these sizes (ep 2 most): the same allocations,
+but some tensors are freed from other threads (the collectives') or by the garbage collector, whose timing varies.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 from typing import NamedTuple
@@ -95,19 +100,25 @@ def predict(name: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", choices=sorted(CONFIGS), help="measure these configurations only")
+    p.add_argument("--repeats", type=int, default=1, help="measure each configuration this many times (the median)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--rank_of", help=argparse.SUPPRESS)  # one rank of a multi-rank measurement
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats={args.repeats} is invalid: expected an integer >= 1")
     if args.rank_of:
         print(measure_here(args.rank_of))
         return 0
     rows = []
     for name in args.only or CONFIGS:
-        measured, predicted = measure(name), predict(name)
-        rows.append({"config": name, "predicted": predicted, "measured": measured, "ratio": predicted / measured})
+        runs = [measure(name) for _ in range(args.repeats)]
+        measured, predicted = statistics.median(runs), predict(name)
+        rows.append({"config": name, "predicted": predicted, "measured": measured, "ratio": predicted / measured,
+                     "range": [min(runs), max(runs)]})
         if not args.json:
             print(f"{name:20s} predicted {predicted / 2**20:8.2f} MiB  measured {measured / 2**20:8.2f} MiB  "
-                  f"ratio {predicted / measured:.3f}", flush=True)
+                  f"ratio {predicted / measured:.3f}  range {min(runs) / 2**20:.2f}-{max(runs) / 2**20:.2f} MiB",
+                  flush=True)
     if args.json:
         print(json.dumps(rows))  # one line, the last: DeepSpeed logs to stdout too
     return 0
