@@ -169,10 +169,9 @@ def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: in
     recomputed block only what outlives its recomputation), `local` (the raw task vectors `N/ep·P` the curvature
     saves), `per_step` (with accumulation > 1, the fp32 sums of the gradients the micro-batches send the plans'
     tensors), `scratch` (the merge's chunked merged-weight buffers and the curvature's work buffers, reused but
-    live) and `recompute` (with
-    checkpointing: what one recomputed layer's block saves again while its backward runs, its per-segment weights
-    included, and that backward's gradient of its largest matrix's merge operand or per-segment weights; not part
-    of the other moments)."""
+    live) and `recompute` (with checkpointing: what one recomputed layer's block saves again while its backward
+    runs, its per-segment weights included, and that backward's gradient of its largest matrix's merge operand or
+    per-segment weights; not part of the other moments)."""
     moe = cfg.moe
     out = {"plans": 0, "saved": 0, "local": 0, "per_step": 0, "scratch": 0, "recompute": 0}
     if moe is None or moe.method == "smoe":
@@ -224,7 +223,7 @@ def _moments(parts: dict, acts: dict, camex: dict, logits: int, stepping: int, z
     """The moments of a step one of which is its peak, each what is live then: `backward_start` (every saved
     activation, the head's and the loss's gradients, the merge layers' plans and saved tensors), `recompute` (with
     checkpointing: the first recomputed block's backward, the head gone but its logits still referenced by the
-    step's output, the previous micro-batch's gone) and `optimizer_step` (every gradient, the plans and their
+    step's output, the previous micro-batch's logits gone) and `optimizer_step` (every gradient, the plans and their
     gradient sums, which the trainer holds until the step ends, and the largest group's `stepping` bytes).
 
     Gradients in the backward: ZeRO 2 allocates the partition's gradient buffer at the first bucket it reduces,
