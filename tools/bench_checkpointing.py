@@ -2,14 +2,14 @@
 """What activation checkpointing costs and saves: one training step's peak memory and time, with and without it,
 side by side in one process (issue 27: "Its cost").
 
-One step is the trainer's: the step's merge plans (`GPT.merge_plans`), forward, backward, then AdamW. Gradients and
+One step is the trainer's: forward (each merge plan built just before its block), backward, then AdamW. Gradients and
 AdamW's states are allocated before the measured step (gradients zeroed in place, not freed), so what the step adds
 above them is the activation memory: the blocks' saved tensors, the head's logits and their gradients, and the
 transients of the backward. On CPU the peak is counted from the storages the step's ops create and free
 (`LiveBytes`: live tensor storages, not process RSS, so allocator caching hides nothing); on CUDA it is
-`torch.cuda.max_memory_allocated`. The step's merge plans (the curved task vectors and their graphs, held from the
-step's start, parameter-sized: the same with and without checkpointing and at any micro-batch) are counted in the
-activations and reported apart. Memory is measured in a first round (the merge layers' reused CPU work buffers,
+`torch.cuda.max_memory_allocated`. The step's merge plans (the curved task vectors, parameter-sized: the same with
+and without checkpointing and at any micro-batch; all alive at the backward's start) are counted in the activations
+and reported apart. Memory is measured in a first round (the merge layers' reused CPU work buffers,
 a few MiB, are counted in its first configuration only), then step times, as medians over `--repeats` interleaved
 rounds without the tracker.
 
@@ -80,8 +80,8 @@ def head_bytes(model: GPT, ids: torch.Tensor) -> int:
 
 
 def plan_bytes(model: GPT, ids: torch.Tensor) -> int:
-    """What the step's merge plans hold (parameter-sized: the curved task vectors and their graphs), the same with
-    and without checkpointing, and whatever the micro-batch."""
+    """What the step's merge plans hold once built (parameter-sized: the curved task vectors and what their graphs
+    keep), the same with and without checkpointing, and whatever the micro-batch."""
     with LiveBytes() as tracker:
         plans = list(model.merge_plans(ids.shape[0], ids.shape[1] - 1))
         held = tracker.live
