@@ -2,14 +2,14 @@
 """What activation checkpointing costs and saves: one training step's peak memory and time, with and without it,
 side by side in one process (issue 27: "Its cost").
 
-One step is the trainer's: the step's merge plans (`GPT.merge_plans`), forward, backward, then AdamW. Gradients and
+One step is the trainer's: forward (each merge plan built just before its block), backward, then AdamW. Gradients and
 AdamW's states are allocated before the measured step (gradients zeroed in place, not freed), so what the step adds
 above them is the activation memory: the blocks' saved tensors, the head's logits and their gradients, and the
 transients of the backward. On CPU the peak is counted from the storages the step's ops create and free
 (`LiveBytes`: live tensor storages, not process RSS, so allocator caching hides nothing); on CUDA it is
-`torch.cuda.max_memory_allocated`. The step's merge plans (the curved task vectors and their graphs, held from the
-step's start, parameter-sized: the same with and without checkpointing and at any micro-batch) are counted in the
-activations and reported apart. Memory is measured in a first round (the merge layers' reused CPU work buffers,
+`torch.cuda.max_memory_allocated`. The step's merge plans (the curved task vectors, parameter-sized: the same with
+and without checkpointing and at any micro-batch; all alive at the backward's start) are counted in the activations
+and reported apart. Memory is measured in a first round (the merge layers' reused CPU work buffers,
 a few MiB, are counted in its first configuration only), then step times, as medians over `--repeats` interleaved
 rounds without the tracker.
 
@@ -20,17 +20,14 @@ rounds without the tracker.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from camex_ds.analysis.live_bytes import LiveBytes
 from camex_ds.config import DEFAULT_VOCAB_SIZE, ModelConfig
 from camex_ds.model import GPT
 
@@ -54,38 +51,10 @@ def build(args) -> GPT:
 
 
 def forward_backward(model: GPT, ids: torch.Tensor) -> None:
-    """What checkpointing changes: the step's plans, forward, backward into the held gradients."""
-    plans = model.merge_plans(ids.shape[0], ids.shape[1] - 1)
-    out = model(ids[:, :-1], labels=ids[:, 1:], plans=plans)
+    """What checkpointing changes: forward (each merge plan built before its block), backward into the held
+    gradients."""
+    out = model(ids[:, :-1], labels=ids[:, 1:])
     (out.loss + out.aux_loss).backward()
-
-
-class LiveBytes(TorchDispatchMode):
-    """The bytes of tensor storages created while it is active and still alive, and their peak: every op's outputs
-    are seen (the backward's too, which runs on this thread for CPU tensors), and a storage's weak reference says
-    when it is freed. Storages made before (parameters, gradients, AdamW's states) are not counted; a kernel's
-    internal workspace, never handed out as a tensor, is not seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.refs = 0, 0, {}
-
-    def _freed(self, key: int, nbytes: int, _ref) -> None:
-        self.live -= nbytes
-        self.refs.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self.refs:
-                    nbytes = storage.nbytes()
-                    self.refs[key] = weakref.ref(storage, functools.partial(self._freed, key, nbytes))
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-        return out
 
 
 def live_peak(run, device: str) -> int:
@@ -111,10 +80,10 @@ def head_bytes(model: GPT, ids: torch.Tensor) -> int:
 
 
 def plan_bytes(model: GPT, ids: torch.Tensor) -> int:
-    """What the step's merge plans hold (parameter-sized: the curved task vectors and their graphs), the same with
-    and without checkpointing, and whatever the micro-batch."""
+    """What the step's merge plans hold once built (parameter-sized: the curved task vectors and what their graphs
+    keep), the same with and without checkpointing, and whatever the micro-batch."""
     with LiveBytes() as tracker:
-        plans = model.merge_plans(ids.shape[0], ids.shape[1] - 1)
+        plans = list(model.merge_plans(ids.shape[0], ids.shape[1] - 1))
         held = tracker.live
     del plans
     return held

@@ -69,8 +69,7 @@ def measure_flops_per_token(cfg: CfgLike, batch: int = 1, seq_len: Optional[int]
             with fc.FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
                 if plans is None:  # the step's plans count in its first forward
                     plans = model.merge_plans(batch, cfg.seq_len, accumulation)
-                view = [None if p is None else p.for_micro_batch(i == accumulation - 1) for p in plans]
-                out = model(ids, labels=ids, plans=view)
+                out = model(ids, labels=ids, plans=plans.for_micro_batch(last=i == accumulation - 1))
                 loss = out.loss + out.aux_loss
             with fc.FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
                 loss.backward()

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, ModelConfig, MoEConfig
-from ..moe import CAMExMoE, MergeChain, MergePlan, MoELayer, plan_layers
+from ..moe import CAMExMoE, MergeChain, MergePlan, MoELayer, StepPlans
 from ..moe.ffn import FFN
 from ..moe.token_moe import MegaBlocksMoE, TokenMoE, resolve_backend
 from .rope import apply_rotary, rotary_tables
@@ -126,18 +126,19 @@ class GPT(nn.Module):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
 
-    def merge_plans(self, batch: int, length: int, accumulation: int = 1) -> list[Optional[MergePlan]]:
+    def merge_plans(self, batch: int, length: int, accumulation: int = 1) -> StepPlans:
         """Every MoE layer's plan for one optimizer step of `accumulation` micro-batches of `[batch, length]`
-        tokens (the trainer asks at the step's first micro-batch; `moe.plan`)."""
-        if self.config.moe is None:
-            return []
-        segments = batch * (length // self.config.moe.segment_len_for(length))
-        return plan_layers([layer for _, layer in self.moe_layers()], segments, accumulation)
+        tokens, each built when the forward first reaches its layer (the trainer asks at the step's first
+        micro-batch, then passes each micro-batch `for_micro_batch(last)`; `StepPlans`)."""
+        moe = self.config.moe
+        segments = 0 if moe is None else batch * (length // moe.segment_len_for(length))
+        return StepPlans([layer for _, layer in self.moe_layers()], segments, accumulation)
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
-                plans: Optional[Sequence[Optional[MergePlan]]] = None) -> ModelOutput:
-        """`plans`: one per MoE layer, this micro-batch's view of the step's plans (`merge_plans`, then
-        `for_micro_batch`); without them every merge layer builds its plan per call."""
+                plans: Optional[Iterable[Optional[MergePlan]]] = None) -> ModelOutput:
+        """`plans`: one per MoE layer in order, this micro-batch's view of the step's plans (`merge_plans`, then
+        `for_micro_batch`); without them, this call's own (one micro-batch per step). Either way each plan is built
+        outside its block, so a recomputed block reuses it."""
         bsz, length = input_ids.shape
         if length > self.config.seq_len:
             raise ValueError(f"input length {length} exceeds the model's seq_len={self.config.seq_len}")
@@ -148,9 +149,11 @@ class GPT(nn.Module):
         else:
             rotary = rotary_tables(self.config, length, x.dtype, input_ids.device)
         chain, aux_loss = None, x.new_zeros(())
-        layer_plans = iter(plans) if plans is not None else None
+        if plans is None:
+            plans = self.merge_plans(bsz, length).for_micro_batch(last=True)
+        layer_plans = iter(plans)
         for i, block in enumerate(self.blocks):
-            plan = next(layer_plans) if block.is_moe and layer_plans is not None else None
+            plan = next(layer_plans) if block.is_moe else None
             if self._recomputed(i):
                 x, aux, chain = checkpoint(block, x, chain, plan, rotary, use_reentrant=False)
             else:
@@ -172,9 +175,8 @@ class GPT(nn.Module):
         """Recompute every `interval`-th block (the k-th, 2k-th, ... of the n_layers; 0: none) in the backward
         instead of keeping its activations (`torch.utils.checkpoint`, non-reentrant, RNG replayed: router noise
         draws the same). A block's merge plan is one of its inputs, so the recomputed forward reuses the step's
-        curvature work and its collectives instead of repeating them; without plans a merge layer builds its plan
-        inside the block, and the recomputation repeats that too (the same draws, and the same collectives in the
-        same order on every rank)."""
+        curvature work and its collectives instead of repeating them. A token-routing layer's all-to-all is repeated
+        in the recomputation: the same collectives in the same order on every rank."""
         layers = self.config.n_layers
         if isinstance(interval, bool) or not isinstance(interval, int) or not 0 <= interval <= layers:
             raise ConfigError(f"activation_checkpointing_interval={interval!r} is invalid: expected an integer in "

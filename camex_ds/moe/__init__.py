@@ -3,6 +3,6 @@ from . import functional
 from .chain import MergeChain
 from .layer import CAMExMoE
 from .plan import MergePlan
-from .protocol import MoELayer, MoEOutput, plan_layers
+from .protocol import MoELayer, MoEOutput, StepPlans
 
-__all__ = ["functional", "CAMExMoE", "MergeChain", "MergePlan", "MoELayer", "MoEOutput", "plan_layers"]
+__all__ = ["functional", "CAMExMoE", "MergeChain", "MergePlan", "MoELayer", "MoEOutput", "StepPlans"]

@@ -28,6 +28,7 @@ from .masks import MaskKind, mask_kind
 from .plan import Evaluation, MatrixPlan, MergePlan, evaluations
 from .protocol import MoEOutput
 from .router import SegmentRouter
+from .saved import saved_as_recomputed
 
 
 class CurvedExpert(nn.Module):
@@ -143,19 +144,25 @@ class CAMExMoE(MoE):
 
     def _task_vectors(self, name: str, group) -> Tensor:
         """All experts' `m_i ⊙ M_i(E_i − B)`: each rank curves its own, then the group all-gathers (§7)."""
-        tau = Fn.task_vectors(self.base[name], [getattr(e, name) for e in self.local_experts])
+        def local_task_vectors():
+            return Fn.task_vectors(self.base[name], [getattr(e, name) for e in self.local_experts])
+
+        tau = local_task_vectors()
         multipliers = self._local_multipliers(tau)
         mask = mask_kind(self.args.mask)
         total = comm.all_reduce_sum(tau.detach().sum(0), group, self.traffic) if mask is MaskKind.TIES else None
-        task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total, multipliers)
+        with saved_as_recomputed(tau, local_task_vectors):  # not kept alive from the plan to its backward
+            task = Fn.curved_task_vectors(tau, self._stacked_factors(name), mask, total, multipliers)
         return comm.gather_experts(task, group, self.traffic)
 
     def _curved_experts(self, name: str, group) -> Tensor:
         """Every expert's `M_i(E_i)`, curved by its owner and all-gathered (§4, §7)."""
         experts = self._stacked(name)
         factors = self._stacked_factors(name)
-        return comm.gather_experts(experts if factors is None else Fn.apply_curvature(experts, factors), group,
-                                  self.traffic)
+        if factors is not None:
+            with saved_as_recomputed(experts, lambda: self._stacked(name)):  # a copy of the parameters
+                experts = Fn.apply_curvature(experts, factors)
+        return comm.gather_experts(experts, group, self.traffic)
 
     def _dare_multipliers(self, name: str, group) -> Optional[Tensor]:
         """DARE's `[n, out, in]` multipliers of every expert (each owner draws its own), or None."""

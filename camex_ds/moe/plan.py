@@ -3,9 +3,9 @@
 Between the micro-batches of one optimizer step the parameters do not change, so the curved task vectors
 `τ̃ = M(τ)`, the TIES election, DARE's mask, the dynamic chain's span images and, under expert parallelism, their
 all-gathers are the same for every micro-batch. A `MergePlan` holds them, with their autograd graphs, for one
-step: the trainer asks every MoE layer for its plan at the step's first micro-batch (`GPT.merge_plans`), and
-each micro-batch's forward reads `plan.for_micro_batch(last)`. Evaluation and inference build a plan per call
-with the same code (`CAMExMoE.plan`).
+step: the step's first micro-batch builds every MoE layer's plan, each just before its block (`StepPlans`,
+`GPT.merge_plans`), and each micro-batch's forward reads `plan.for_micro_batch(last)`. Evaluation and inference
+build a plan per call with the same code (`CAMExMoE.plan`).
 
 The gradient relay: every micro-batch but the last reads a detached copy of each per-step tensor whose gradient
 is summed (in float32 for lower precisions) instead of flowing back. The last micro-batch (DeepSpeed's

@@ -32,12 +32,38 @@ class MoELayer(Protocol):
         ...
 
 
-def plan_layers(layers: list, segments: int, accumulation: int) -> list[Optional[MergePlan]]:
-    """Each MoE layer's plan for one optimizer step, in order: a dynamic layer builds on the span basis of the plan
-    before it (a chain's first layer ignores it)."""
-    plans, basis = [], {}
-    for layer in layers:
-        plan = layer.plan(segments, accumulation, basis)
-        basis = {} if plan is None else plan.basis()
-        plans.append(plan)
-    return plans
+class StepPlans:
+    """One optimizer step's merge plans, one per MoE layer (None for a layer without one), each built the first time
+    it is asked for: the forward asks for a layer's plan just before its block.
+
+    Why lazily: autograd runs the nodes made later first, so plans built before the whole forward would have their
+    backward run after every block's, holding every layer's gradients of its curved task vectors (parameter-sized)
+    until the backward's end. Built just before its block, a plan's backward runs right after that block's, and its
+    gradients and saved tensors go before the next block's backward starts. At accumulation > 1 the step's first
+    micro-batch builds them, and their backward still runs at the end of the last micro-batch's (`MergePlan`'s
+    gradient relay)."""
+
+    def __init__(self, layers: list, segments: int, accumulation: int = 1):
+        self.layers, self.segments, self.accumulation = layers, segments, accumulation
+        self.built: list[Optional[MergePlan]] = []
+        self._basis: dict = {}  # the span basis of the last plan built, which a dynamic layer continues
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> Optional[MergePlan]:
+        """Layer `index`'s plan, building it and those before it (in order: each continues its chain's basis)."""
+        if not 0 <= index < len(self.layers):
+            raise IndexError(f"MoE layer index {index} is out of range: the model has {len(self.layers)}")
+        while len(self.built) <= index:
+            plan = self.layers[len(self.built)].plan(self.segments, self.accumulation, self._basis)
+            self._basis = {} if plan is None else plan.basis()
+            self.built.append(plan)
+        return self.built[index]
+
+    def for_micro_batch(self, last: bool):
+        """The plans one micro-batch's forward reads, in layer order, each built (and relayed: `last` is the step's
+        boundary, `MergePlan.for_micro_batch`) when the forward reaches its layer."""
+        for index in range(len(self.layers)):
+            plan = self[index]
+            yield None if plan is None else plan.for_micro_batch(last)

@@ -31,12 +31,6 @@ from .metrics import MetricsLogger, flops_row, layer_means, layer_stats, mfu_pea
 from .splits import check_same_run, prepare_splits
 
 
-def micro_batch_plans(engine, plans: list) -> list:
-    """This micro-batch's view of the step's merge plans, by DeepSpeed's own accumulation counters."""
-    last = engine.is_gradient_accumulation_boundary()
-    return [None if plan is None else plan.for_micro_batch(last) for plan in plans]
-
-
 def optimizer_step(engine, loader, accum: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step of `accum` micro-batches: its mean loss and aux loss (on the device), and whether it was
     bad on any rank (kept from changing the weights, see `guard`)."""
@@ -48,7 +42,8 @@ def optimizer_step(engine, loader, accum: int) -> tuple[torch.Tensor, torch.Tens
         x, y = next(loader)
         if plans is None:  # the step's first micro-batch: its work from parameters alone, once for the step
             plans = engine.module.merge_plans(*x.shape, accum)
-        out = engine(x.to(engine.device), labels=y.to(engine.device), plans=micro_batch_plans(engine, plans))
+        view = plans.for_micro_batch(last=engine.is_gradient_accumulation_boundary())  # DeepSpeed's own counter
+        out = engine(x.to(engine.device), labels=y.to(engine.device), plans=view)
         step_loss = step_loss + out.loss.detach().float() / accum
         step_aux = step_aux + out.aux_loss.detach().float() / accum
         engine.backward(out.loss + out.aux_loss)

@@ -23,7 +23,6 @@ from camex_ds import parallel
 from camex_ds.model import build_model
 from camex_ds.moe import CAMExMoE
 from camex_ds.moe.token_moe import TokenMoE
-from camex_ds.train.loop import micro_batch_plans
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 32, 64
 
@@ -92,7 +91,8 @@ def one_step(method: str, zero: int, ep_size: int, bf16: bool, save_dir=None, ac
     sent, losses, grads = model.ep_bytes_sent(), [], None
     plans = model.merge_plans(per_rank // accum, SEQ, accum)
     for micro in local.chunk(accum):
-        out = engine(micro[:, :-1], labels=micro[:, 1:], plans=micro_batch_plans(engine, plans))
+        view = plans.for_micro_batch(engine.is_gradient_accumulation_boundary())
+        out = engine(micro[:, :-1], labels=micro[:, 1:], plans=view)
         engine.backward(out.loss)
         if checkpoint_interval is not None and engine.is_gradient_accumulation_boundary():
             grads = global_state(model, safe_get_full_grad)  # every rank: ZeRO assembles partitioned gradients

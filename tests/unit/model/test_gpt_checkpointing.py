@@ -47,7 +47,7 @@ def _batch():
 
 def optimizer_step(model, accum, interval=0):
     """One optimizer step's micro-batch losses and summed gradients, its plans built at the first micro-batch with
-    the trainer's own calls (`merge_plans`, then each plan's `for_micro_batch`)."""
+    the trainer's own calls (`merge_plans`, then `for_micro_batch`)."""
     model.set_activation_checkpointing(interval)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(3)  # router noise and DARE masks: the same draws in both runs
@@ -55,8 +55,7 @@ def optimizer_step(model, accum, interval=0):
     for i, micro in enumerate(_batch().chunk(accum)):
         if plans is None:
             plans = model.merge_plans(micro.shape[0], micro.shape[1] - 1, accum)
-        views = [None if p is None else p.for_micro_batch(i == accum - 1) for p in plans]
-        out = model(micro[:, :-1], labels=micro[:, 1:], plans=views)
+        out = model(micro[:, :-1], labels=micro[:, 1:], plans=plans.for_micro_batch(i == accum - 1))
         (out.loss + out.aux_loss).backward()
         losses.append(out.loss.detach())
     return torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -124,3 +123,22 @@ def test_a_bad_interval_is_refused(interval):
     with pytest.raises(ConfigError, match=r"^activation_checkpointing_interval=.* is invalid: expected an integer in "
                                           r"0..n_layers=3"):
         _model("dense").set_activation_checkpointing(interval)
+
+
+@pytest.mark.parametrize("interval", [0, 1])
+@pytest.mark.parametrize("name", ["camex", "dynamic-camex"])
+def test_each_plans_backward_runs_right_after_its_blocks(name, interval, single_thread):
+    """Each merge plan is built just before its block, so its backward (into the experts and curvature factors) runs
+    before the previous block's: one layer's plan gradients are alive at a time, not every layer's until the end."""
+    model = _model(name)
+    model.set_activation_checkpointing(interval)
+    order = []
+    for i, block in enumerate(model.blocks):
+        for part, module in (("attn", block.attn), ("plan", block.ffn.local_experts)):
+            for p in module.parameters():
+                p.register_post_accumulate_grad_hook(lambda _, key=(part, i): order.append(key))
+    ids = _batch()[:2]
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    (out.loss + out.aux_loss).backward()
+    first = list(dict.fromkeys(order))
+    assert first == [(part, i) for i in reversed(range(len(model.blocks))) for part in ("attn", "plan")], first

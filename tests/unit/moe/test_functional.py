@@ -465,3 +465,4 @@ def test_gradcheck_merged_ffn(monkeypatch, dynamic, activation):
         return composed.merged_ffn(x_, g_, b, e, f, "ties", 0.9, activation)
 
     _gc(fn, *leaves)
+

@@ -6,7 +6,8 @@ the launcher): tests/integration/test_accumulation.py."""
 import pytest
 import torch
 
-from camex_ds.moe import plan_layers
+from camex_ds.analysis.live_bytes import LiveBytes
+from camex_ds.moe import StepPlans
 from camex_ds.moe import functional as Fn
 from tests.unit.moe.test_layer import F64, make, make_chain
 
@@ -49,9 +50,8 @@ def accumulated(layers, x, weights, between=None):
     plans = None
     for i, (xs, ws) in enumerate(zip(x.chunk(ACCUM), zip(*(w.chunk(ACCUM) for w in weights)))):
         if plans is None:
-            plans = plan_layers(layers, _segments(layers[0], xs), ACCUM)
-        views = [plan.for_micro_batch(last=i == ACCUM - 1) for plan in plans]
-        _loss(_forward(layers, xs, views), ws).backward()
+            plans = StepPlans(layers, _segments(layers[0], xs), ACCUM)
+        _loss(_forward(layers, xs, list(plans.for_micro_batch(last=i == ACCUM - 1))), ws).backward()
         if between:
             between(i)
     return _grads(layers)
@@ -161,3 +161,22 @@ def test_dare_mask_is_drawn_once_per_step(monkeypatch):
     x, w = _batch([layer])
     accumulated([layer], x, w)
     assert len(drawn) == 2  # one per matrix for the whole step
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_a_plan_keeps_its_own_tensors_and_no_copy_of_the_parameters(chain, single_thread):
+    """The curvature's backward reads the raw task vectors `E − B` (or the stacked experts): they are rebuilt from
+    the parameters then, not kept from the plan to its backward (parameter-sized, per layer and step)."""
+    layers = make_chain("camex", layers=2, n=4, d=16, h=32) if chain else [make("camex", d=16, h=32, n=4)]
+    for layer in layers:
+        layer.train()
+    list(StepPlans(layers, segments=4))  # the curvature's reused work buffers, allocated once
+    with LiveBytes() as tracker:
+        plans = list(StepPlans(layers, segments=4))
+        held = tracker.live
+    matrices = [m for plan in plans for m in plan.matrices.values()]
+    own = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for m in matrices for t in m
+           if isinstance(t, torch.Tensor)}
+    copy = sum((m.task if m.curved is None else m.curved).nbytes for m in matrices)  # the experts' size
+    # beyond its own tensors a plan keeps the curvature's factors (small), not another copy of the experts
+    assert 0 <= held - sum(own.values()) < copy, (held, sum(own.values()), copy)
