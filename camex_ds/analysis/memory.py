@@ -131,8 +131,9 @@ def _dynamic_layers(cfg: ModelConfig, segments: int, accumulation: int) -> tuple
 
     Chain start: the plan's gathered task vectors `n·P`; the block's per-segment weights `S·P` the FFN's batched
     GEMMs read. Through the span of size K: the plan's images `n·(K+1)·P` and the curvature's contiguous input
-    `n·K·P`; the weights `S·P`. Segment by segment: each expert's term `S·P` (kept for its gate's gradient), and
-    the weights `S·P`. The weights are the block's output, so they stay when the block is recomputed."""
+    `n·K·P`; the weights `S·P`. Segment by segment: the plan's gathered curved experts `n·P`; each expert's term
+    `S·P` (kept for its gate's gradient), and the weights `S·P`. The weights are the block's output, so they stay
+    when the block is recomputed."""
     moe = cfg.moe
     n = moe.routed_experts
     terms, items = [], moe.routed_experts // moe.ep_size
@@ -149,6 +150,7 @@ def _dynamic_layers(cfg: ModelConfig, segments: int, accumulation: int) -> tuple
                 plan += (n * (size + 1) + (n * size if moe.curved else 0)) * o * i
                 items = max(items, n * size)
             else:
+                plan += n * o * i
                 block += n * segments * o * i
                 items = max(items, segments)
         weights = segments * sum(o * i for o, i in shapes.values())
@@ -165,24 +167,23 @@ def _recomputed_layers(cfg: ModelConfig, checkpoint_every: Optional[int]) -> lis
 def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: int, gpu: bool,
                      checkpoint_every: Optional[int] = None) -> dict:
     """Bytes the merge layers hold beyond the blocks' activations, for `tokens` tokens per micro-batch
-    (`LayerTerms`): `plans` (the step plans' tensors, held until the step ends), `saved` (what the blocks save, a
-    recomputed block only what outlives its recomputation), `local` (the raw task vectors `N/ep·P` the curvature
-    saves), `per_step` (with accumulation > 1, the fp32 sums of the gradients the micro-batches send the plans'
-    tensors), `scratch` (the merge's chunked merged-weight buffers and the curvature's work buffers, reused but
-    live) and `recompute` (with checkpointing: what one recomputed layer's block saves again while its backward
-    runs, its per-segment weights included, and that backward's gradient of its largest matrix's merge operand or
-    per-segment weights; not part of the other moments)."""
+    (`LayerTerms`): `plans` (the step plans' tensors, held until the step ends), `saved` and `saved_below` (what
+    the blocks save, a recomputed block only what outlives its recomputation; `saved_below`: the blocks before the
+    last recomputed one, `checkpoint_every=k`: the first k-1), `per_step` (with accumulation > 1, the fp32 sums of the
+    gradients the micro-batches send the plans' tensors), `scratch` (the merge's chunked merged-weight buffers and
+    the curvature's work buffers, reused but live) and `recompute` (with checkpointing: what one recomputed layer's
+    block saves again while its backward runs, its per-segment weights included, and that backward's gradient of
+    its largest matrix's merge operand or per-segment weights; not part of the other moments). The curvature's
+    input, the raw task vectors, is rebuilt in its backward (`moe.saved`), not kept."""
     moe = cfg.moe
-    out = {"plans": 0, "saved": 0, "local": 0, "per_step": 0, "scratch": 0, "recompute": 0}
+    out = {"plans": 0, "saved": 0, "saved_below": 0, "per_step": 0, "scratch": 0, "recompute": 0}
     if moe is None or moe.method == "smoe":
         return out
     shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
-    p = sum(o * i for o, i in shapes.values())
     largest = max(o * i for o, i in shapes.values())
     n, local = moe.routed_experts, moe.routed_experts // moe.ep_size
     segments = tokens // moe.segment_len_for(cfg.seq_len)
     layers = len(cfg.moe_layers)
-    out["local"] = layers * local * p if moe.curved else 0
     if moe.dynamic:
         terms, items = _dynamic_layers(cfg, segments, accumulation)
         gradient = segments * largest  # the gradient of the layer's per-segment weights
@@ -193,7 +194,9 @@ def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: in
     out["plans"] = sum(t.plan for t in terms)
     out["per_step"] = out["plans"] * FP32 // width if accumulation > 1 else 0
     recomputed = _recomputed_layers(cfg, checkpoint_every)
-    out["saved"] = sum(t.kept if again else t.block for t, again in zip(terms, recomputed))
+    below = [i < checkpoint_every - 1 for i in cfg.moe_layers] if checkpoint_every else [False] * layers
+    out["saved_below"] = sum(t.block for t, under in zip(terms, below) if under)
+    out["saved"] = sum(t.kept if again else t.block for t, again, under in zip(terms, recomputed, below) if not under)
     out["recompute"] = max((t.block + gradient for t, again in zip(terms, recomputed) if again), default=0)
     return {k: v * width for k, v in out.items()}
 
@@ -201,7 +204,9 @@ def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: in
 def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Optional[int] = None,
                 accumulation: int = 1) -> dict:
     """Bytes saved for the backward of one micro-batch of `tokens` tokens: `blocks` (all blocks, or with
-    `checkpoint_every=k` the inputs of the recomputed blocks and the other blocks' activations), `head` (the final
+    `checkpoint_every=k` the inputs of the recomputed blocks and the other blocks' activations; `blocks_below`: the
+    part of them the first k-1 blocks and the k-th's input hold, still saved when the last recomputed block's
+    backward runs), `head` (the final
     norm's output, the logits and their fp32 log-softmax), `loss_backward` (the fp32 gradients of the log-softmax
     and the logits at the start of the backward), `previous_logits` (with accumulation > 1, the trainer holds the
     previous micro-batch's output, its logits, until the next forward returns) and `recompute` (with
@@ -212,32 +217,36 @@ def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Opt
     recomputed = layers // checkpoint_every if checkpoint_every else 0
     hidden_gradient = (2 if cfg.activation == "swiglu" else 1) * cfg.ffn_hidden_size
     vocab = cfg.vocab_size
-    return {"blocks": tokens * (recomputed * cfg.d_model + (layers - recomputed) * per_block) * width,
+    below = tokens * ((checkpoint_every - 1) * per_block + cfg.d_model) * width if recomputed else 0
+    return {"blocks": tokens * (recomputed * cfg.d_model + (layers - recomputed) * per_block) * width - below,
+            "blocks_below": below,
             "head": tokens * (cfg.d_model * width + vocab * width + vocab * FP32),
             "loss_backward": 2 * tokens * vocab * FP32,
             "previous_logits": tokens * vocab * width if accumulation > 1 else 0,
             "recompute": tokens * (per_block + hidden_gradient) * width if recomputed else 0}
 
 
-def _moments(parts: dict, acts: dict, camex: dict, logits: int, stepping: int, zero_stage: int) -> dict:
+def _moments(parts: dict, acts: dict, camex: dict, logits: int, stepping: int, zero_stage: int,
+             behind: float) -> dict:
     """The moments of a step one of which is its peak, each what is live then: `backward_start` (every saved
     activation, the head's and the loss's gradients, the merge layers' plans and saved tensors), `recompute` (with
-    checkpointing: the first recomputed block's backward, the head gone but its logits still referenced by the
-    step's output, the previous micro-batch's logits gone) and `optimizer_step` (every gradient, the plans and their
+    checkpointing: a recomputed block's backward, the head gone but its logits still referenced by the step's
+    output, the previous micro-batch's logits gone) and `optimizer_step` (every gradient, the plans and their
     gradient sums, which the trainer holds until the step ends, and the largest group's `stepping` bytes).
 
-    Gradients in the backward: ZeRO 2 allocates the partition's gradient buffer at the first bucket it reduces,
-    early in the backward, so a recompute holds it; at ZeRO 0/1 they arrive block by block, and a later block's
-    recompute, holding more of them, holds fewer saved inputs and local task vectors, so the first one stands for
-    all."""
+    A recompute is the larger of the first recomputed block's (every saved tensor, few gradients: at ZeRO 2 the
+    partition's buffer, allocated at the first bucket reduced, early in the backward) and the last one's (only the
+    tensors the blocks before it save, but the gradients of the `behind` share of the blocks after it)."""
     states = parts["parameters"] + parts["optimizer_states"] + parts["communication"]
     held = camex["plans"] + camex["per_step"] + camex["scratch"]
-    saved = acts["blocks"] + camex["saved"] + camex["local"] + held
+    below = acts["blocks_below"] + camex["saved_below"] + held
+    saved = below + acts["blocks"] + camex["saved"]
     moments = {"backward_start": states + saved + acts["head"] + acts["loss_backward"] + acts["previous_logits"],
                "optimizer_step": states + parts["gradients"] + stepping + held, "recompute": 0}
     if acts["recompute"]:
         partition = parts["gradients"] if zero_stage == 2 else 0
-        moments["recompute"] = states + saved + logits + acts["recompute"] + camex["recompute"] + partition
+        recomputing = states + logits + acts["recompute"] + camex["recompute"]
+        moments["recompute"] = recomputing + max(saved + partition, below + max(partition, behind * parts["gradients"]))
     return moments
 
 
@@ -269,7 +278,8 @@ def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: i
              "optimizer_states": total_of("optimizer_states"), "activations": sum(acts.values()),
              "camex_transients": sum(camex.values()), "communication": states["communication"]}
     stepping = max(g["optimizer_step"] for g in groups.values())
-    moments = _moments(parts, acts, camex, tokens * cfg.vocab_size * width, stepping, zero_stage)
+    behind = 1 - checkpoint_every / cfg.n_layers if checkpoint_every else 0
+    moments = _moments(parts, acts, camex, tokens * cfg.vocab_size * width, stepping, zero_stage, behind)
     return {"parts": parts, "total": sum(parts.values()), "groups": groups, "activations": acts, "camex": camex,
             **moments, "peak": max(moments.values()),
             "cpu_optimizer_states": total_of("cpu_optimizer_states"),
