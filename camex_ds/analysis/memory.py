@@ -13,10 +13,10 @@ docs/memory.md compares): expert parameters are replicated over the expert-data-
 gradients) over that group and the non-expert groups over all `world` ranks. The peak is the largest of three
 moments: the start of the backward (model states, every micro-batch's saved activations, the loss's
 `[tokens, vocab]` gradients, the merge layers' plans and saved tensors), with activation checkpointing
-(`checkpoint_every=k`: every k-th block recomputed, which keeps only its inputs) the backward of the first
-recomputed block (the saved tensors again, the logits, and one recomputed block's activations and merge terms
-with its backward's gradients), and the optimizer step (model states, gradients, the fp32 gradient partition the
-optimizer reads). At accumulation 1 each layer's plan is built just before its block, so its backward runs right
+(`checkpoint_every=k`: every k-th block recomputed, which keeps only its inputs) a recomputed block's backward
+(the first or the last one: the saved tensors or the gradients so far, the logits, and the block's activations and
+merge terms again with its backward's gradients), and the optimizer step (model states, gradients, the largest
+group's fp32 gradient partition and AdamW temporaries). At accumulation 1 each layer's plan is built just before its block, so its backward runs right
 after that block's (`moe.StepPlans`): the plans' gradients never pile up. The `smoe` baseline's token dispatch
 buffers are not modelled (its experts count as parameters, its FFN as a dense one's).
 """
@@ -206,12 +206,11 @@ def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Opt
     """Bytes saved for the backward of one micro-batch of `tokens` tokens: `blocks` (all blocks, or with
     `checkpoint_every=k` the inputs of the recomputed blocks and the other blocks' activations; `blocks_below`: the
     part of them the first k-1 blocks and the k-th's input hold, still saved when the last recomputed block's
-    backward runs), `head` (the final
-    norm's output, the logits and their fp32 log-softmax), `loss_backward` (the fp32 gradients of the log-softmax
-    and the logits at the start of the backward), `previous_logits` (with accumulation > 1, the trainer holds the
-    previous micro-batch's output, its logits, until the next forward returns) and `recompute` (with
-    checkpointing: one recomputed block's activations while its backward runs, and that backward's gradient of
-    the FFN's hidden activations; not part of the backward's start)."""
+    backward runs), `head` (the final norm's output, the logits and their fp32 log-softmax), `loss_backward` (the
+    fp32 gradients of the log-softmax and the logits at the start of the backward), `previous_logits` (with
+    accumulation > 1, the trainer holds the previous micro-batch's output, its logits, until the next forward
+    returns) and `recompute` (with checkpointing: one recomputed block's activations while its backward runs, and
+    that backward's gradient of the FFN's hidden activations; not part of the backward's start)."""
     per_block = _block_activation_elements(cfg)
     layers = cfg.n_layers
     recomputed = layers // checkpoint_every if checkpoint_every else 0
