@@ -16,10 +16,10 @@ moments: the start of the backward (model states, every micro-batch's saved acti
 (`checkpoint_every=k`: every k-th block recomputed, which keeps only its inputs) a recomputed block's backward
 (the first or the last one: the saved tensors or the gradients so far, the logits, and the block's activations and
 merge terms again with its backward's gradients), and the optimizer step (model states, gradients, the largest
-group's fp32 gradient partition and AdamW temporaries). At accumulation 1 each layer's plan is built just before its block, so its backward runs right
-after that block's (`moe.StepPlans`): the plans' gradients never pile up. The `smoe` baseline's token dispatch
-buffers are not modelled (its experts count as parameters, its FFN as a dense one's).
-"""
+group's fp32 gradient partition and AdamW temporaries). At accumulation 1 each layer's plan is built just
+before its block, so its backward runs right after that block's (`moe.StepPlans`): the plans' gradients never pile
+up. The `smoe` baseline's token dispatch buffers are not modelled (its experts count as parameters, its FFN as a
+dense one's)."""
 from __future__ import annotations
 
 import math
