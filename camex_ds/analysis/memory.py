@@ -10,16 +10,17 @@ layers' own transients, DeepSpeed's communication buffers, the peak, and the lar
 The terms follow what the code and DeepSpeed 0.19 allocate (`camex_ds.analysis.measured_memory` measures them;
 docs/memory.md compares): expert parameters are replicated over the expert-data-parallel group of
 `world/ep` ranks, so ZeRO 1/2 partition the expert groups' master weights, Adam moments (and, at stage 2,
-gradients) over that group and the non-expert groups over all `world` ranks. The peak is the largest of three
+gradients) over that group and the non-expert groups over all `world` ranks. The peak is the largest of four
 moments: the start of the backward (model states, every micro-batch's saved activations, the loss's
-`[tokens, vocab]` gradients, the merge layers' plans and saved tensors), with activation checkpointing
+`[tokens, vocab]` gradients, the merge layers' plans and saved tensors); with activation checkpointing
 (`checkpoint_every=k`: every k-th block recomputed, which keeps only its inputs) a recomputed block's backward
 (the first or the last one: the saved tensors or the gradients so far, the logits, and the block's activations and
-merge terms again with its backward's gradients), and the optimizer step (model states, gradients, the largest
-group's fp32 gradient partition and AdamW temporaries). At accumulation 1 each layer's plan is built just
-before its block, so its backward runs right after that block's (`moe.StepPlans`): the plans' gradients never pile
-up. The `smoe` baseline's token dispatch buffers are not modelled (its experts count as parameters, its FFN as a
-dense one's)."""
+merge terms again with its backward's gradients); the last merge layer's plan backward, which at accumulation 1
+runs right after its block's (`moe.StepPlans`) while the blocks below still hold what they saved; and the
+optimizer step (model states, gradients, the largest group's fp32 gradient partition and AdamW temporaries). The
+`smoe` baseline's token dispatch buffers are not modelled (its experts count as parameters, its FFN as a dense
+one's).
+"""
 from __future__ import annotations
 
 import math
@@ -159,6 +160,14 @@ def _dynamic_layers(cfg: ModelConfig, segments: int, accumulation: int) -> tuple
     return terms, items
 
 
+def _layer_terms(cfg: ModelConfig, segments: int, accumulation: int) -> tuple[list[LayerTerms], int]:
+    """Each merge layer's terms, and the most items one curvature application works on at once."""
+    moe = cfg.moe
+    if moe.dynamic:
+        return _dynamic_layers(cfg, segments, accumulation)
+    return [_static_layer(cfg)] * len(cfg.moe_layers), moe.routed_experts // moe.ep_size
+
+
 def _recomputed_layers(cfg: ModelConfig, checkpoint_every: Optional[int]) -> list[bool]:
     """Per MoE layer, whether its block is recomputed (`GPT.set_activation_checkpointing`: every k-th block)."""
     return [bool(checkpoint_every) and (i + 1) % checkpoint_every == 0 for i in cfg.moe_layers]
@@ -181,16 +190,15 @@ def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: in
         return out
     shapes = matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation)
     largest = max(o * i for o, i in shapes.values())
-    n, local = moe.routed_experts, moe.routed_experts // moe.ep_size
     segments = tokens // moe.segment_len_for(cfg.seq_len)
     layers = len(cfg.moe_layers)
+    terms, items = _layer_terms(cfg, segments, accumulation)
+    out["scratch"] = 5 * items * largest if moe.curved else 0
     if moe.dynamic:
-        terms, items = _dynamic_layers(cfg, segments, accumulation)
         gradient = segments * largest  # the gradient of the layer's per-segment weights
-        out["scratch"] = 5 * items * largest if moe.curved else 0
     else:
-        terms, gradient = [_static_layer(cfg)] * layers, (n + 1) * largest
-        out["scratch"] = 2 * _merge_chunk(cfg, segments, gpu) + (5 * local * largest if moe.curved else 0)
+        gradient = (moe.routed_experts + 1) * largest  # the gradient of the merge operand
+        out["scratch"] += 2 * _merge_chunk(cfg, segments, gpu)
     out["plans"] = sum(t.plan for t in terms)
     out["per_step"] = out["plans"] * FP32 // width if accumulation > 1 else 0
     recomputed = _recomputed_layers(cfg, checkpoint_every)
@@ -225,13 +233,32 @@ def activations(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Opt
             "recompute": tokens * (per_block + hidden_gradient) * width if recomputed else 0}
 
 
-def _moments(parts: dict, acts: dict, camex: dict, logits: int, stepping: int, zero_stage: int,
-             behind: float) -> dict:
+def _plan_backward(cfg: ModelConfig, tokens: int, width: int, checkpoint_every: Optional[int],
+                   accumulation: int) -> tuple[int, int]:
+    """The last merge layer's plan backward, which at accumulation 1 runs right after its block's (`moe.StepPlans`)
+    while the blocks below still hold what they saved (a lower layer's finds fewer): the bytes it adds (the
+    gradients of the plan's tensors, and the curvature backward's contiguous gradient and input gradient) and the
+    bytes gone by then (that block's saved activations and merge terms). At accumulation > 1 the plans' backward
+    runs after every block's, when the activations are gone: (0, 0)."""
+    moe = cfg.moe
+    if moe is None or moe.method == "smoe" or accumulation > 1:
+        return 0, 0
+    terms, items = _layer_terms(cfg, tokens // moe.segment_len_for(cfg.seq_len), accumulation)
+    top, again = terms[-1], _recomputed_layers(cfg, checkpoint_every)[-1]
+    largest = max(o * i for o, i in matrix_shapes(cfg.d_model, cfg.ffn_hidden_size, cfg.activation).values())
+    added = top.plan + (2 * items * largest if moe.curved else 0)
+    gone = tokens * (cfg.d_model if again else _block_activation_elements(cfg)) + (top.kept if again else top.block)
+    return added * width, gone * width
+
+
+def _moments(parts: dict, acts: dict, camex: dict, logits: int, stepping: int, zero_stage: int, behind: float,
+             plan_backward: tuple[int, int]) -> dict:
     """The moments of a step one of which is its peak, each what is live then: `backward_start` (every saved
     activation, the head's and the loss's gradients, the merge layers' plans and saved tensors), `recompute` (with
     checkpointing: a recomputed block's backward, the head gone but its logits still referenced by the step's
-    output, the previous micro-batch's logits gone) and `optimizer_step` (every gradient, the plans and their
-    gradient sums, which the trainer holds until the step ends, and the largest group's `stepping` bytes).
+    output, the previous micro-batch's logits gone), `plan_backward` (`_plan_backward`, the head gone too) and
+    `optimizer_step` (every gradient, the plans and their gradient sums, which the trainer holds until the step
+    ends, and the largest group's `stepping` bytes).
 
     A recompute is the larger of the first recomputed block's (every saved tensor, few gradients: at ZeRO 2 the
     partition's buffer, allocated at the first bucket reduced, early in the backward) and the last one's (only the
@@ -240,10 +267,12 @@ def _moments(parts: dict, acts: dict, camex: dict, logits: int, stepping: int, z
     held = camex["plans"] + camex["per_step"] + camex["scratch"]
     below = acts["blocks_below"] + camex["saved_below"] + held
     saved = below + acts["blocks"] + camex["saved"]
+    partition = parts["gradients"] if zero_stage == 2 else 0
+    added, gone = plan_backward
     moments = {"backward_start": states + saved + acts["head"] + acts["loss_backward"] + acts["previous_logits"],
-               "optimizer_step": states + parts["gradients"] + stepping + held, "recompute": 0}
+               "optimizer_step": states + parts["gradients"] + stepping + held, "recompute": 0,
+               "plan_backward": states + partition + saved - gone + logits + added if added else 0}
     if acts["recompute"]:
-        partition = parts["gradients"] if zero_stage == 2 else 0
         recomputing = states + logits + acts["recompute"] + camex["recompute"]
         moments["recompute"] = recomputing + max(saved + partition, below + max(partition, behind * parts["gradients"]))
     return moments
@@ -256,7 +285,8 @@ def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: i
     """Per-rank bytes of one training step (see the module's docstring). `gpu=False` sizes the CAMEx merge chunks as
     on a CPU. Returns `parts` (`PARTS` -> bytes, which add up to `total`), `groups` (expert and non-expert model
     states), `activations` and `camex` (their terms), the moments `backward_start`, `recompute` (0 without
-    checkpointing) and `optimizer_step` (`_moments`), `peak` (the largest of them) and the inputs."""
+    checkpointing), `plan_backward` (0 without merge plans, or at accumulation > 1) and `optimizer_step`
+    (`_moments`), `peak` (the largest of them) and the inputs."""
     cfg = resolve_config(cfg)
     if vocab_size is not None:
         cfg = cfg.replace(vocab_size=vocab_size)
@@ -278,7 +308,9 @@ def memory(cfg: CfgLike, *, micro_batch: int, world_size: int = 1, zero_stage: i
              "camex_transients": sum(camex.values()), "communication": states["communication"]}
     stepping = max(g["optimizer_step"] for g in groups.values())
     behind = 1 - checkpoint_every / cfg.n_layers if checkpoint_every else 0
-    moments = _moments(parts, acts, camex, tokens * cfg.vocab_size * width, stepping, zero_stage, behind)
+    plan_backward = _plan_backward(cfg, tokens, width, checkpoint_every, accumulation)
+    moments = _moments(parts, acts, camex, tokens * cfg.vocab_size * width, stepping, zero_stage, behind,
+                       plan_backward)
     return {"parts": parts, "total": sum(parts.values()), "groups": groups, "activations": acts, "camex": camex,
             **moments, "peak": max(moments.values()),
             "cpu_optimizer_states": total_of("cpu_optimizer_states"),

@@ -68,7 +68,17 @@ def test_checkpointing_recomputes_one_block_at_a_time(moe):
     plain, every = (memory(cfg, micro_batch=8, gpu=False, checkpoint_every=k) for k in (None, 1))
     assert plain["recompute"] == 0 < every["recompute"] < plain["backward_start"]
     assert every["camex"]["saved"] < plain["camex"]["saved"] and every["camex"]["plans"] == plain["camex"]["plans"]
-    assert every["peak"] == max(every["backward_start"], every["recompute"], every["optimizer_step"]) < plain["peak"]
+    moments = ("backward_start", "recompute", "plan_backward", "optimizer_step")
+    assert every["peak"] == max(every[m] for m in moments) < plain["peak"]
+
+
+def test_a_plan_backward_follows_its_block_at_accumulation_1_only():
+    """At accumulation 1 the last layer's plan backward runs while the blocks below still hold their activations;
+    at accumulation > 1 the plans' backward runs after every block's."""
+    cfg = {**SMALL, "moe": {**SMALL["moe"], "dynamic": True}}
+    one, four = (memory(cfg, micro_batch=4, accumulation=a, gpu=False) for a in (1, 4))
+    assert one["plan_backward"] > 0 == four["plan_backward"]
+    assert memory({**SMALL, "moe": None}, micro_batch=4)["plan_backward"] == 0
 
 
 def test_largest_micro_batch_is_monotone_in_memory():
@@ -87,7 +97,7 @@ def test_cli_memory_json():
     out = json.loads(proc.stdout)
     assert out["inputs"]["zero_stage"] == 2 and out["inputs"]["ep_size"] == 8
     assert out["largest_micro_batch"] >= 8 and out["recompute"] == 0
-    assert out["peak"] == max(out["backward_start"], out["optimizer_step"])
+    assert out["peak"] == max(out["backward_start"], out["plan_backward"], out["optimizer_step"])
 
 
 def test_cli_memory_errors_are_one_line():
