@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU-only checks, on one CUDA machine: the `gpu`-marked tests (MegaBlocks dMoE, the merge layer on CUDA
 # against float64, no host sync in a training forward+backward), the merge layer's speed and launch counts on the
-# GPU, bf16 training throughput and MFU per method (gradient accumulation 1 and 4, eager and compiled), and a
-# profile of one dense training step. CI never runs this (it has no GPU); docs/gpu.md records what it printed.
+# GPU, bf16 training throughput and MFU per method (gradient accumulation 1 and 4, eager and compiled), a
+# profile of one dense training step, and activation checkpointing's memory (`torch.cuda.max_memory_allocated`)
+# next to the memory model's prediction. CI never runs this (it has no GPU); docs/gpu.md records what it printed.
 #
-#   bash tools/gpu_check.sh setup test layer train profile   # all of it (the stages run in the order given)
+#   bash tools/gpu_check.sh setup test layer train profile memory   # all of it (the stages run in the order given)
 #
 # Budget: about 10 minutes of device time in all on an H100 (setup ~1.5 min with prebuilt wheels, test ~1, layer
-# ~1, train ~6, profile ~0.5); TRAIN_STEPS (default 20) trades precision for time.
+# ~1, train ~6, profile ~0.5, memory ~0.5); TRAIN_STEPS (default 20) trades precision for time.
 #
 # `setup` installs the `gpu` extra. With no network, put the wheels/sdists in $WHEELS (default .whl/):
 # deepspeed and its pure-Python needs as wheels, megablocks, grouped_gemm and stanford-stk as sdists, which
@@ -109,12 +110,24 @@ prof.export_chrome_trace(f"{sys.argv[1]}/profile_dense_trace.json")
 PROFILE
 }
 
+stage_memory() {
+  # issue 27: one training step of the gpt2_small_camex shapes (fp32, micro-batch 8, ep 1) with and without
+  # checkpointing, measured by torch.cuda.max_memory_allocated, then the memory model's peaks for the same step
+  $PY tools/bench_checkpointing.py --device cuda 2>&1 | tee "$LOGS/memory.log"
+  for every in "" "--checkpoint_every 1"; do
+    $PY -c 'import sys; from camex_ds.cli.flops import main; sys.exit(main(sys.argv[1:]))' --memory \
+      --model_config ds_configs/models/gpt2_small_camex.json --vocab_size 4096 --micro_batch 8 --ep_size 1 \
+      --zero_stage 0 $every 2>&1 | grep -E "^\| (peak|activations|camex)" | \
+      sed "s/^/${every:-no checkpointing}: /" | tee -a "$LOGS/memory.log"
+  done
+}
+
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(setup test layer train profile)
+[ ${#stages[@]} -gt 0 ] || stages=(setup test layer train profile memory)
 for stage in "${stages[@]}"; do
   case $stage in
-    setup | test | layer | train | profile) ;;
-    *) echo "gpu_check: unknown stage '$stage' (choose from setup, test, layer, train, profile)" >&2; exit 2 ;;
+    setup | test | layer | train | profile | memory) ;;
+    *) echo "gpu_check: unknown stage '$stage' (choose from setup, test, layer, train, profile, memory)" >&2; exit 2 ;;
   esac
 done
 failed=()
