@@ -27,6 +27,7 @@ import math
 from typing import NamedTuple, Optional
 
 from ..config import ConfigError, ModelConfig
+from ..model.gpt import recomputed_block
 from ..moe.ffn import matrix_shapes
 from ..moe.functional import MERGE_CHUNK_ELEMENTS, MERGE_CHUNK_ELEMENTS_GPU, kron_factor_shape
 from ..moe.plan import Evaluation, evaluations
@@ -170,7 +171,7 @@ def _layer_terms(cfg: ModelConfig, segments: int, accumulation: int) -> tuple[li
 
 def _recomputed_layers(cfg: ModelConfig, checkpoint_every: Optional[int]) -> list[bool]:
     """Per MoE layer, whether its block is recomputed (`GPT.set_activation_checkpointing`: every k-th block)."""
-    return [bool(checkpoint_every) and (i + 1) % checkpoint_every == 0 for i in cfg.moe_layers]
+    return [recomputed_block(i, checkpoint_every) for i in cfg.moe_layers]
 
 
 def camex_transients(cfg: ModelConfig, tokens: int, accumulation: int, width: int, gpu: bool,

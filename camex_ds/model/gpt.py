@@ -94,6 +94,12 @@ class Block(nn.Module):
         return x + out, aux, chain
 
 
+def recomputed_block(index: int, interval: Optional[int]) -> bool:
+    """Whether activation checkpointing every `interval`-th block (0 or None: none) recomputes block `index`: the
+    k-th, 2k-th, ... (`GPT.set_activation_checkpointing`; the memory model counts the same blocks)."""
+    return bool(interval) and (index + 1) % interval == 0
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -185,8 +191,7 @@ class GPT(nn.Module):
 
     def _recomputed(self, index: int) -> bool:
         """Whether block `index` is recomputed in this forward: only where a backward can follow."""
-        return self.checkpoint_interval > 0 and (index + 1) % self.checkpoint_interval == 0 \
-            and torch.is_grad_enabled()
+        return recomputed_block(index, self.checkpoint_interval) and torch.is_grad_enabled()
 
     def compile_blocks(self, **kwargs) -> None:
         """`torch.compile` every block in place: parameter and checkpoint names stay those of the eager model.
